@@ -1,0 +1,394 @@
+"""Unit scoring methods behind one interface, usable from a plain PyTorch loop.
+
+``ig`` is the paper's method: integrated gradients of a target function with respect to the gates of all units of all
+layers at once, along the straight path from all gates at 0 to all gates at 1::
+
+    IG_i(x) = ∫_0^1 ∂F(x; α·1)/∂g_i dα  ≈  Σ_j w_j ∂F(x; α_j·1)/∂g_i
+
+so that ``Σ_i IG_i(x) ≈ F(x; 1) − F(x; 0)`` (completeness). Every sample gets its own row of gates, so one backward
+pass gives per-sample attributions of every unit, and ``m`` quadrature nodes cost ``m`` forward+backward passes per
+batch whatever the number of layers. ``alpha_batch`` nodes share one forward (the batch is repeated), trading memory
+for fewer, larger passes. Parameters never get gradients: they are frozen for the duration of the call.
+
+Baselines with the same interface: ``grad_x_gate`` (first-order Taylor, one step at α = 1), ``fisher`` (Σ of squared
+per-sample gradients at α = 1, as in Kwon et al. 2022), ``activation`` (mean |input| of the unit's channels into the
+output projection over real tokens), ``magnitude`` (weight norms, data-free) and ``random`` (seeded, data-free).
+
+Scores are running sums over samples plus the number of samples (:class:`~taskprune.unitscores.UnitScores`), so batches
+and processes add up. Higher means more important.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from taskprune.arch import find_base, in_features
+from taskprune.gates import Gates, check_units
+from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")
+AGGREGATIONS = ("abs", "signed")
+TARGETS = ("label", "pseudo", "neg_loss")
+DATA_FREE = ("magnitude", "random")
+# batch keys that are not model inputs
+NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
+
+Method = Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"]
+TargetFn = Callable[[object, dict], Tensor]  # (model outputs, batch) -> per-sample scalar [batch]
+
+
+def quadrature(kind: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Nodes ``α_j`` and weights ``w_j`` on [0, 1] (``[steps]`` each, float64, weights summing to 1)."""
+    if kind not in QUADRATURES:
+        raise ValueError(f"unknown quadrature {kind!r}; allowed: {list(QUADRATURES)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    m = steps
+    if kind == "riemann_left":
+        return torch.arange(m, dtype=torch.float64) / m, torch.full((m,), 1.0 / m, dtype=torch.float64)
+    if kind == "riemann_right":
+        return torch.arange(1, m + 1, dtype=torch.float64) / m, torch.full((m,), 1.0 / m, dtype=torch.float64)
+    if kind == "riemann_middle":
+        return (torch.arange(m, dtype=torch.float64) + 0.5) / m, torch.full((m,), 1.0 / m, dtype=torch.float64)
+    if kind == "trapezoid":
+        if m < 2:
+            raise ValueError("the trapezoid rule needs steps >= 2 (nodes at 0 and 1); use riemann_right for 1 step")
+        w = torch.full((m,), 1.0 / (m - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (m - 1)
+        return torch.linspace(0, 1, m, dtype=torch.float64), w
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(m)
+    return torch.tensor((x + 1) / 2, dtype=torch.float64), torch.tensor(w / 2, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _sequence_logprob(logits: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+    """Per-sample sum of log p(label token) over positions whose label is not -100, and the token count."""
+    if shift:  # causal LM: position t predicts token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    valid = labels != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * valid).sum(-1), valid.sum(-1)
+
+
+def make_target(target: str | TargetFn, model: nn.Module) -> TargetFn:
+    """Resolve a target name into ``fn(outputs, batch) -> [batch]``.
+
+    - ``"label"``: log-probability of the gold label (``batch["labels"]``); for ``[batch, seq]`` labels (seq2seq or
+      causal LM, -100 = ignore) the summed log-probability of the gold target tokens; for a regression head
+      (one output, float labels) the negative squared error.
+    - ``"pseudo"``: the same with the dense model's own prediction as the label (unsupervised; labels never read).
+      :func:`score_units` fills ``batch["labels"]`` with the prediction before attributing.
+    - ``"neg_loss"``: the negative per-sample loss (cross-entropy, mean over target tokens for sequences).
+    - a callable ``fn(outputs, batch) -> [batch]`` for anything else (prompted classifiers, label words...).
+    """
+    if callable(target):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; allowed: {list(TARGETS)} or a callable (outputs, batch) -> [B]")
+    shift = not getattr(getattr(find_base(model)[0], "config", None), "is_encoder_decoder", False)
+    mean = target == "neg_loss"
+
+    def fn(outputs, batch: dict) -> Tensor:
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError(
+                f"target {target!r} needs batch['labels']; use target='pseudo' for unlabelled data"
+            )
+        labels = labels.to(logits.device)
+        if labels.dim() == 2:  # sequence targets
+            total, n = _sequence_logprob(logits, labels, shift and logits.shape[1] == labels.shape[1])
+            return total / n.clamp(min=1) if mean else total
+        if logits.shape[-1] == 1 and labels.is_floating_point():  # regression
+            return -(logits.squeeze(-1).float() - labels.float()) ** 2
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+
+    return fn
+
+
+def model_inputs(batch: dict, model: nn.Module) -> dict:
+    """The model's keyword arguments: the batch less labels and bookkeeping keys (decoder inputs built from labels)."""
+    inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+    labels = batch.get("labels")
+    cfg = getattr(find_base(model)[0], "config", None)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs and labels is not None:
+        hf = model if hasattr(model, "prepare_decoder_input_ids_from_labels") else None
+        if hf is None:
+            raise ValueError("an encoder-decoder batch needs decoder_input_ids (or a model that builds them)")
+        inputs["decoder_input_ids"] = hf.prepare_decoder_input_ids_from_labels(labels=labels)
+    return inputs
+
+
+def default_forward(model: nn.Module, batch: dict):
+    return model(**model_inputs(batch, model))
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; restores both afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if isinstance(v, Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    raise ValueError("a batch must hold at least one tensor with a batch dimension (e.g. input_ids)")
+
+
+def _repeat(batch: dict, k: int, n: int) -> dict:
+    """Repeat every per-sample tensor of the batch ``k`` times along dim 0 (rows: node-major)."""
+    if k == 1:
+        return batch
+    return {key: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n
+            else v for key, v in batch.items()}
+
+
+class Attributor:
+    """Scores units of one model with one method; call :meth:`batch_sums` per batch, or use :func:`score_units`.
+
+    Args:
+        model: a transformers model or a module that contains one (e.g. a multi-task wrapper).
+        method: one of :data:`METHODS`.
+        target: one of :data:`TARGETS` or a callable ``(outputs, batch) -> [batch]``.
+        units: ``"all"``, ``"heads"``, ``"neurons"``.
+        steps: IG quadrature nodes (``ig`` only).
+        quadrature: IG quadrature rule.
+        alpha_batch: how many IG nodes share one forward pass (memory ∝ ``alpha_batch × batch``).
+        aggregate: ``"abs"`` (mean of |per-sample attribution|) or ``"signed"`` (mean of signed attributions); used
+            by ``ig`` and ``grad_x_gate``.
+        forward: ``fn(model, batch) -> outputs``; default calls ``model(**inputs)``.
+        seed: for ``random``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method = "ig",
+        target: str | TargetFn = "label",
+        units: str | Sequence[str] = "all",
+        *,
+        steps: int = 8,
+        quadrature: str = "riemann_middle",
+        alpha_batch: int = 1,
+        aggregate: Literal["abs", "signed"] = "abs",
+        forward: Callable | None = None,
+        seed: int = 0,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
+        if aggregate not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregate {aggregate!r}; allowed: {list(AGGREGATIONS)}")
+        if not isinstance(alpha_batch, int) or alpha_batch < 1:
+            raise ValueError(f"alpha_batch must be a positive integer, got {alpha_batch!r}")
+        self.nodes, self.weights = globals()["quadrature"](quadrature, steps) if method == "ig" else (None, None)
+        self.model = model
+        self.method = method
+        self.units = check_units(units)
+        self.target_name = target if isinstance(target, str) else getattr(target, "__name__", "custom")
+        self.target = make_target(target, model)
+        self.forward = forward or default_forward
+        self.alpha_batch = min(alpha_batch, steps) if method == "ig" else 1
+        self.aggregate = aggregate
+        self.seed = seed
+        self.gates = Gates(model, self.units)
+        self.options = {
+            "target": self.target_name, "units": list(self.units), "aggregate": aggregate, "seed": seed,
+            **({"steps": steps, "quadrature": quadrature, "alpha_batch": self.alpha_batch} if method == "ig" else {}),
+        }
+
+    @property
+    def data_free(self) -> bool:
+        return self.method in DATA_FREE
+
+    def empty(self) -> UnitScores:
+        fp = self.gates.arch.fingerprint()
+        return UnitScores(self.gates.split(torch.zeros(self.gates.n_units, dtype=torch.float64)), 0, self.method, fp,
+                          dict(self.options))
+
+    def to_scores(self, flat: Tensor, count: int) -> UnitScores:
+        s = self.empty()
+        s.sums = {k: {n: v.clone() for n, v in blocks.items()} for k, blocks in self.gates.split(flat.double()).items()}
+        s.count = count
+        return s
+
+    # ------------------------------------------------------------------ data-free
+    def data_free_sums(self) -> Tensor:
+        """``[n_units]`` float64 scores that need no data."""
+        if self.method == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            return torch.rand(self.gates.n_units, generator=g, dtype=torch.float64)
+        out = torch.zeros(self.gates.n_units, dtype=torch.float64)
+        base = self.gates.base
+        for s in self.gates.slots:
+            if s.kind == "heads":
+                w = _in_major(base.get_submodule(s.block.out))  # [in, out]
+                norms = w.reshape(s.n_units, s.block.unit_width, -1).double().pow(2).sum((1, 2)).sqrt()
+            else:
+                down = _in_major(base.get_submodule(s.block.down)).double()  # [n_neurons, d]
+                norms = down.norm(dim=1)
+                for up in s.block.up:
+                    norms = norms * _in_major(base.get_submodule(up)).double().t().norm(dim=1)
+            out[s.offset : s.stop] = norms
+        return out
+
+    # ------------------------------------------------------------------ per batch
+    def batch_sums(self, batch: dict) -> tuple[Tensor, float]:
+        """Attribution summed over the batch's samples: ``([n_units] float64, weight of real samples)``.
+
+        ``batch["sample_weight"]`` (optional, ``[batch]``) weights samples; 0 drops one (e.g. DDP padding).
+        """
+        n = _batch_size(batch)
+        if n == 0:
+            raise ValueError("empty batch: a calibration batch needs at least one sample")
+        weight = batch.get("sample_weight")
+        weight = torch.ones(n, dtype=torch.float64) if weight is None else weight.detach().double().cpu()
+        if self.data_free:
+            return torch.zeros(self.gates.n_units, dtype=torch.float64), float(weight.sum())
+        with frozen(self.model), self.gates:
+            if self.target_name == "pseudo":
+                batch = self._with_pseudo_labels(batch)
+            per_sample = getattr(self, f"_{self.method}")(batch, n)  # [n, n_units]
+        per_sample = per_sample.detach().double().cpu()
+        if not torch.isfinite(per_sample).all():
+            raise ValueError(
+                f"non-finite attributions (NaN/Inf) from method {self.method!r}: the model probably overflowed in "
+                "half precision; run attribution in float32, or use fewer IG steps / a smaller alpha_batch"
+            )
+        return (weight[:, None] * per_sample).sum(0), float(weight.sum())
+
+    def _with_pseudo_labels(self, batch: dict) -> dict:
+        self.gates.set(None)
+        with torch.no_grad():
+            out = self.forward(self.model, {k: v for k, v in batch.items() if k != "labels"})
+        logits = out.logits if hasattr(out, "logits") else out
+        if logits.dim() == 3:  # sequence model: teacher-forced argmax at the positions the gold labels mark
+            pred = logits.argmax(-1)
+            gold = batch.get("labels")
+            if gold is not None and gold.shape == pred.shape:
+                pred = pred.masked_fill(gold == -100, -100)
+            labels = pred
+        elif logits.shape[-1] == 1:
+            labels = logits.squeeze(-1).detach().float()
+        else:
+            labels = logits.argmax(-1)
+        return {**batch, "labels": labels}
+
+    def _grads(self, batch: dict, gate_values: Tensor) -> Tensor:
+        """Gradient of Σ target w.r.t. per-row gates ``[rows, n_units]``."""
+        g = gate_values.detach().to(torch.float32).requires_grad_(True)
+        self.gates.set(g)
+        with torch.enable_grad():
+            out = self.forward(self.model, batch)
+            f = self.target(out, batch)
+            (grad,) = torch.autograd.grad(f.sum(), g)
+        self.gates.set(None)
+        return grad
+
+    def _agg(self, x: Tensor) -> Tensor:
+        return x.abs() if self.aggregate == "abs" else x
+
+    def _ig(self, batch: dict, n: int) -> Tensor:
+        total = torch.zeros(n, self.gates.n_units, dtype=torch.float64)
+        for start in range(0, len(self.nodes), self.alpha_batch):
+            alphas, ws = self.nodes[start : start + self.alpha_batch], self.weights[start : start + self.alpha_batch]
+            k = len(alphas)
+            rows = alphas.float().repeat_interleave(n)[:, None].expand(k * n, self.gates.n_units)
+            grad = self._grads(_repeat(batch, k, n), rows).double().view(k, n, -1)
+            total += (ws[:, None, None] * grad.cpu()).sum(0)
+        return self._agg(total)
+
+    def _grad_x_gate(self, batch: dict, n: int) -> Tensor:
+        return self._agg(self._grads(batch, torch.ones(n, self.gates.n_units)))
+
+    def _fisher(self, batch: dict, n: int) -> Tensor:
+        return self._grads(batch, torch.ones(n, self.gates.n_units)).double().pow(2)
+
+    def _activation(self, batch: dict, n: int) -> Tensor:
+        acts = torch.zeros(n, self.gates.n_units, dtype=torch.float64)
+        masks = [m for m in (batch.get("attention_mask"), batch.get("decoder_attention_mask")) if m is not None]
+        handles = []
+        for s in self.gates.slots:
+            def hook(module, args, s=s):
+                x = args[0].detach().abs().double()  # [n, seq, width]
+                x = x.reshape(*x.shape[:-1], s.n_units, s.block.unit_width).mean(-1)  # [n, seq, units]
+                tok = next((m for m in masks if m.shape[:2] == x.shape[:2]), None)
+                if tok is None:
+                    acts[:, s.offset : s.stop] = x.mean(1).cpu()
+                else:
+                    tok = tok.to(x.device).double()[..., None]
+                    acts[:, s.offset : s.stop] = ((x * tok).sum(1) / tok.sum(1).clamp(min=1)).cpu()
+
+            target = s.block.out if s.kind == "heads" else s.block.down
+            handles.append(self.gates.base.get_submodule(target).register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                self.forward(self.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return acts
+
+
+def _in_major(module: nn.Module) -> Tensor:
+    """Weight as ``[in, out]`` for ``nn.Linear`` (stored ``[out, in]``) and GPT-2 ``Conv1D`` (stored ``[in, out]``)."""
+    w = module.weight.detach()
+    return w if type(module).__name__ == "Conv1D" else w.t()
+
+
+def score_units(
+    model: nn.Module,
+    batches: Iterable[dict] | None = None,
+    method: Method = "ig",
+    target: str | TargetFn = "label",
+    units: str | Sequence[str] = "all",
+    **options,
+) -> UnitScores:
+    """Score every structured unit of ``model`` on ``batches`` (dicts of tensors; ``labels`` for supervised targets).
+
+    Returns running sums and the sample count; ``.mean()`` gives per-unit scores. Data-free methods
+    (``magnitude``, ``random``) ignore ``batches``. See :class:`Attributor` for the options.
+    """
+    att = Attributor(model, method, target, units, **options)
+    if att.data_free:
+        return att.to_scores(att.data_free_sums(), 0)
+    if batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches; pass batches=... (an iterable of dicts)")
+    total = torch.zeros(att.gates.n_units, dtype=torch.float64)
+    count, n_batches = 0.0, 0
+    for batch in batches:
+        sums, w = att.batch_sums(batch)
+        total += sums
+        count += w
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("no calibration batches: the data loader is empty; give at least one sample")
+    if count != math.floor(count):
+        log.info("sample weights are fractional; count=%s", count)
+    return att.to_scores(total, int(round(count)))
+
+
+__all__ = ["Attributor", "score_units", "quadrature", "make_target", "METHODS", "QUADRATURES", "in_features"]
