@@ -1,0 +1,264 @@
+"""PruneSpec: which structured units of each block a pruned model keeps.
+
+A spec is a *recipe* (kept indices per block), not a pickled model: it is saved as JSON, checked against a model's
+:meth:`taskprune.arch.Architecture.fingerprint`, and replayed on a fresh dense model by
+:func:`taskprune.surgery.apply_mask` (reversible gates) or :func:`taskprune.surgery.shrink_` (physical removal).
+
+``keep[kind][block_name]`` lists the kept unit indices of one block, sorted and unique (``kind`` is ``"heads"`` --
+one unit is a KV group, i.e. one head for multi-head attention -- or ``"neurons"``). A block, or a whole kind, that is
+absent from ``keep`` keeps all its units.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from taskprune.arch import UNIT_KINDS, get_architecture
+from taskprune.io import atomic_write_json
+
+FORMAT = "taskprune.spec/1"
+
+# fingerprint fields compared by PruneSpec.validate, besides the unit counts ("heads", "neurons")
+_SHAPE_FIELDS = ("head_dim", "group_size", "d_model", "gated")
+
+
+@dataclass
+class PruneSpec:
+    """Kept unit indices per block, for the model whose fingerprint is ``fingerprint`` (dense widths).
+
+    Args:
+        keep: ``{"heads" | "neurons": {block_name: sorted kept unit indices}}``; absent blocks keep everything.
+        fingerprint: :meth:`taskprune.arch.Architecture.fingerprint` of the dense model the spec was made for.
+        method: the scoring method that produced the spec (informative).
+        budget: the budget it was selected under (informative, JSON-serialisable).
+        meta: anything else worth keeping with it (task, calibration size...; JSON-serialisable).
+
+    Example::
+
+        spec = PruneSpec(keep={"heads": {"encoder.layer.0.attention.self": [0, 2]}},
+                         fingerprint=get_architecture(model).fingerprint())
+        spec.save("spec.json")
+        shrink_(fresh_model, PruneSpec.load("spec.json"))
+    """
+
+    keep: dict[str, dict[str, list[int]]]
+    fingerprint: dict
+    method: str = ""
+    budget: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fingerprint, dict):
+            raise TypeError(
+                f"fingerprint must be a dict (Architecture.fingerprint()), got {type(self.fingerprint).__name__}; "
+                "build it with taskprune.get_architecture(model).fingerprint()"
+            )
+        missing = [k for k in ("model_type", *UNIT_KINDS) if k not in self.fingerprint]
+        if missing:
+            raise ValueError(
+                f"fingerprint lacks field(s) {missing}; expected the dict returned by "
+                "taskprune.get_architecture(model).fingerprint()"
+            )
+        if not isinstance(self.keep, dict):
+            raise TypeError(f"keep must be a dict {{kind: {{block: [indices]}}}}, got {type(self.keep).__name__}")
+        for name, value in (("method", self.method), ("budget", self.budget), ("meta", self.meta)):
+            expected = str if name == "method" else dict
+            if not isinstance(value, expected):
+                raise TypeError(f"{name} must be a {expected.__name__}, got {type(value).__name__}")
+        self.keep = {kind: self._check_kind(kind, blocks) for kind, blocks in self.keep.items()}
+
+    def _check_kind(self, kind: str, blocks) -> dict[str, list[int]]:
+        if kind not in UNIT_KINDS:
+            raise ValueError(f"unknown unit kind {kind!r} in keep; allowed: {list(UNIT_KINDS)}")
+        if not isinstance(blocks, dict):
+            raise TypeError(f"keep[{kind!r}] must be a dict {{block_name: [indices]}}, got {type(blocks).__name__}")
+        widths = self.fingerprint[kind]
+        out = {}
+        for name, idx in blocks.items():
+            if name not in widths:
+                known = list(widths)
+                raise ValueError(
+                    f"keep[{kind!r}] names block {name!r}, which the model does not have; its {kind} blocks are "
+                    f"{known[:4]}{' ...' if len(known) > 4 else ''} ({len(known)} in all). Was the spec made for "
+                    "another model?"
+                )
+            out[name] = _check_indices(kind, name, idx, widths[name])
+        return out
+
+    # ------------------------------------------------------------------ queries
+    def kept(self, kind: str, name: str) -> list[int]:
+        """Kept unit indices of one block (all of them when the spec does not name it)."""
+        self._check_block(kind, name)
+        blocks = self.keep.get(kind, {})
+        return list(blocks[name]) if name in blocks else list(range(self.fingerprint[kind][name]))
+
+    def drop(self, kind: str, name: str) -> list[int]:
+        """Removed unit indices of one block, sorted."""
+        kept = set(self.kept(kind, name))
+        return [i for i in range(self.fingerprint[kind][name]) if i not in kept]
+
+    def n_total(self, kind: str) -> int:
+        """Units of ``kind`` in the dense model."""
+        _check_kind_name(kind)
+        return sum(self.fingerprint[kind].values())
+
+    def n_kept(self, kind: str) -> int:
+        """Units of ``kind`` the spec keeps, over all blocks."""
+        _check_kind_name(kind)
+        return sum(len(self.kept(kind, name)) for name in self.fingerprint[kind])
+
+    def summary(self) -> dict:
+        """``{kind: {"kept", "total", "dropped", "blocks_pruned"}}``: unit counts per kind."""
+        out = {}
+        for kind in UNIT_KINDS:
+            kept, total = self.n_kept(kind), self.n_total(kind)
+            pruned = sum(1 for name in self.fingerprint[kind] if self.drop(kind, name))
+            out[kind] = {"kept": kept, "total": total, "dropped": total - kept, "blocks_pruned": pruned}
+        return out
+
+    def shrunk_fingerprint(self) -> dict:
+        """The fingerprint of the model after :func:`taskprune.surgery.shrink_` (kept units per block)."""
+        fp = json.loads(json.dumps(self.fingerprint))  # deep copy of plain JSON
+        for kind in UNIT_KINDS:
+            fp[kind] = {name: len(self.kept(kind, name)) for name in self.fingerprint[kind]}
+        return fp
+
+    def _check_block(self, kind: str, name: str) -> None:
+        _check_kind_name(kind)
+        if name not in self.fingerprint[kind]:
+            raise KeyError(f"no {kind} block named {name!r} in this spec's model; blocks: {list(self.fingerprint[kind])}")
+
+    # ------------------------------------------------------------------ model check
+    def validate(self, model: nn.Module) -> str:
+        """Check that the spec fits ``model`` (a HF model or a module holding one).
+
+        Returns ``"dense"`` when the model has the widths the spec was made for, ``"shrunk"`` when it already has the
+        widths this spec leaves (a spec that drops nothing gives ``"dense"``). Raises ``ValueError`` naming the first
+        differences otherwise.
+        """
+        fp = get_architecture(model).fingerprint()
+        if _same(fp, self.fingerprint):
+            return "dense"
+        shrunk = self.shrunk_fingerprint()
+        if _same(fp, shrunk):
+            return "shrunk"
+        diffs = fingerprint_diff(self.fingerprint, fp)
+        also = ""
+        if not fingerprint_diff(
+            {k: v for k, v in self.fingerprint.items() if k not in UNIT_KINDS},
+            {k: v for k, v in fp.items() if k not in UNIT_KINDS},
+        ):
+            also = " (the model has the same shape but other widths: was it shrunk by another spec?)"
+        raise ValueError(
+            f"this spec was made for another model{also}: {'; '.join(diffs[:5])}"
+            f"{f'; ... {len(diffs) - 5} more' if len(diffs) > 5 else ''}. Use a spec made for this model, or apply "
+            "it to a fresh copy of the model it was made for."
+        )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "keep": self.keep, "fingerprint": self.fingerprint, "method": self.method,
+                "budget": self.budget, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "the given dict") -> PruneSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} holds a JSON {type(d).__name__}, not a taskprune spec object")
+        if d.get("format") != FORMAT:
+            raise ValueError(
+                f"{source} has format {d.get('format')!r}; expected {FORMAT!r}. It is not a taskprune spec, or was "
+                "written by an incompatible version"
+            )
+        missing = [k for k in ("keep", "fingerprint") if k not in d]
+        if missing:
+            raise ValueError(f"{source} lacks field(s) {missing}; a spec needs 'keep' and 'fingerprint'")
+        return cls(keep=d["keep"], fingerprint=d["fingerprint"], method=d.get("method", ""),
+                   budget=d.get("budget", {}), meta=d.get("meta", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the spec as JSON (atomically: readers see the old file or the new one)."""
+        d = self.to_dict()
+        try:
+            json.dumps(d)
+        except TypeError as e:
+            raise TypeError(f"spec is not JSON-serialisable ({e}); budget and meta may hold only plain JSON values")
+        atomic_write_json(path, d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruneSpec:
+        """Read a spec written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no spec file at {str(path)!r}; pass the path given to PruneSpec.save")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{str(path)!r} is not valid JSON ({e}); the file is truncated or not a spec. Write it again with "
+                "PruneSpec.save"
+            ) from None
+        return cls.from_dict(d, source=repr(str(path)))
+
+
+def _check_kind_name(kind: str) -> None:
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"unknown unit kind {kind!r}; allowed: {list(UNIT_KINDS)}")
+
+
+def _check_indices(kind: str, name: str, idx, n_units: int) -> list[int]:
+    where = f"keep[{kind!r}][{name!r}]"
+    if not isinstance(idx, (list, tuple)):
+        raise TypeError(f"{where} must be a list of ints, got {type(idx).__name__}; use tensor.tolist()")
+    bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{where} holds non-integer value(s) {bad[:5]}; kept unit indices must be ints")
+    idx = [int(i) for i in idx]
+    out = [i for i in idx if not 0 <= i < n_units]
+    if out:
+        raise ValueError(
+            f"{where} holds index(es) {out[:5]} out of range; this block has {n_units} {kind} (indices 0..{n_units - 1})"
+        )
+    if len(set(idx)) != len(idx):
+        dup = sorted({i for i in idx if idx.count(i) > 1})
+        raise ValueError(f"{where} holds duplicate index(es) {dup[:5]}; each kept unit must be listed once")
+    if idx != sorted(idx):
+        raise ValueError(f"{where} is not sorted ({idx[:8]}...); list kept unit indices in increasing order")
+    if kind == "heads" and not idx:
+        raise ValueError(
+            f"{where} is empty: every head of attention block {name!r} would be removed, which the surgery cannot "
+            "do. Keep at least one head per attention block (raise the per-layer floor of the selection)"
+        )
+    return idx
+
+
+def _same(a: dict, b: dict) -> bool:
+    return not fingerprint_diff(a, b)
+
+
+def fingerprint_diff(expected: dict, actual: dict) -> list[str]:
+    """Human-readable differences between two fingerprints (``expected``: the spec's, ``actual``: the model's)."""
+    diffs = []
+    if expected.get("model_type") != actual.get("model_type"):
+        diffs.append(f"model_type: spec says {expected.get('model_type')!r}, model has {actual.get('model_type')!r}")
+    for key in (*UNIT_KINDS, *_SHAPE_FIELDS):
+        if key not in expected and key not in actual:
+            continue
+        e, a = expected.get(key, {}), actual.get(key, {})
+        label = {"heads": "heads (KV groups)"}.get(key, key)
+        if set(e) != set(a):  # compare as sets: a spec loaded from JSON has its keys sorted
+            if len(e) != len(a):
+                diffs.append(f"number of blocks with {label}: spec says {len(e)}, model has {len(a)}")
+            else:
+                only = [n for n in e if n not in a]
+                diffs.append(f"block names differ for {label}: spec has {only[:3]}, which the model lacks")
+            continue
+        for name in e:
+            if e[name] != a[name]:
+                diffs.append(f"{label} of block {name!r}: spec says {e[name]}, model has {a[name]}")
+    return diffs
