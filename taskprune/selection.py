@@ -1,0 +1,367 @@
+"""Selection: per-unit scores + a budget -> :class:`~taskprune.spec.PruneSpec`.
+
+Higher score = more important; the units with the **lowest** scores are removed first. Scores are used **signed**: a
+unit with a negative score (for example a signed integrated-gradients mean, where removing the unit is expected to
+*raise* the target) goes before every unit with a positive score, the most negative first. Pass absolute values if
+that is not what you want.
+
+Budgets (exactly one kind, except ``heads`` and ``neurons`` which may be given together), each a fraction in
+``[0, 1)`` *to remove*:
+
+``heads`` / ``neurons``
+    fraction of the attention units (KV groups; heads for multi-head attention) / FFN neurons.
+``sparsity``
+    fraction of the units of every selected kind: ``sparsity=f`` is ``heads=f, neurons=f`` (so ``f`` of all units
+    pooled are removed, but a head is never traded for neurons: their scores and costs are not comparable).
+``macs``
+    fraction of the prunable MACs (:func:`taskprune.flops.count_macs` at ``seq_len``: attention + FFN blocks).
+``params``
+    fraction of the prunable weight parameters (:func:`taskprune.flops.prunable_params`).
+
+For ``macs`` / ``params`` both fractions are of the *whole* prunable model, even when ``units`` restricts pruning to
+one kind.
+
+Scopes:
+
+``"global"``
+    units of a kind are ranked across blocks, after per-block ``normalize`` (``"l1"``, ``"l2"``, ``"max"``: divide
+    every block's scores by that norm of the block's scores, so that layers with large scores do not protect all
+    their units). For ``macs`` / ``params``, heads and neurons are pooled and ranked by **score per unit of cost**
+    (score / MACs or score / parameters of the unit): the greedy fractional-knapsack rule, which removes the units
+    that give up the least score for what they cost, until the cut reaches the target.
+``"layerwise"``
+    every block loses the same fraction of its units (rounded up per block); for ``macs`` / ``params`` that fraction
+    is the smallest that reaches the target. Within a block, units go lowest score first.
+
+Rounding: the achieved cut is never below the request. In global scope it exceeds it by less than one unit (for
+counts) or than the cost of the last removed unit (``macs`` / ``params``); in layerwise scope by less than one unit per
+block.
+
+Floors: every attention block keeps at least ``min_heads`` units and every FFN block ``min_neurons`` units. The
+selection skips units that would break a floor; a budget that cannot be reached with the floors is a ``ValueError``.
+
+Ties are broken by (kind, block order, unit index): heads before neurons, earlier blocks and lower indices first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from taskprune.arch import UNIT_KINDS
+from taskprune.flops import fingerprint_of, unit_costs
+from taskprune.gates import check_units
+from taskprune.spec import PruneSpec
+from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
+
+__all__ = ["select_units", "BUDGETS", "SCOPES", "NORMALIZATIONS"]
+
+BUDGETS = ("sparsity", "heads", "neurons", "macs", "params")
+SCOPES = ("global", "layerwise")
+NORMALIZATIONS = ("none", "l1", "l2", "max")
+
+Scope = Literal["global", "layerwise"]
+Normalize = Literal["none", "l1", "l2", "max"]
+
+_EPS = 1e-9  # absorbs float error in fraction * count (0.3 * 10 == 3.0000000000000004)
+
+
+def select_units(
+    scores: UnitScores | dict,
+    *,
+    sparsity: float | None = None,
+    heads: float | None = None,
+    neurons: float | None = None,
+    macs: float | None = None,
+    params: float | None = None,
+    seq_len: int = 128,
+    scope: Scope = "global",
+    normalize: Normalize = "none",
+    min_heads: int = 1,
+    min_neurons: int = 1,
+    units: str | Sequence[str] = "all",
+    fingerprint: dict | None = None,
+    method: str = "",
+) -> PruneSpec:
+    """Choose the units to remove under a budget; return the :class:`PruneSpec` of the units kept.
+
+    Args:
+        scores: a :class:`UnitScores` (its per-unit :meth:`~UnitScores.mean`, fingerprint and method are used), or
+            per-unit values ``{"heads"|"neurons": {block_name: [n_units]}}`` together with ``fingerprint``.
+        sparsity, heads, neurons, macs, params: the budget, a fraction in ``[0, 1)`` to remove (see the module doc).
+        seq_len: sequence length at which MACs are counted (``macs`` budget and the achieved MAC cut).
+        scope: ``"global"`` (rank across blocks) or ``"layerwise"`` (same fraction in every block).
+        normalize: per-block score normalization before a global ranking: ``"none"``, ``"l1"``, ``"l2"``, ``"max"``.
+        min_heads: units every attention block keeps (at least 1: the surgery cannot remove a whole attention block).
+        min_neurons: units every FFN block keeps.
+        units: kinds that may be pruned: ``"all"``, ``"heads"``, ``"neurons"`` (kinds without scores are left whole).
+        fingerprint: the model's fingerprint, only when ``scores`` is a plain dict.
+        method: the scoring method's name, only when ``scores`` is a plain dict.
+
+    Returns:
+        a spec that lists every block of the model; ``spec.budget`` records the request (``"request"`` and the
+        options) and what was achieved (``"achieved"``: fractions of heads and neurons removed, of prunable MACs and
+        parameters cut; ``"removed"``: unit counts).
+    """
+    scores = _as_unit_scores(scores, fingerprint, method)
+    scores.check_finite()
+    fp = fingerprint_of(scores.fingerprint)
+    values = scores.mean()
+
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not allowed; use one of {list(SCOPES)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not allowed; use one of {list(NORMALIZATIONS)}")
+    if normalize != "none" and scope == "layerwise":
+        log.info("normalize=%r has no effect with scope='layerwise' (units are only compared within a block)",
+                 normalize)
+    _check_floor("min_heads", min_heads, 1)
+    _check_floor("min_neurons", min_neurons, 0)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    kinds = _prunable_kinds(units, values, fp)
+    request = _check_budget(sparsity=sparsity, heads=heads, neurons=neurons, macs=macs, params=params)
+    for kind in ("heads", "neurons"):
+        if kind in request and kind not in kinds:
+            raise ValueError(
+                f"a {kind}={request[kind]} budget was given but {kind} are not pruned (units={units!r}, scored kinds "
+                f"{list(scores.kinds)}); add {kind!r} to units or score {kind}"
+            )
+
+    floors = {"heads": min_heads, "neurons": min_neurons}
+    table = _UnitTable(fp, values, kinds, floors, seq_len, normalize if scope == "global" else "none")
+    options = f"min_heads={min_heads}, min_neurons={min_neurons}, scope={scope!r}"
+
+    drop: dict[str, dict[str, list[int]]] = {k: {n: [] for n in fp[k]} for k in UNIT_KINDS}
+    if "macs" in request or "params" in request:
+        name = "macs" if "macs" in request else "params"
+        table.select_cost(name, request[name], scope, drop, options)
+    else:
+        per_kind = {k: request["sparsity"] for k in kinds} if "sparsity" in request else request
+        for kind, fraction in per_kind.items():
+            name = "sparsity" if "sparsity" in request else kind
+            table.select_count(kind, name, fraction, scope, drop, options)
+
+    keep = {k: {n: sorted(set(range(fp[k][n])) - set(drop[k][n])) for n in fp[k]} for k in UNIT_KINDS}
+    achieved, removed = table.achieved(drop)
+    budget = {
+        "request": request,
+        "scope": scope,
+        "normalize": normalize,
+        "seq_len": seq_len,
+        "min_heads": min_heads,
+        "min_neurons": min_neurons,
+        "units": list(kinds),
+        "achieved": achieved,
+        "removed": removed,
+    }
+    log.info("selected %s: removed %d heads, %d neurons (%.1f%% of prunable MACs at seq_len=%d)",
+             request, removed["heads"], removed["neurons"], 100 * achieved["macs"], seq_len)
+    return PruneSpec(keep=keep, fingerprint=fp, method=scores.method, budget=budget,
+                     meta={"n_samples": scores.count})
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _as_unit_scores(scores, fingerprint: dict | None, method: str) -> UnitScores:
+    if isinstance(scores, UnitScores):
+        if fingerprint is not None and fingerprint != scores.fingerprint:
+            raise ValueError("fingerprint differs from scores.fingerprint; leave fingerprint out for UnitScores")
+        return scores
+    if isinstance(scores, dict):
+        if fingerprint is None:
+            raise ValueError(
+                "scores given as a dict need fingerprint=...: pass taskprune.get_architecture(model).fingerprint(), "
+                "or pass a UnitScores"
+            )
+        bad = [k for k in scores if k not in UNIT_KINDS]
+        if bad:
+            raise ValueError(f"scores dict has unknown kind(s) {bad}; expected {{'heads'|'neurons': {{block: values}}}}")
+        sums = {k: {n: torch.as_tensor(v, dtype=torch.float64).flatten() for n, v in blocks.items()}
+                for k, blocks in scores.items()}
+        return UnitScores(sums, 0, method, fingerprint)  # count 0: mean() returns the values unchanged
+    raise TypeError(f"scores must be a UnitScores or a dict of per-unit values, got {type(scores).__name__}")
+
+
+def _check_floor(name: str, value, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+        why = " (a spec cannot remove every head of an attention block)" if name == "min_heads" else ""
+        raise ValueError(f"{name} must be an int >= {lowest}{why}, got {value!r}")
+
+
+def _prunable_kinds(units, values: dict[str, dict[str, Tensor]], fp: dict) -> tuple[str, ...]:
+    kinds = check_units(units)
+    scored = tuple(k for k in kinds if values.get(k))
+    if units != "all":
+        missing = [k for k in kinds if k not in scored]
+        if missing:
+            raise ValueError(f"units={units!r} asks to prune {missing} but the scores have none; score them first")
+    if not scored:
+        raise ValueError(f"the scores hold no {' or '.join(kinds)}; nothing to select from")
+    for kind in scored:
+        if set(values[kind]) != set(fp[kind]):
+            lacking = sorted(set(fp[kind]) - set(values[kind]))[:3]
+            raise ValueError(
+                f"scores for {kind} do not cover the model's blocks (missing e.g. {lacking}); score all blocks of a "
+                "kind, or leave the kind out of units"
+            )
+        for name, v in values[kind].items():
+            if v.numel() != fp[kind][name]:
+                raise ValueError(
+                    f"scores for {kind} of {name!r} have {v.numel()} values but the block has {fp[kind][name]} units; "
+                    "were the scores computed on another (or an already shrunk) model?"
+                )
+    return scored
+
+
+def _check_budget(**given) -> dict[str, float]:
+    request = {k: v for k, v in given.items() if v is not None}
+    if not request:
+        raise ValueError(f"no budget given; pass exactly one of {list(BUDGETS)} (or heads and neurons together)")
+    if len(request) > 1 and set(request) != {"heads", "neurons"}:
+        raise ValueError(
+            f"conflicting budgets {sorted(request)}; pass exactly one of {list(BUDGETS)} (only heads and neurons "
+            "may be combined)"
+        )
+    for name, value in request.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(
+                f"{name}={value!r} is not a fraction in [0, 1): it is the fraction to remove (0.3 removes 30%)"
+            )
+    return {k: float(v) for k, v in request.items()}
+
+
+# ---------------------------------------------------------------------------------------------- selection
+class _UnitTable:
+    """Scores, costs and floors of the prunable units, in (kind, block, index) order."""
+
+    def __init__(self, fp: dict, values: dict, kinds: tuple[str, ...], floors: dict[str, int], seq_len: int,
+                 normalize: str) -> None:
+        self.fp, self.kinds, self.floors = fp, kinds, floors
+        self.costs = unit_costs(fp, seq_len)
+        self.totals = {
+            c: sum(fp[k][n] * self.costs[k][n][i] for k in UNIT_KINDS for n in fp[k])
+            for i, c in enumerate(("macs", "params"))
+        }
+        self.blocks = [(k, n) for k in kinds for n in fp[k]]  # in tie-break order
+        self.scores = {(k, n): _normalize(values[k][n].to(torch.float64), normalize) for k, n in self.blocks}
+
+    def cap(self, kind: str, name: str) -> int:
+        """Most units the floor lets this block lose."""
+        return max(self.fp[kind][name] - self.floors[kind], 0)
+
+    def _error(self, name: str, value: float, reachable: float, options: str) -> ValueError:
+        return ValueError(
+            f"budget {name}={value} cannot be reached with {options}: at most {reachable:.4f} can be removed; "
+            "lower the budget or the floor (min_heads / min_neurons)"
+        )
+
+    # ------------------------------------------------------------------ counts
+    def select_count(self, kind: str, name: str, fraction: float, scope: str, drop: dict, options: str) -> None:
+        blocks = [n for k, n in self.blocks if k == kind]
+        n_total = sum(self.fp[kind][n] for n in blocks)
+        if scope == "layerwise":
+            reachable = min((self.cap(kind, n) / self.fp[kind][n] for n in blocks if self.fp[kind][n]), default=0.0)
+            for n in blocks:
+                k = math.ceil(fraction * self.fp[kind][n] - _EPS)
+                if k > self.cap(kind, n):
+                    raise self._error(name, fraction, reachable, options)
+                drop[kind][n] = self._lowest(kind, n, k)
+            return
+        target = math.ceil(fraction * n_total - _EPS)
+        reachable = sum(self.cap(kind, n) for n in blocks)
+        if target > reachable:
+            raise self._error(name, fraction, reachable / n_total, options)
+        self._greedy([(kind, n) for n in blocks], lambda k, n: 1.0, target, drop)
+
+    # ------------------------------------------------------------------ costs
+    def select_cost(self, name: str, fraction: float, scope: str, drop: dict, options: str) -> None:
+        col = 0 if name == "macs" else 1
+        target = fraction * self.totals[name] * (1 - _EPS)
+        if scope == "layerwise":
+            self._layerwise_cost(name, col, fraction, target, drop, options)
+            return
+        reachable = sum(self.cap(k, n) * self.costs[k][n][col] for k, n in self.blocks)
+        if target > reachable:
+            raise self._error(name, fraction, reachable / self.totals[name], options)
+        self._greedy(self.blocks, lambda k, n: float(self.costs[k][n][col]), target, drop)
+
+    def _layerwise_cost(self, name: str, col: int, fraction: float, target: float, drop: dict, options: str) -> None:
+        def counts(g: float) -> dict:
+            return {(k, n): math.ceil(g * self.fp[k][n] - _EPS) for k, n in self.blocks}
+
+        def cut(c: dict) -> float:
+            return sum(c[b] * self.costs[b[0]][b[1]][col] for b in self.blocks)
+
+        # the largest fraction every block can lose under its floor
+        g_max = min((self.cap(k, n) / self.fp[k][n] for k, n in self.blocks if self.fp[k][n]), default=0.0)
+        if cut(counts(g_max)) < target:
+            raise self._error(name, fraction, cut(counts(g_max)) / self.totals[name], options)
+        grid = sorted({j / self.fp[k][n] for k, n in self.blocks for j in range(self.fp[k][n] + 1)})
+        grid = [g for g in grid if g <= g_max + _EPS]
+        lo, hi = 0, len(grid) - 1  # smallest grid fraction whose cut reaches the target (cut grows with g)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cut(counts(grid[mid])) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        for (k, n), c in counts(grid[lo]).items():
+            drop[k][n] = self._lowest(k, n, c)
+
+    # ------------------------------------------------------------------ helpers
+    def _lowest(self, kind: str, name: str, k: int) -> list[int]:
+        """Indices of the ``k`` lowest-scored units of one block (ties: lower index first), sorted."""
+        order = torch.sort(self.scores[(kind, name)], stable=True).indices[:k]
+        return sorted(order.tolist())
+
+    def _greedy(self, blocks: list[tuple[str, str]], cost, target: float, drop: dict) -> None:
+        """Remove units in increasing score / cost, skipping floor-breaking ones, until the cut reaches ``target``."""
+        if target <= 0:
+            return
+        keys, owners, unit_cost = [], [], []
+        for k, n in blocks:
+            c = cost(k, n)
+            keys.append(self.scores[(k, n)] / c)
+            owners.extend([(k, n)] * self.fp[k][n])
+            unit_cost.extend([c] * self.fp[k][n])
+        flat = torch.cat(keys)
+        order = torch.sort(flat, stable=True).indices.tolist()  # stable: ties keep (kind, block, index) order
+        starts, offset = {}, 0
+        for b in blocks:
+            starts[b], offset = offset, offset + self.fp[b[0]][b[1]]
+        taken = {b: 0 for b in blocks}
+        done = 0.0
+        for pos in order:
+            b = owners[pos]
+            if taken[b] >= self.cap(*b):
+                continue
+            taken[b] += 1
+            drop[b[0]][b[1]].append(pos - starts[b])
+            done += unit_cost[pos]
+            if done >= target:
+                break
+        for b in blocks:
+            drop[b[0]][b[1]].sort()
+
+    def achieved(self, drop: dict) -> tuple[dict, dict]:
+        removed = {k: sum(len(v) for v in drop[k].values()) for k in UNIT_KINDS}
+        out = {k: removed[k] / max(sum(self.fp[k].values()), 1) for k in UNIT_KINDS}
+        for i, c in enumerate(("macs", "params")):
+            cut = sum(len(drop[k][n]) * self.costs[k][n][i] for k in UNIT_KINDS for n in self.fp[k])
+            out[c] = cut / max(self.totals[c], 1)
+        return out, removed
+
+
+def _normalize(v: Tensor, how: str) -> Tensor:
+    if how == "none":
+        return v
+    norm = {"l1": lambda: v.abs().sum(), "l2": lambda: v.norm(), "max": lambda: v.abs().max()}[how]()
+    return v / norm if float(norm) > 0 else v
