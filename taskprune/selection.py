@@ -183,7 +183,9 @@ def _as_unit_scores(scores, fingerprint: dict | None, method: str) -> UnitScores
             )
         bad = [k for k in scores if k not in UNIT_KINDS]
         if bad:
-            raise ValueError(f"scores dict has unknown kind(s) {bad}; expected {{'heads'|'neurons': {{block: values}}}}")
+            raise ValueError(
+                f"scores dict has unknown kind(s) {bad}; expected {{'heads'|'neurons': {{block_name: values}}}}"
+            )
         sums = {k: {n: torch.as_tensor(v, dtype=torch.float64).flatten() for n, v in blocks.items()}
                 for k, blocks in scores.items()}
         return UnitScores(sums, 0, method, fingerprint)  # count 0: mean() returns the values unchanged
