@@ -132,7 +132,8 @@ class PruneSpec:
     def _check_block(self, kind: str, name: str) -> None:
         _check_kind_name(kind)
         if name not in self.fingerprint[kind]:
-            raise KeyError(f"no {kind} block named {name!r} in this spec's model; blocks: {list(self.fingerprint[kind])}")
+            known = list(self.fingerprint[kind])
+            raise ValueError(f"no {kind} block named {name!r} in this spec's model; its blocks: {known}")
 
     # ------------------------------------------------------------------ model check
     def validate(self, model: nn.Module) -> str:
@@ -222,7 +223,8 @@ def _check_indices(kind: str, name: str, idx, n_units: int) -> list[int]:
     out = [i for i in idx if not 0 <= i < n_units]
     if out:
         raise ValueError(
-            f"{where} holds index(es) {out[:5]} out of range; this block has {n_units} {kind} (indices 0..{n_units - 1})"
+            f"{where} holds index(es) {out[:5]} out of range; this block has {n_units} {kind} "
+            f"(indices 0..{n_units - 1})"
         )
     if len(set(idx)) != len(idx):
         dup = sorted({i for i in idx if idx.count(i) > 1})

@@ -50,8 +50,8 @@ def apply_mask(model: nn.Module, spec: PruneSpec) -> Gates:
             "(a fresh copy of the model the spec was made for)"
         )
     base, _ = find_base(model)
-    remove_mask(model)
     gates = Gates(model, units="all")
+    remove_mask(model)
     per_block = {
         kind: {s.block.name: _zero_one(spec.kept(kind, s.block.name), s.n_units) for s in gates.slots
                if s.kind == kind and spec.drop(kind, s.block.name)}

@@ -214,3 +214,8 @@ def test_spec_for_model_shrunk_by_another_spec_refused(fp):
 def test_fingerprint_diff_is_order_insensitive(fp):
     reordered = json.loads(json.dumps(fp, sort_keys=True))
     assert fingerprint_diff(fp, reordered) == []
+
+
+def test_query_unknown_block_refused(fp):
+    with pytest.raises(ValueError, match="no heads block named 'h.0.attn'"):
+        spec_of(fp).kept("heads", "h.0.attn")
