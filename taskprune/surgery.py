@@ -96,7 +96,8 @@ def shrink_(model: nn.Module, spec: PruneSpec) -> nn.Module:
     The whole spec is checked against the model before anything changes, so a bad spec leaves the model untouched.
     A model already shrunk by this spec (its widths are the spec's kept widths) is left as it is, with a warning:
     shrinking twice is a no-op, so a pipeline that replays a spec can call this safely. A model carrying a mask from
-    :func:`apply_mask` is refused (call :func:`remove_mask` first).
+    :func:`apply_mask` is refused (call :func:`remove_mask` first), and so is a GPT-2 feed-forward block left with no
+    neuron (``Conv1D`` cannot run with 0 input features; other architectures accept an empty FFN block).
 
     The per-block widths are recorded in ``config.taskprune_widths`` (``{"heads": {block: n_kept_units},
     "neurons": {...}}``); where every block of a kind keeps the same count and Hugging Face would then build the same
@@ -182,6 +183,9 @@ def _plan_ffn(base: nn.Module, block: FFNBlock, keep: list[int]) -> _Step:
     idx = torch.as_tensor(keep, dtype=torch.long)
     slices = [_Slice(_linear(base, up), idx, "out") for up in block.up]
     slices.append(_Slice(_linear(base, block.down), idx, "in"))
+    if not keep and not isinstance(slices[-1].module, nn.Linear):  # Conv1D's forward cannot take 0 input features
+        raise ValueError(f"the spec removes every neuron of {block.name!r}, which a GPT-2 Conv1D cannot run with; keep "
+                         "at least one neuron per feed-forward block (raise the per-layer floor of the selection)")
     return _Step(block, slices, base.get_submodule(block.name), keep)
 
 

@@ -317,3 +317,25 @@ def test_shrink_twice_is_a_noop_with_warning(caplog):
 def test_not_a_spec_refused():
     with pytest.raises(TypeError, match="expected a taskprune PruneSpec, got dict"):
         shrink_(model_of("bert"), {"keep": {}})
+
+
+@pytest.mark.parametrize("name", ["t5_gated", "llama_gqa"])
+def test_ffn_block_with_every_neuron_removed(name):
+    model, batch = model_of(name), tiny_batch(name)
+    arch = get_architecture(model)
+    spec = PruneSpec({"neurons": {arch.ffn[0].name: []}}, arch.fingerprint())
+    apply_mask(model, spec)
+    masked = logits(model, batch)
+    remove_mask(model)
+    shrink_(model, spec)
+    torch.testing.assert_close(logits(model, batch), masked, **TOL)
+    assert model.config.taskprune_widths["neurons"][arch.ffn[0].name] == 0
+
+
+def test_gpt2_ffn_block_with_every_neuron_removed_refused():
+    model = model_of("gpt2")
+    before = _params(model)
+    spec = PruneSpec({"heads": {"h.0.attn": [1]}, "neurons": {"h.1.mlp": []}}, get_architecture(model).fingerprint())
+    with pytest.raises(ValueError, match="removes every neuron of 'h.1.mlp'.*keep at least one neuron"):
+        shrink_(model, spec)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing sliced before the refusal
