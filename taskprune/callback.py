@@ -1,0 +1,230 @@
+"""TaskPruning: a Lightning callback that turns attribution scores into a structured spec and applies it.
+
+Protocol for any LightningModule (``AttributionModule`` implements it; so can yours):
+
+- ``pruning_model`` (required): the ``nn.Module`` that holds the transformers model to prune.
+- ``unit_scores() -> UnitScores`` (optional): scores summed over all processes. Without it, the callback calibrates
+  by itself at the end of ``fit``: it scores up to ``calib_batches`` batches of the train dataloader with ``method``.
+- ``pruning_batch(batch) -> dict`` (optional): turns one of your batches into the model's keyword arguments plus
+  ``labels``; without it, batches must already be such dicts.
+- ``keep_dense_copy()``, ``spec`` and ``spec_mode`` (optional): for side-by-side evaluation and checkpoints.
+
+At the end of ``fit`` the callback selects a spec (on rank zero, broadcast so every rank applies the same), writes
+``spec.json`` and ``scores.safetensors`` atomically (rank zero), and applies it (``mask`` or ``shrink``). At
+``test`` / ``validate`` / ``predict`` start it applies the spec found in ``output_dir`` (or ``spec_path``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from taskprune.attribution import AGGREGATIONS, METHODS, Attributor
+from taskprune.selection import select_units
+from taskprune.spec import PruneSpec
+from taskprune.surgery import apply_mask, shrink_
+from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
+
+BUDGET_KINDS = ("macs", "params", "sparsity", "heads", "neurons")
+APPLY = ("mask", "shrink", "none")
+SCOPES = ("global", "layerwise")
+NORMALIZE = ("none", "l1", "l2", "max")
+
+
+class TaskPruning(L.Callback):
+    """Select and apply a structured pruning spec from attribution scores.
+
+    Args:
+        budget: fraction to remove, in [0, 1), of what ``budget_kind`` names.
+        budget_kind: ``macs`` (prunable MACs at ``seq_len``), ``params``, ``sparsity`` (fraction of heads and of
+            neurons), ``heads`` or ``neurons``.
+        scope: ``global`` (rank units across layers) or ``layerwise`` (same fraction in every block).
+        normalize: per-block score normalisation before a global ranking: ``none``, ``l1``, ``l2``, ``max``.
+        units: ``all``, ``heads`` or ``neurons``: the kinds that may be removed.
+        apply: ``shrink`` (physical removal: real speed), ``mask`` (soft gates: reversible, no speed), ``none``.
+        output_dir: where ``spec.json`` and ``scores.safetensors`` go.
+        spec_path: an existing spec to apply at test/validate/predict (default: ``output_dir/spec.json``).
+        seq_len: sequence length at which MACs are counted.
+        min_heads: attention units kept per block, at least 1.
+        min_neurons: FFN neurons kept per block.
+        overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused).
+        method, target, steps, aggregate, calib_batches: used only when the module has no ``unit_scores()``.
+    """
+
+    def __init__(
+        self,
+        budget: float = 0.4,
+        budget_kind: Literal["macs", "params", "sparsity", "heads", "neurons"] = "macs",
+        scope: Literal["global", "layerwise"] = "global",
+        normalize: Literal["none", "l1", "l2", "max"] = "none",
+        units: Literal["all", "heads", "neurons"] = "all",
+        apply: Literal["mask", "shrink", "none"] = "shrink",
+        output_dir: str = "runs/taskprune",
+        spec_path: str | None = None,
+        seq_len: int = 128,
+        min_heads: int = 1,
+        min_neurons: int = 1,
+        overwrite: bool = False,
+        method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
+        target: Literal["label", "pseudo", "neg_loss"] = "label",
+        steps: int = 8,
+        aggregate: Literal["abs", "signed"] = "abs",
+        calib_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
+            raise ValueError(f"budget must be a fraction in [0, 1), got {budget!r}; e.g. budget=0.4 removes 40% "
+                             f"of the {budget_kind}")
+        for name, value, allowed in (("budget_kind", budget_kind, BUDGET_KINDS), ("apply", apply, APPLY),
+                                     ("scope", scope, SCOPES), ("normalize", normalize, NORMALIZE),
+                                     ("units", units, ("all", "heads", "neurons")), ("method", method, METHODS),
+                                     ("aggregate", aggregate, AGGREGATIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        if not isinstance(min_heads, int) or min_heads < 1:
+            raise ValueError(f"min_heads must be an integer >= 1 (a layer keeps at least one head), got {min_heads!r}")
+        if calib_batches is not None and (not isinstance(calib_batches, int) or calib_batches < 1):
+            raise ValueError(f"calib_batches must be a positive integer or None, got {calib_batches!r}")
+        self.budget, self.budget_kind, self.scope, self.normalize = float(budget), budget_kind, scope, normalize
+        self.units, self.apply, self.seq_len = units, apply, seq_len
+        self.min_heads, self.min_neurons, self.overwrite = min_heads, min_neurons, overwrite
+        self.output_dir = Path(output_dir)
+        self.spec_path = Path(spec_path) if spec_path else None
+        self.method, self.target, self.steps, self.aggregate = method, target, steps, aggregate
+        self.calib_batches = calib_batches
+        self.spec: PruneSpec | None = None
+        self.applied: str | None = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _model(pl_module):
+        model = getattr(pl_module, "pruning_model", None)
+        if model is None:
+            raise TypeError(
+                f"{type(pl_module).__name__} does not expose `pruning_model`; add a property that returns the "
+                "nn.Module holding your transformers model (see taskprune.callback's protocol)"
+            )
+        return model
+
+    def _select(self, scores: UnitScores) -> PruneSpec:
+        kwargs = {self.budget_kind: self.budget}
+        spec = select_units(scores, seq_len=self.seq_len, scope=self.scope, normalize=self.normalize,
+                            min_heads=self.min_heads, min_neurons=self.min_neurons, units=self.units, **kwargs)
+        return spec
+
+    def _spec_file(self) -> Path:
+        return self.spec_path or self.output_dir / "spec.json"
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        model = self._model(pl_module)
+        if stage == "fit":
+            existing = self.output_dir / "spec.json"
+            if existing.exists() and not self.overwrite and trainer.ckpt_path is None:
+                raise FileExistsError(
+                    f"{existing} already holds a spec from an earlier run; pass overwrite=True "
+                    "(--trainer.callbacks... or TaskPruning(overwrite=True)) or choose another output_dir, so runs "
+                    "never mix"
+                )
+            # fail before any work when the budget is unreachable for this model
+            from taskprune.arch import get_architecture
+            from taskprune.unitscores import empty_scores
+
+            fp = get_architecture(model).fingerprint()
+            kinds = ("heads", "neurons") if self.units == "all" else (self.units,)
+            self._select(empty_scores(fp, kinds, "probe"))
+            return
+        self._apply_existing(pl_module, model, required=self.spec_path is not None)
+
+    def _apply_existing(self, pl_module, model, required: bool) -> None:
+        path = self._spec_file()
+        if self.spec is None:
+            if not path.exists():
+                if required:
+                    raise FileNotFoundError(f"spec_path {path} does not exist; run `fit` first to write it, or "
+                                            "point spec_path at an existing spec.json")
+                rank_zero_info(f"taskprune: no spec at {path}; evaluating the dense model only")
+                return
+            self.spec = PruneSpec.load(path)
+        state = self.spec.validate(model)  # raises for a spec of another model
+        if state == "shrunk" or self.apply == "none":
+            return
+        if getattr(pl_module, "spec", None) is not None and getattr(pl_module, "spec_mode", None):
+            return  # already applied (e.g. right after fit in the same process)
+        self._apply(pl_module, model)
+
+    def _apply(self, pl_module, model) -> None:
+        if hasattr(pl_module, "keep_dense_copy"):
+            pl_module.keep_dense_copy()
+        if self.apply == "shrink":
+            shrink_(model, self.spec)
+        elif self.apply == "mask":
+            apply_mask(model, self.spec)
+        self.applied = self.apply
+        if hasattr(pl_module, "spec"):
+            pl_module.spec, pl_module.spec_mode = self.spec, self.apply
+        rank_zero_info(f"taskprune: applied spec ({self.apply}): {self.spec.summary()}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = self._model(pl_module)
+        if hasattr(pl_module, "unit_scores"):
+            scores = pl_module.unit_scores()
+        else:
+            scores = self._calibrate(trainer, pl_module, model)
+        scores.check_finite()
+        if scores.count == 0 and scores.method not in ("magnitude", "random"):
+            raise ValueError("calibration saw no samples: the train dataloader was empty (check limit_train_batches "
+                             "and the calibration set size)")
+        spec = self._select(scores) if trainer.is_global_zero else None
+        spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
+        self.spec = PruneSpec.from_dict(spec_dict)
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            scores.save(self.output_dir / "scores.safetensors")
+            self.spec.save(self.output_dir / "spec.json")
+            rank_zero_info(f"taskprune: wrote {self.output_dir / 'spec.json'} ({scores.count} samples, "
+                           f"method {scores.method})")
+        trainer.strategy.barrier("taskprune_spec_written")
+        if self.apply != "none":
+            self._apply(pl_module, model)
+
+    def _calibrate(self, trainer: L.Trainer, pl_module, model) -> UnitScores:
+        """Score units on the train dataloader (for modules without ``unit_scores()``), summed over ranks."""
+        att = Attributor(model, self.method, self.target, self.units, steps=self.steps, aggregate=self.aggregate)
+        if att.data_free:
+            return att.to_scores(att.data_free_sums(), 0)
+        total = torch.zeros(att.gates.n_units, dtype=torch.float64)
+        count = 0.0
+        loaders = trainer.train_dataloader
+        loader = loaders if not isinstance(loaders, (list, tuple)) else loaders[0]
+        convert = getattr(pl_module, "pruning_batch", None)
+        world, rank = trainer.world_size, trainer.global_rank
+        for i, batch in enumerate(loader):
+            if self.calib_batches is not None and i >= self.calib_batches:
+                break
+            batch = convert(batch) if convert else batch
+            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if world > 1 and "idx" in batch:
+                batch["sample_weight"] = (batch["idx"].cpu() % world == rank).double()
+            sums, w = att.batch_sums(batch)
+            total += sums
+            count += w
+        total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
+        count = float(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
+        return att.to_scores(total, int(round(count)))
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"spec_path": str(self._spec_file()), "applied": self.applied}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.applied = state_dict.get("applied")

@@ -1,0 +1,70 @@
+"""LightningCLI for taskprune: ``python train.py fit|test|validate --config configs/<task>.yaml``.
+
+``fit`` calibrates (attribution passes, no weight update) and the ``pruning`` callback writes and applies the spec;
+``test`` applies the spec from ``pruning.output_dir`` and reports dense vs pruned metrics in-domain and out-of-domain,
+with parameters, MACs and measured throughput, as a rich table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from taskprune.callback import TaskPruning
+from taskprune.data import TaskDataModule
+from taskprune.module import AttributionModule
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # one pass over the calibration set
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,  # no validation during calibration
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "callbacks": [RichProgressBar()],
+}
+
+
+class TaskPruneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(TaskPruning, "pruning")
+        parser.link_arguments("model.task", "data.task")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def _report(self, stage: str) -> None:
+        from taskprune.flops import count_macs, count_params
+        from taskprune.report import comparison_table, print_table
+
+        module = self.model
+        if not self.trainer.is_global_zero or not module.results:
+            return
+        dense = module.dense_model if module.dense_model is not None else module.model
+        size = {
+            "params_dense": count_params(dense), "params_pruned": count_params(module.model),
+            "macs_dense": count_macs(dense, 128), "macs_pruned": count_macs(module.model, 128),
+            "throughput_dense": module.throughput.get("dense"), "throughput_pruned": module.throughput.get("pruned"),
+        }
+        title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"
+        print_table(comparison_table(module.results, size, title=title))
+
+
+def main(args=None) -> TaskPruneCLI:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return TaskPruneCLI(
+        AttributionModule,
+        TaskDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

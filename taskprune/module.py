@@ -1,0 +1,303 @@
+"""AttributionModule: calibration as a Lightning ``fit`` loop, and a test loop that compares dense and pruned models.
+
+``fit`` never updates a weight: each ``training_step`` scores the batch's units (integrated gradients by default) and
+adds the detached per-unit sums to a :class:`~taskprune.scores.UnitScoreMetric`, which sums across processes once at
+the end. The :class:`~taskprune.callback.TaskPruning` callback turns the scores into a spec and applies it.
+
+Distributed calibration. Under ``strategy="ddp"`` Lightning wraps the module in ``DistributedDataParallel`` during
+``fit``. The module keeps its parameters trainable (so DDP accepts it), but attribution runs with every parameter
+frozen and asks autograd only for the gradient of the *gates* (:func:`torch.autograd.grad`), so DDP's gradient hooks
+never fire and nothing is averaged: each process sums the attributions of its own samples and the metric adds the
+processes' sums at the end. ``DistributedSampler`` pads the last round with duplicates of the first samples; a sample
+is counted only by its owner process (``idx % world_size == rank``, the assignment of a sequential sampler), so 1 and N
+processes give the same sums. Calibration loaders must therefore not shuffle (the task datamodule never does).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from taskprune.attribution import AGGREGATIONS, METHODS, QUADRATURES, TARGETS, Attributor, default_forward
+from taskprune.scores import UnitScoreMetric
+from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY = "taskprune_spec"
+
+
+def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
+    """``(model, tokenizer_path)`` for a task: a taskprune multi-task model (name or folder) picks the task's head;
+    any other folder or hub id is loaded as ``AutoModelForSequenceClassification`` (local files work offline)."""
+    from pathlib import Path
+
+    from taskprune import zoo
+
+    folder = Path(name_or_path)
+    if name_or_path in zoo.RECIPES or (folder / "tasks.json").is_file():
+        multitask = zoo.ensure_multitask(name_or_path) if name_or_path in zoo.RECIPES else \
+            zoo.load_multitask(name_or_path)
+        return multitask.for_task(task), str(multitask.tokenizer_path)
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(
+            f"cannot load model {name_or_path!r}: {e}. Pass a local folder (config.json + safetensors), a "
+            f"taskprune multi-task model ({sorted(zoo.RECIPES)}), or a hub id when online."
+        ) from e
+    return model, name_or_path
+
+
+def head_size(model: nn.Module) -> int | None:
+    """Number of outputs of the model's task head, when it can be read without running the model."""
+    for attr in ("num_labels",):
+        n = getattr(model, attr, None)
+        if isinstance(n, int):
+            return n
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "num_labels", None)
+
+
+class AttributionModule(L.LightningModule):
+    """Calibrates (``fit``) and evaluates (``test`` / ``validate``) a model for one task.
+
+    Args:
+        model: a taskprune multi-task model name (``minilm-glue``) or folder, a local HF sequence-classification
+            folder, or an ``nn.Module`` (Python use).
+        task: the task name (its head, labels and metrics; see :mod:`taskprune.tasks`).
+        method: attribution method (``ig``, ``grad_x_gate``, ``fisher``, ``activation``, ``magnitude``, ``random``).
+        target: ``label`` (gold labels), ``pseudo`` (the dense model's predictions: unsupervised), ``neg_loss``.
+        units: ``all``, ``heads`` or ``neurons``.
+        steps: IG quadrature nodes.
+        quadrature: IG quadrature rule.
+        alpha_batch: IG nodes per forward pass (memory ∝ alpha_batch × batch size).
+        aggregate: ``abs`` or ``signed`` mean of per-sample attributions.
+        seed: seed of the ``random`` method.
+        compare_dense: evaluate the dense model beside the pruned one in ``test`` / ``validate`` (keeps a copy).
+        trust_remote_code: passed to transformers when loading a model by name; off unless you turn it on.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "minilm-glue",
+        task: str = "sst2",
+        method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
+        target: Literal["label", "pseudo", "neg_loss"] = "label",
+        units: Literal["all", "heads", "neurons"] = "all",
+        steps: int = 8,
+        quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
+                            "gauss_legendre"] = "riemann_middle",
+        alpha_batch: int = 1,
+        aggregate: Literal["abs", "signed"] = "abs",
+        seed: int = 0,
+        compare_dense: bool = True,
+        trust_remote_code: bool = False,
+        forward: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        from taskprune.tasks import get_task
+
+        for name, value, allowed in (("method", method, METHODS), ("target", target, TARGETS),
+                                     ("quadrature", quadrature, QUADRATURES), ("aggregate", aggregate, AGGREGATIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
+        self.task = get_task(task)
+        self.save_hyperparameters(ignore=["model", "forward"])
+        if isinstance(model, nn.Module):
+            self.model, self.tokenizer_path = model, None
+        else:
+            self.model, self.tokenizer_path = load_task_model(model, self.task.name, trust_remote_code)
+        n_out = head_size(self.model)
+        if n_out is not None and n_out != self.task.n_labels:
+            raise ValueError(
+                f"the model's head has {n_out} outputs but task {self.task.name!r} has {self.task.n_labels} "
+                f"labels {list(self.task.label_names)}; load the head trained for this task"
+            )
+        self.attributor = Attributor(self.model, method, target, units, steps=steps, quadrature=quadrature,
+                                     alpha_batch=alpha_batch, aggregate=aggregate, seed=seed, forward=forward)
+        self.forward_fn = forward or default_forward
+        self.scores = UnitScoreMetric(self.attributor.gates.n_units)
+        self.compare_dense = compare_dense
+        self.dense_model: nn.Module | None = None
+        self.spec = None  # set by TaskPruning when a spec is applied
+        self.spec_mode: str | None = None
+        self.eval_names: list[str] = [self.task.name]
+        self.results: list[dict] = []
+        self.automatic_optimization = False
+
+    # ------------------------------------------------------------------------------------------ protocol
+    @property
+    def pruning_model(self) -> nn.Module:
+        """The model that :class:`~taskprune.callback.TaskPruning` prunes (protocol)."""
+        return self.model
+
+    def unit_scores(self) -> UnitScores:
+        """Scores summed over all processes (protocol): collective, call on every rank."""
+        sums, count = self.scores.compute()
+        self.scores._computed = None
+        scores = self.attributor.to_scores(sums.cpu(), int(round(float(count))))
+        scores.options["batches"] = int(self.scores.batches.item())
+        return scores
+
+    # ------------------------------------------------------------------------------------------ calibration
+    def configure_optimizers(self):
+        return None  # calibration updates no weight
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ValueError(
+                    "strategy='fsdp' is not supported for calibration: FSDP shards the weights of each layer, while "
+                    "the unit gates hook whole projection layers. Use strategy='ddp' (calibration is inference-only, "
+                    "so each process needs the frozen weights, activations and one batch), or lower the batch size "
+                    "and alpha_batch to fit memory."
+                )
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            if hasattr(dm, "eval_names"):
+                self.eval_names = list(dm.eval_names)
+            if self.tokenizer_path is not None and hasattr(dm, "set_tokenizer") and dm._tokenizer is None:
+                from taskprune.data import load_tokenizer
+
+                dm.set_tokenizer(load_tokenizer(self.tokenizer_path))
+
+    def on_train_start(self) -> None:
+        if self.attributor.data_free:
+            return
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if getattr(sampler, "shuffle", False) or isinstance(sampler, torch.utils.data.RandomSampler):
+            raise ValueError(
+                "the calibration dataloader shuffles; taskprune counts each sample once per process by its position "
+                "(idx % world_size), which needs a sequential loader: build it with shuffle=False"
+            )
+
+    def _owned(self, batch: dict) -> Tensor:
+        """Weights 1 for samples this process owns, 0 for DistributedSampler's padding duplicates."""
+        n = next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
+        w = torch.ones(n, dtype=torch.float64)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            idx = batch.get("idx")
+            if idx is None:
+                raise ValueError(
+                    "distributed calibration needs batch['idx'] (each sample's index in its dataset) to drop the "
+                    "duplicates DistributedSampler adds; the task datamodule provides it"
+                )
+            w = (idx.cpu() % world == self.global_rank).double()
+        return w
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.attributor.data_free:
+            self.scores.update(torch.zeros(self.scores.n_units, dtype=torch.float64), 0.0)
+            return None
+        batch = {**batch, "sample_weight": self._owned(batch)}
+        if self.attributor.target_name == "label" and "labels" not in batch:
+            raise ValueError("target='label' needs labelled batches (batch['labels']); use target='pseudo' for "
+                             "unlabelled calibration data")
+        sums, count = self.attributor.batch_sums(batch)
+        self.scores.update(sums.detach(), count)
+        self.log("calib/samples", float(self.scores.count), prog_bar=True, reduce_fx="sum", batch_size=1)
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if hasattr(loader, "mark_done"):
+            loader.mark_done()
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self.model.eval()
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _setup_eval(self) -> None:
+        names = self.eval_names
+        variants = ["pruned", "dense"] if self.dense_model is not None else ["pruned"]
+        self.eval_metrics = nn.ModuleDict({
+            v: nn.ModuleList([self.task.make_metrics() for _ in names]) for v in variants
+        }).to(self.device)
+        self._timing = {v: [0.0, 0] for v in variants}
+
+    def on_test_epoch_start(self) -> None:
+        self._setup_eval()
+
+    def on_validation_epoch_start(self) -> None:
+        self._setup_eval()
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        labels = batch["labels"]
+        keep = self._owned(batch).bool().to(labels.device)
+        models = {"pruned": self.model, "dense": self.dense_model}
+        for variant, metrics in self.eval_metrics.items():
+            model = models[variant]
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.forward_fn(model, batch)
+            self._timing[variant][0] += time.perf_counter() - start
+            self._timing[variant][1] += int(labels.shape[0])
+            logits = out.logits if hasattr(out, "logits") else out
+            metrics[dataloader_idx].update(self.task.predictions(logits)[keep], labels[keep])
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def _end_eval(self) -> None:
+        rows = []
+        for i, name in enumerate(self.eval_names):
+            prefix = f"test/{name}" if i == 0 else f"ood/{name}"
+            values = {v: {k: float(x) for k, x in ms[i].compute().items()} for v, ms in self.eval_metrics.items()}
+            for metric, pruned in values["pruned"].items():
+                dense = values.get("dense", {}).get(metric)
+                self.log(f"{prefix}/{metric}", pruned, sync_dist=False, add_dataloader_idx=False)
+                if dense is not None:
+                    self.log(f"{prefix}/{metric}_dense", dense, sync_dist=False, add_dataloader_idx=False)
+                rows.append({"set": name, "kind": "in-domain" if i == 0 else "ood", "metric": metric,
+                             "dense": dense, "pruned": pruned})
+        for variant, (seconds, n) in self._timing.items():
+            if seconds > 0:
+                self.log(f"speed/{variant}_samples_per_s", n / seconds, add_dataloader_idx=False)
+        self.results = rows
+        self.throughput = {v: (n / s if s > 0 else None) for v, (s, n) in self._timing.items()}
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def keep_dense_copy(self) -> None:
+        """Keep an independent dense copy for side-by-side evaluation (called before a spec is applied)."""
+        if self.compare_dense and self.dense_model is None:
+            self.dense_model = copy.deepcopy(self.model).eval()
+            for p in self.dense_model.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.spec is not None:
+            checkpoint[SPEC_KEY] = {"spec": self.spec.to_dict(), "mode": self.spec_mode}
+        for key in [k for k in checkpoint.get("state_dict", {}) if k.startswith("dense_model.")]:
+            del checkpoint["state_dict"][key]  # the dense copy is the base model: never store it twice
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Rebuild a shrunk model before Lightning loads its weights (Lightning restores weights before callbacks)."""
+        saved = checkpoint.get(SPEC_KEY)
+        if saved and saved.get("mode") == "shrink" and self.spec is None:
+            from taskprune.spec import PruneSpec
+            from taskprune.surgery import shrink_
+
+            self.spec = PruneSpec.from_dict(saved["spec"])
+            shrink_(self.model, self.spec)
+            self.spec_mode = "shrink"

@@ -1,0 +1,3 @@
+from taskprune.cli import main
+
+main()
