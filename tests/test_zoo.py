@@ -1,0 +1,106 @@
+"""Multi-task model: save/load round trip, refusal to overwrite, shared encoder (tiny random BERT, offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from taskprune.arch import find_base
+from taskprune.zoo import (
+    HeadInfo,
+    MultiTaskModel,
+    TaskModel,
+    load_multitask,
+    read_build_info,
+    resolve_model_dir,
+    save_multitask,
+)
+
+TASKS = ("sst2", "mnli", "stsb")
+
+
+def tiny_multitask(seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    return MultiTaskModel(tf.BertModel(cfg), {t: HeadInfo.for_task(t) for t in TASKS}).eval()
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.zeros(3, dtype=torch.long), "idx": torch.arange(3)}
+
+
+def test_round_trip_identical_logits(tmp_path):
+    model = tiny_multitask()
+    out = save_multitask(model, tmp_path / "mt", {"recipe_hash": "abc"})
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "heads.safetensors",
+                                                "tasks.json", "build.json"}
+    assert not list(tmp_path.glob(".mt.*"))  # temp folder renamed away
+    meta = json.loads((out / "tasks.json").read_text())
+    assert meta["tasks"]["mnli"]["head_shape"] == [3, 32] and meta["tasks"]["stsb"]["output_scale"] == 5.0
+    loaded = load_multitask(out)
+    assert isinstance(loaded.encoder, tf.BertModel) and sorted(loaded.task_names) == sorted(TASKS)
+    with torch.no_grad():
+        for t in TASKS:
+            a, b = model.for_task(t)(**batch()).logits, loaded.for_task(t)(**batch()).logits
+            assert a.shape == (3, HeadInfo.for_task(t).n_labels)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert read_build_info(out) == {"recipe_hash": "abc"}
+
+
+def test_refuses_to_overwrite_a_different_build(tmp_path):
+    save_multitask(tiny_multitask(), tmp_path / "mt", {"recipe_hash": "abc"})
+    with pytest.raises(FileExistsError, match=r"different build.*--force.*--out"):
+        save_multitask(tiny_multitask(seed=1), tmp_path / "mt", {"recipe_hash": "xyz"})
+    assert read_build_info(tmp_path / "mt")["recipe_hash"] == "abc"
+    save_multitask(tiny_multitask(seed=1), tmp_path / "mt", {"recipe_hash": "xyz"}, force=True)
+    assert read_build_info(tmp_path / "mt")["recipe_hash"] == "xyz"
+    assert [p.name for p in tmp_path.iterdir()] == ["mt"]
+
+
+def test_for_task_shares_the_encoder():
+    model = tiny_multitask()
+    sst2, mnli = model.for_task("sst2"), model.for_task("mnli")
+    assert isinstance(sst2, TaskModel)
+    assert sst2.encoder is model.encoder is mnli.encoder and sst2.head is model.heads["sst2"]
+    assert not hasattr(model, "config") and not hasattr(sst2, "config")
+    assert find_base(sst2) == (model.encoder, "encoder") and find_base(model) == (model.encoder, "encoder")
+    with torch.no_grad():
+        model.encoder.embeddings.word_embeddings.weight[5] += 1.0  # a change through one view shows in the other
+    assert torch.equal(sst2.encoder.embeddings.word_embeddings.weight, model.encoder.embeddings.word_embeddings.weight)
+
+
+def test_unknown_task_and_missing_model(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"no head for task 'rte'.*sst2"):
+        tiny_multitask().for_task("rte")
+    monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"no multi-task model at 'minilm-glue'.*taskprune.zoo build minilm-glue"):
+        resolve_model_dir("minilm-glue")
+
+
+def test_stsb_output_scale():
+    model = tiny_multitask()
+    with torch.no_grad():
+        raw = model.heads["stsb"](torch.zeros(1, 32))
+        out = model.for_task("stsb")(**batch()).logits
+    assert out.shape == (3, 1)
+    with torch.no_grad():
+        model.heads["stsb"].weight.zero_()
+        torch.testing.assert_close(model.for_task("stsb")(**batch()).logits, 5.0 * raw.expand(3, 1))
+
+
+@pytest.mark.slow
+def test_real_build_loads_and_scores():
+    """Needs a built ``minilm-glue`` (``python -m taskprune.zoo build minilm-glue``)."""
+    from taskprune.zoo import evaluate
+
+    model = load_multitask("minilm-glue")
+    assert evaluate(model, "sst2", max_rows=200)["accuracy"] > 0.75
