@@ -245,7 +245,8 @@ class Collator:
                     "(warned once; raise max_length to keep more text)", n_long, len(rows), self.max_length,
                 )
         batch = {k: v.long() for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.float32 if self.regression else torch.long)
+        label_dtype = torch.float32 if self.regression else torch.long
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=label_dtype)
         batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
         return batch
 

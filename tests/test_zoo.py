@@ -104,3 +104,38 @@ def test_real_build_loads_and_scores():
 
     model = load_multitask("minilm-glue")
     assert evaluate(model, "sst2", max_rows=200)["accuracy"] > 0.75
+
+
+def test_build_from_embedded_data_tiny(tmp_path, monkeypatch):
+    """The whole build path (embedded data, Lightning fit, save, skip, refuse) on a tiny random BERT."""
+    from dataclasses import replace
+
+    from transformers import BertTokenizerFast
+
+    from taskprune.zoo import Recipe, build_multitask, default_out_dir
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a the is not good".split()]))
+    BertTokenizerFast(vocab_file=str(base / "vocab.txt")).save_pretrained(base)
+    tiny_multitask().encoder.save_pretrained(base)
+    monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path / "cache"))
+    recipe = Recipe(base=str(base), tasks=("sst2", "stsb"), rows_per_task=8, batch_size=4, dev_rows=8)
+    out = build_multitask("tiny", data_dir=_embedded(), recipe=recipe, progress_bar=False)
+    assert out == default_out_dir("tiny", _embedded()) and out.name == "tiny-embedded"
+    info = read_build_info(out)
+    assert info["rows_per_task"] == {"sst2": 8, "stsb": 8} and info["data_source"] == "embedded"
+    assert set(info["dev_metrics"]) == {"sst2", "stsb"}
+    model = load_multitask(out)
+    assert sorted(model.task_names) == ["sst2", "stsb"] and model.tokenizer_path == str(out)
+    mtime = (out / "heads.safetensors").stat().st_mtime_ns
+    assert build_multitask("tiny", _embedded(), recipe=recipe, progress_bar=False) == out  # same recipe: skipped
+    assert (out / "heads.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match=r"different build.*--force"):
+        build_multitask("tiny", _embedded(), recipe=replace(recipe, seed=1), progress_bar=False)
+
+
+def _embedded():
+    from taskprune.data import EMBEDDED_DATA_DIR
+
+    return EMBEDDED_DATA_DIR
