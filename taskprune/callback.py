@@ -22,6 +22,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from torch.utils.data import DistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 
 from taskprune.attribution import AGGREGATIONS, METHODS, Attributor
@@ -213,8 +214,10 @@ class TaskPruning(L.Callback):
                 break
             batch = convert(batch) if convert else batch
             batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if world > 1 and "idx" in batch:
-                batch["sample_weight"] = (batch["idx"].cpu() % world == rank).double()
+            sampler = getattr(loader, "sampler", None)
+            if world > 1 and isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+                local = i * loader.batch_size + torch.arange(len(next(iter(batch.values()))))
+                batch["sample_weight"] = (rank + local * world < len(loader.dataset)).double()  # drop padding
             sums, w = att.batch_sums(batch)
             total += sums
             count += w

@@ -8,9 +8,8 @@ Distributed calibration. Under ``strategy="ddp"`` Lightning wraps the module in 
 ``fit``. The module keeps its parameters trainable (so DDP accepts it), but attribution runs with every parameter
 frozen and asks autograd only for the gradient of the *gates* (:func:`torch.autograd.grad`), so DDP's gradient hooks
 never fire and nothing is averaged: each process sums the attributions of its own samples and the metric adds the
-processes' sums at the end. ``DistributedSampler`` pads the last round with duplicates of the first samples; a sample
-is counted only by its owner process (``idx % world_size == rank``, the assignment of a sequential sampler), so 1 and N
-processes give the same sums. Calibration loaders must therefore not shuffle (the task datamodule never does).
+processes' sums at the end. ``DistributedSampler`` pads the last round with duplicates of the first samples; those
+get weight 0 (see :meth:`AttributionModule._real`), so 1 and N processes give the same sums.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from taskprune.attribution import AGGREGATIONS, METHODS, QUADRATURES, TARGETS, Attributor, default_forward
 from taskprune.scores import UnitScoreMetric
@@ -173,37 +173,27 @@ class AttributionModule(L.LightningModule):
 
                 dm.set_tokenizer(load_tokenizer(self.tokenizer_path))
 
-    def on_train_start(self) -> None:
-        if self.attributor.data_free:
-            return
-        loader = self.trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if getattr(sampler, "shuffle", False) or isinstance(sampler, torch.utils.data.RandomSampler):
-            raise ValueError(
-                "the calibration dataloader shuffles; taskprune counts each sample once per process by its position "
-                "(idx % world_size), which needs a sequential loader: build it with shuffle=False"
-            )
+    def _real(self, batch: dict, batch_idx: int, loader) -> Tensor:
+        """Weights 1 for real samples, 0 for the duplicates that ``DistributedSampler`` pads the last round with.
 
-    def _owned(self, batch: dict) -> Tensor:
-        """Weights 1 for samples this process owns, 0 for DistributedSampler's padding duplicates."""
+        The sampler gives rank ``r`` the global positions ``r, r + W, r + 2W, ...`` of its (possibly shuffled,
+        padded) index list; positions ``>= len(dataset)`` are padding. A batch's local positions follow from
+        ``batch_idx`` and the loader's batch size (Lightning keeps ``batch_idx`` across a resume).
+        """
         n = next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
-        w = torch.ones(n, dtype=torch.float64)
+        ones = torch.ones(n, dtype=torch.float64)
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            idx = batch.get("idx")
-            if idx is None:
-                raise ValueError(
-                    "distributed calibration needs batch['idx'] (each sample's index in its dataset) to drop the "
-                    "duplicates DistributedSampler adds; the task datamodule provides it"
-                )
-            w = (idx.cpu() % world == self.global_rank).double()
-        return w
+        sampler = getattr(loader, "sampler", None)
+        if world == 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return ones
+        local = batch_idx * loader.batch_size + torch.arange(n)
+        return (sampler.rank + local * sampler.num_replicas < len(loader.dataset)).double()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if self.attributor.data_free:
             self.scores.update(torch.zeros(self.scores.n_units, dtype=torch.float64), 0.0)
             return None
-        batch = {**batch, "sample_weight": self._owned(batch)}
+        batch = {**batch, "sample_weight": self._real(batch, batch_idx, self.trainer.train_dataloader)}
         if self.attributor.target_name == "label" and "labels" not in batch:
             raise ValueError("target='label' needs labelled batches (batch['labels']); use target='pseudo' for "
                              "unlabelled calibration data")
@@ -233,9 +223,11 @@ class AttributionModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._setup_eval()
 
-    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+    def _eval_step(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
         labels = batch["labels"]
-        keep = self._owned(batch).bool().to(labels.device)
+        loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        keep = self._real(batch, batch_idx, loader).bool().to(labels.device)
         models = {"pruned": self.model, "dense": self.dense_model}
         for variant, metrics in self.eval_metrics.items():
             model = models[variant]
@@ -248,10 +240,10 @@ class AttributionModule(L.LightningModule):
             metrics[dataloader_idx].update(self.task.predictions(logits)[keep], labels[keep])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def _end_eval(self) -> None:
         rows = []

@@ -1,0 +1,215 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.callback import TaskPruning
+from taskprune.data import TaskDataModule
+from taskprune.module import AttributionModule
+from taskprune.spec import PruneSpec
+from taskprune.unitscores import UnitScores, is_close
+
+HERE = Path(__file__).parent
+
+
+def trainer(callbacks, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                     callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
+
+
+def datamodule(n=12, **kw):
+    kw.setdefault("ood", ["imdb"])
+    return TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=n, batch_size=4, eval_samples=12, **kw)
+
+
+def test_fit_updates_no_weight_and_writes_spec(tmp_path):
+    model = tiny_classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module = AttributionModule(model, task="sst2", steps=2)
+    trainer([TaskPruning(budget=0.3, output_dir=str(tmp_path), apply="none")]).fit(module, datamodule())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    spec = PruneSpec.load(tmp_path / "spec.json")
+    scores = UnitScores.load(tmp_path / "scores.safetensors")
+    assert scores.count == 12 and scores.method == "ig"
+    assert spec.budget["achieved"]["macs"] >= 0.3
+    assert spec.validate(model) == "dense"
+
+
+def test_fit_then_test_reports_dense_and_pruned(tmp_path):
+    module = AttributionModule(tiny_classifier(), task="sst2", steps=2)
+    cb = TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="shrink")
+    tr = trainer([cb])
+    tr.fit(module, datamodule())
+    assert module.spec_mode == "shrink"
+    tr.test(module, datamodule(), verbose=False)
+    sets = {(r["set"], r["kind"]) for r in module.results}
+    assert sets == {("sst2", "in-domain"), ("imdb", "ood")}
+    assert all(r["dense"] is not None and 0 <= r["pruned"] <= 1 for r in module.results)
+    assert "test/sst2/accuracy" in tr.callback_metrics and "ood/imdb/accuracy_dense" in tr.callback_metrics
+    assert sum(p.numel() for p in module.model.parameters()) < sum(p.numel() for p in module.dense_model.parameters())
+
+
+def test_test_applies_saved_spec_in_a_new_run(tmp_path):
+    trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="none")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule())
+    fresh = AttributionModule(tiny_classifier(), task="sst2")
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="mask")]).test(fresh, datamodule(), verbose=False)
+    assert fresh.spec_mode == "mask" and fresh.spec == PruneSpec.load(tmp_path / "spec.json")
+
+
+def test_shrunk_checkpoint_reloads(tmp_path):
+    module = AttributionModule(tiny_classifier(), task="sst2", steps=1, compare_dense=False)
+    tr = trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="shrink")])
+    tr.fit(module, datamodule())
+    tr.save_checkpoint(tmp_path / "pruned.ckpt")
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    expected = module.model(**batch).logits
+    reloaded = AttributionModule.load_from_checkpoint(tmp_path / "pruned.ckpt", model=tiny_classifier(seed=5),
+                                                      weights_only=False)
+    torch.testing.assert_close(reloaded.model(**batch).logits, expected)
+
+
+class UserModule(L.LightningModule):
+    """A user's own module: not AttributionModule; exposes only `pruning_model`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_classifier()
+
+    @property
+    def pruning_model(self) -> nn.Module:
+        return self.net
+
+    def training_step(self, batch, batch_idx):
+        out = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def pruning_batch(self, batch):
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_callback_works_with_a_users_own_module(tmp_path):
+    module = UserModule()
+    dense_params = sum(p.numel() for p in module.net.parameters())
+    cb = TaskPruning(budget=0.3, output_dir=str(tmp_path), method="grad_x_gate", calib_batches=2)
+    trainer([cb]).fit(module, datamodule())
+    assert UnitScores.load(tmp_path / "scores.safetensors").count == 8
+    assert sum(p.numel() for p in module.net.parameters()) < dense_params
+
+
+def test_ddp_two_processes_give_the_same_scores_as_one(tmp_path):
+    script = HERE / "ddp_calibrate.py"
+    for devices in (1, 2):
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"d{devices}"), str(devices), "13"], check=True,
+                       cwd=HERE, capture_output=True, timeout=300)
+    one = UnitScores.load(tmp_path / "d1" / "scores.safetensors")
+    two = UnitScores.load(tmp_path / "d2" / "scores.safetensors")
+    assert one.count == two.count == 13  # 13 samples over 2 processes: the sampler's padding duplicate is not counted
+    assert is_close(one, two, rtol=1e-6)
+
+
+def test_resumed_calibration_equals_uninterrupted(tmp_path):
+    script = HERE / "ddp_calibrate.py"
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, str(script), str(full), "1", "16", "1"], check=True, cwd=HERE,
+                   capture_output=True, timeout=300)
+    ckpts = sorted((full / "ckpt").glob("*step=2*.ckpt"))
+    assert ckpts, list((full / "ckpt").iterdir())
+    resumed = tmp_path / "resumed"
+    subprocess.run([sys.executable, str(script), str(resumed), "1", "16", "0", str(ckpts[0])], check=True,
+                   cwd=HERE, capture_output=True, timeout=300)
+    a = UnitScores.load(full / "scores.safetensors")
+    b = UnitScores.load(resumed / "scores.safetensors")
+    assert a.count == b.count == 16
+    assert is_close(a, b, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'sst3'"):
+        AttributionModule(tiny_classifier(), task="sst3")
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'taylor'"):
+        AttributionModule(tiny_classifier(), task="sst2", method="taylor")
+
+
+def test_head_does_not_match_task_labels():
+    with pytest.raises(ValueError, match="head has 3 outputs but task 'sst2' has 2 labels"):
+        AttributionModule(tiny_classifier(n_labels=3), task="sst2")
+
+
+def test_budget_outside_unit_interval():
+    with pytest.raises(ValueError, match="budget must be a fraction in \\[0, 1\\), got 1.5"):
+        TaskPruning(budget=1.5)
+
+
+def test_unreachable_budget_fails_before_work(tmp_path):
+    module = AttributionModule(tiny_classifier(), task="sst2")
+    cb = TaskPruning(budget=0.9, budget_kind="heads", output_dir=str(tmp_path), min_heads=2)
+    with pytest.raises(ValueError, match="lower the budget or the floor"):
+        trainer([cb]).fit(module, datamodule())
+    assert not (tmp_path / "spec.json").exists()
+
+
+def test_second_run_into_same_output_dir_refused(tmp_path):
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", method="magnitude")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", method="magnitude"), datamodule())
+    with pytest.raises(FileExistsError, match="already holds a spec from an earlier run; pass overwrite=True"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).fit(
+            AttributionModule(tiny_classifier(), task="sst2", method="magnitude"), datamodule())
+
+
+def test_spec_of_another_model_refused_at_test(tmp_path):
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", method="random")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", method="random"), datamodule())
+    import transformers as tf
+
+    other = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
+                                                           num_attention_heads=4, intermediate_size=37)).eval()
+    with pytest.raises(ValueError, match="spec"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).test(AttributionModule(other, task="sst2"), datamodule(),
+                                                              verbose=False)
+
+
+def test_missing_spec_path_at_test(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `fit` first"):
+        trainer([TaskPruning(spec_path=str(tmp_path / "nope.json"))]).test(
+            AttributionModule(tiny_classifier(), task="sst2"), datamodule(), verbose=False)
+
+
+def test_labels_required_for_gold_target(tmp_path):
+    class NoLabels(TaskDataModule):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    dm = NoLabels("sst2", tokenizer=TOKENIZER, calib_samples=4, batch_size=4, ood=[])
+    with pytest.raises(ValueError, match="target='label' needs labelled batches"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).fit(AttributionModule(tiny_classifier(), task="sst2"), dm)
+
+
+def test_fsdp_refused_with_a_clear_message():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = AttributionModule(tiny_classifier(), task="sst2")
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+        datamodule = None
+
+    module._trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="strategy='fsdp' is not supported for calibration.*Use strategy='ddp'"):
+        module.setup("fit")
