@@ -17,6 +17,7 @@ At the end of ``fit`` the callback selects a spec (on rank zero, broadcast so ev
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,9 @@ class TaskPruning(L.Callback):
         min_neurons: FFN neurons kept per block.
         overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused).
         method, target, steps, aggregate, calib_batches: used only when the module has no ``unit_scores()``.
+        checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
+            resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
+            so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class TaskPruning(L.Callback):
         steps: int = 8,
         aggregate: Literal["abs", "signed"] = "abs",
         calib_batches: int | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
@@ -93,8 +98,10 @@ class TaskPruning(L.Callback):
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
         if not isinstance(min_heads, int) or min_heads < 1:
             raise ValueError(f"min_heads must be an integer >= 1 (a layer keeps at least one head), got {min_heads!r}")
-        if calib_batches is not None and (not isinstance(calib_batches, int) or calib_batches < 1):
-            raise ValueError(f"calib_batches must be a positive integer or None, got {calib_batches!r}")
+        for name, value in (("calib_batches", calib_batches), ("checkpoint_every", checkpoint_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.checkpoint_every = checkpoint_every
         self.budget, self.budget_kind, self.scope, self.normalize = float(budget), budget_kind, scope, normalize
         self.units, self.apply, self.seq_len = units, apply, seq_len
         self.min_heads, self.min_neurons, self.overwrite = min_heads, min_neurons, overwrite
@@ -197,6 +204,20 @@ class TaskPruning(L.Callback):
         trainer.strategy.barrier("taskprune_spec_written")
         if self.apply != "none":
             self._apply(pl_module, model)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.checkpoint_every and (batch_idx + 1) % self.checkpoint_every == 0:
+            self.save_calibration_checkpoint(trainer)
+
+    def save_calibration_checkpoint(self, trainer: L.Trainer) -> Path:
+        """Write ``output_dir/calibration.ckpt`` atomically (collective: every rank calls it, rank zero writes)."""
+        path = self.output_dir / "calibration.ckpt"
+        tmp = self.output_dir / ".calibration.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("taskprune_calibration_checkpoint")
+        return path
 
     def _calibrate(self, trainer: L.Trainer, pl_module, model) -> UnitScores:
         """Score units on the train dataloader (for modules without ``unit_scores()``), summed over ranks."""

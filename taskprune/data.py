@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from taskprune.loader import CalibrationLoader
+
 from taskprune.tasks import DataFile, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -390,7 +392,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.calib_set)
+        return self._loader(self.calib_set, resumable=True)
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")
@@ -404,8 +406,10 @@ class TaskDataModule(L.LightningDataModule):
         return {"task": self.task.name, "calib_seed": self.calib_seed}
 
     # ----------------------------------------------------------------------------------------------- private
-    def _loader(self, ds: datasets.Dataset) -> DataLoader:
+    def _loader(self, ds: datasets.Dataset, resumable: bool = False) -> DataLoader:
+        """Evaluation loaders are plain; the calibration loader resumes mid-epoch (see :mod:`taskprune.loader`)."""
         if self._collator is None:
             self._collator = Collator(self.tokenizer, self.task.text_fields, self.max_length, self.task.regression)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        cls = CalibrationLoader if resumable else DataLoader
+        return cls(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=self._collator)
