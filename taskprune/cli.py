@@ -62,6 +62,7 @@ def main(args=None) -> TaskPruneCLI:
         TaskDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=None,
+        seed_everything_default=0,
         args=args,
     )
 

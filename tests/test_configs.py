@@ -1,0 +1,52 @@
+"""Every shipped YAML parses against the CLI (types and keys checked; nothing is instantiated)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taskprune.cli import main
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_config_per_task_and_a_demo():
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", "sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["task"] in {path.stem, "sst2"} and "task" not in printed["data"]  # linked from model
+    assert 0 <= printed["pruning"]["budget"] < 1
+
+
+def test_unknown_key_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  task: sst2\n  stepz: 8\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_wrong_type_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pruning:\n  budget: lots\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code == 2
+    assert "budget" in capsys.readouterr().err
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  method: taylor\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code == 2
+    assert "taylor" in capsys.readouterr().err
