@@ -1,0 +1,210 @@
+"""Accuracy vs budget for every scoring method, low-resource, unsupervised, unseen domains, and the IG ablation.
+
+    python benchmarks/quality.py --data-dir ../shared/data            # full run (about an hour on 2 cores)
+    python benchmarks/quality.py --data-dir ../shared/data --quick    # minutes: SST-2 and RTE, fewer budgets
+
+Model: the project's multi-task MiniLM (``python -m taskprune.zoo build minilm-glue``). For each task, the shared
+encoder is pruned for that task's head: scores on a calibration subset of the task's *train* split, units removed
+physically (``shrink_``) at each encoder MAC cut (seq 128), metric on the dev set (QQP: a held-out sample of train,
+labelled as such). The IG ablation that picks the defaults is scored on a *selection* split drawn from train,
+disjoint from calibration, never on the dev sets reported here.
+
+Results go to ``benchmarks/results/quality.json`` (raw, appended as the run goes: an interrupted run resumes where it
+stopped) and ``quality.md`` (tables) plus PNG plots when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import header, write_text
+from taskprune.attribution import score_units
+from taskprune.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
+from taskprune.io import atomic_write_json
+from taskprune.selection import select_units
+from taskprune.surgery import shrink_
+from taskprune.tasks import get_task
+from taskprune.zoo import ensure_multitask
+
+log = logging.getLogger("quality")
+
+TASKS = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
+METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+MAC_CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+SWEEP = (0.2, 0.4, 0.6, 0.8)  # heads-only and neurons-only fractions
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.model = ensure_multitask(args.model)
+        self.tok = load_tokenizer(self.model.tokenizer_path)
+        self.path = Path(args.out) / "quality.json"
+        self.results = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
+        self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs")
+
+    # -------------------------------------------------------------------------------------- data
+    def batches(self, task, ds, batch_size=32):
+        t = get_task(task)
+        collate = Collator(self.tok, t.text_fields, 128, t.regression)
+        rows = sorted(ds.to_list(), key=lambda r: sum(len(r[f]) for f in t.text_fields))
+        return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+    def splits(self, task):
+        """calibration pool (train), selection split (train, disjoint), dev (or QQP held-out), OOD sets."""
+        t = get_task(task)
+        train = load_split(t, "train", self.args.data_dir)
+        pool = random_subset(train, min(len(train), self.args.calib + self.args.select_rows), seed=0)
+        idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()
+        calib = pool.select(sorted(idx[: self.args.calib]))
+        select = pool.select(sorted(idx[self.args.calib :]))
+        dev = random_subset(load_split(t, "dev", self.args.data_dir), self.args.eval_rows, seed=0)
+        ood = {o: random_subset(load_split(t, o, self.args.data_dir), self.args.eval_rows, seed=0)
+               for o in t.ood_names}
+        return train, calib, select, dev, ood
+
+    # -------------------------------------------------------------------------------------- eval
+    @torch.inference_mode()
+    def metric(self, model, task, batches) -> float:
+        t = get_task(task)
+        metrics = t.make_metrics()
+        for b in batches:
+            metrics.update(t.predictions(model(**b).logits), b["labels"])
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        return values[t.metrics[0]]
+
+    def pruned_metric(self, tm, task, scores, eval_sets, **budget) -> dict:
+        spec = select_units(scores, seq_len=128, **budget)
+        pruned = copy.deepcopy(tm)
+        shrink_(pruned, spec)
+        out = {name: self.metric(pruned, task, b) for name, b in eval_sets.items()}
+        out["achieved_macs"] = spec.budget["achieved"]["macs"]
+        fp = spec.fingerprint
+        out["kept_heads"] = {n: [len(k), fp["heads"][n]] for n, k in spec.keep.get("heads", {}).items()}
+        out["kept_neurons"] = {n: [len(k), fp["neurons"][n]] for n, k in spec.keep.get("neurons", {}).items()}
+        return out
+
+    def done(self, key) -> bool:
+        return key in self.results
+
+    def save(self, key, value) -> None:
+        self.results[key] = value
+        atomic_write_json(self.path, self.results)
+
+    # -------------------------------------------------------------------------------------- runs
+    def run_task(self, task) -> None:
+        a = self.args
+        tm = self.model.for_task(task).eval()
+        _, calib, select, dev, ood = self.splits(task)
+        calib_b = self.batches(task, calib)
+        eval_sets = {"dev": self.batches(task, dev, 64), **{o: self.batches(task, s, 64) for o, s in ood.items()}}
+        key = f"{task}/dense"
+        if not self.done(key):
+            self.save(key, {n: self.metric(tm, task, b) for n, b in eval_sets.items()})
+        cuts = MAC_CUTS if not a.quick else (0.2, 0.4, 0.6)
+        methods = [(m, s) for m in METHODS for s in ((0, 1, 2) if m == "random" else (0,))]
+        if a.quick:
+            methods = [("ig", 0), ("grad_x_gate", 0), ("fisher", 0), ("magnitude", 0), ("random", 0)]
+        for method, seed in methods:
+            name = method if method != "random" else f"random{seed}"
+            key = f"{task}/supervised/{name}"
+            if self.done(key):
+                continue
+            t0 = time.perf_counter()
+            opts = self.ig if method == "ig" else {}
+            scores = score_units(tm, calib_b, method, target="label", seed=seed, **opts)
+            seconds = time.perf_counter() - t0
+            rows = {f"macs={c}": self.pruned_metric(tm, task, scores, eval_sets, macs=c) for c in cuts}
+            if method != "random" or seed == 0:
+                rows |= {f"heads={f}": self.pruned_metric(tm, task, scores, {"dev": eval_sets["dev"]}, heads=f,
+                                                          units="heads") for f in SWEEP}
+                rows |= {f"neurons={f}": self.pruned_metric(tm, task, scores, {"dev": eval_sets["dev"]}, neurons=f,
+                                                            units="neurons") for f in SWEEP}
+            self.save(key, {"seconds": seconds, "n_samples": scores.count, "budgets": rows})
+            log.info("%s %s: %.0fs", task, name, seconds)
+        key = f"{task}/unsupervised/ig"
+        if not self.done(key):
+            unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in calib_b]
+            scores = score_units(tm, unlabelled, "ig", target="pseudo", **self.ig)
+            self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(tm, task, scores, eval_sets, macs=c)
+                                        for c in cuts}})
+        if task in a.low_resource_tasks and not get_task(task).regression:
+            train = load_split(get_task(task), "train", a.data_dir)
+            for k in (4, 8, 16, 32, 64) if not a.quick else (8, 32):
+                for seed in (0, 1, 2) if not a.quick else (0,):
+                    for method in ("ig", "grad_x_gate", "magnitude"):
+                        key = f"{task}/lowres/k={k}/seed={seed}/{method}"
+                        if self.done(key):
+                            continue
+                        b = self.batches(task, per_class_subset(train, k, seed, get_task(task).n_labels))
+                        scores = score_units(tm, b, method, target="label", **(self.ig if method == "ig" else {}))
+                        self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(
+                            tm, task, scores, {"dev": eval_sets["dev"]}, macs=c) for c in (0.4, 0.6)}})
+        if task in a.ablation_tasks:
+            self.ablation(task, tm, calib_b, self.batches(task, select, 64))
+
+    def ablation(self, task, tm, calib_b, select_b) -> None:
+        """IG options scored on the selection split (train, disjoint from calibration): picks the defaults."""
+        sel = {"select": select_b}
+        variants = [("steps", {"steps": s}) for s in (1, 2, 4, 8, 16, 32)]
+        variants += [("quadrature", {"quadrature": q, "steps": 8}) for q in
+                     ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")]
+        variants += [("aggregate", {"aggregate": g, "steps": 8}) for g in ("abs", "signed")]
+        for group, opts in variants:
+            key = f"{task}/ablation/{group}/" + ",".join(f"{k}={v}" for k, v in opts.items())
+            if self.done(key):
+                continue
+            full = {**self.ig, **opts}
+            t0 = time.perf_counter()
+            scores = score_units(tm, calib_b, "ig", target="label", **full)
+            seconds = time.perf_counter() - t0
+            rows = {f"macs={c}": self.pruned_metric(tm, task, scores, sel, macs=c) for c in (0.4, 0.6)}
+            if group == "steps" and opts["steps"] == 8:  # selection scope / normalisation on the default scores
+                for scope, norm in (("layerwise", "none"), ("global", "l1"), ("global", "max")):
+                    rows |= {f"macs={c},scope={scope},normalize={norm}": self.pruned_metric(
+                        tm, task, scores, sel, macs=c, scope=scope, normalize=norm) for c in (0.4, 0.6)}
+            self.save(key, {"seconds": seconds, "budgets": rows})
+        key = f"{task}/dense_select"
+        if not self.done(key):
+            self.save(key, {"select": self.metric(tm, task, select_b)})
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--model", default="minilm-glue")
+    p.add_argument("--tasks", nargs="*", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--calib", type=int, default=512, help="calibration samples (supervised / unsupervised)")
+    p.add_argument("--select-rows", type=int, default=500, help="selection split for the ablation")
+    p.add_argument("--eval-rows", type=int, default=1000, help="cap on rows per dev / OOD set (seeded)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--low-resource-tasks", nargs="*", default=["sst2", "mrpc", "rte"])
+    p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--fresh", action="store_true", help="ignore results already in quality.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.calib, args.eval_rows, args.select_rows = 256, 300, 300
+        args.tasks = args.tasks or ["sst2", "rte"]
+        args.low_resource_tasks, args.ablation_tasks = ["sst2"], ["sst2"]
+    torch.manual_seed(0)
+    bench = Bench(args)
+    for task in args.tasks or ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb"):
+        log.info("task %s", task)
+        bench.run_task(task)
+    from benchmarks.quality_report import render
+
+    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(bench.results))
+
+
+if __name__ == "__main__":
+    main()

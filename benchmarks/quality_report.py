@@ -1,0 +1,202 @@
+"""Markdown tables and PNG plots from ``quality.json`` (see ``benchmarks/quality.py``)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+METHOD_ORDER = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _retained(value: float, dense: float) -> float | None:
+    return None if not dense else value / dense
+
+
+def _methods(results: dict, task: str) -> dict[str, list[dict]]:
+    """method -> list of runs (random: one per seed)."""
+    out: dict[str, list[dict]] = {}
+    for key, v in results.items():
+        m = re.fullmatch(rf"{task}/supervised/(\w+?)(\d*)", key)
+        if m:
+            out.setdefault(m.group(1), []).append(v)
+    return {k: out[k] for k in METHOD_ORDER if k in out}
+
+
+def _cell(runs: list[dict], budget: str, dense: float, split: str = "dev") -> str:
+    vals = [r["budgets"][budget][split] for r in runs if budget in r["budgets"] and split in r["budgets"][budget]]
+    if not vals:
+        return "—"
+    kept = [100 * v / dense for v in vals] if dense else vals
+    if len(kept) == 1:
+        return f"{kept[0]:.1f}"
+    return f"{statistics.mean(kept):.1f} ± {statistics.stdev(kept):.1f}"
+
+
+def _budgets(runs: list[dict], prefix: str) -> list[str]:
+    seen = []
+    for r in runs:
+        for b in r["budgets"]:
+            if b.startswith(prefix + "=") and "," not in b and b not in seen:
+                seen.append(b)
+    return sorted(seen, key=lambda b: float(b.split("=")[1]))
+
+
+def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") -> str:
+    tasks = [k.split("/")[0] for k in results if k.endswith("/dense")]
+    lines = ["# Quality: metric retained (% of the dense multi-task model) vs budget\n",
+             "Encoder units removed physically; MAC cut of the prunable encoder at seq 128. Cells are % of the dense "
+             "model's metric on the dev set (QQP: held-out train sample); random is mean ± std over 3 seeds.\n"]
+    best99 = {}
+    for task in tasks:
+        dense = results[f"{task}/dense"]
+        methods = _methods(results, task)
+        if not methods:
+            continue
+        any_runs = [r for rs in methods.values() for r in rs]
+        cuts = _budgets(any_runs, "macs")
+        lines.append(f"\n## {task} (dense dev {dense['dev']:.4f})\n")
+        lines.append("| method | " + " | ".join(c.replace("macs=", "") for c in cuts) + " | s to score |")
+        lines.append("|---" * (len(cuts) + 2) + "|")
+        for m, runs in methods.items():
+            secs = statistics.mean(r["seconds"] for r in runs)
+            lines.append(f"| {m} | " + " | ".join(_cell(runs, c, dense["dev"]) for c in cuts) + f" | {secs:.0f} |")
+            ok = [float(c.split("=")[1]) for c in cuts
+                  if all(r["budgets"].get(c, {}).get("dev", 0) >= 0.99 * dense["dev"] for r in runs)]
+            best99.setdefault(task, {})[m] = max(ok) if ok else 0.0
+        unsup = results.get(f"{task}/unsupervised/ig")
+        if unsup:
+            lines.append("| ig, unsupervised (pseudo-labels) | " + " | ".join(
+                _cell([unsup], c, dense["dev"]) for c in cuts) + " | |")
+        for kind in ("heads", "neurons"):
+            sweep = _budgets(any_runs, kind)
+            if sweep:
+                lines.append(f"\n{kind}-only sweep (fraction of {kind} removed):\n")
+                lines.append("| method | " + " | ".join(s.split("=")[1] for s in sweep) + " |")
+                lines.append("|---" * (len(sweep) + 1) + "|")
+                for m, runs in methods.items():
+                    lines.append(f"| {m} | " + " | ".join(_cell(runs, s, dense["dev"]) for s in sweep) + " |")
+        oods = [k for k in dense if k != "dev"]
+        if oods and "ig" in methods:
+            lines.append("\nUnseen domains (ig): % retained in-domain vs out-of-domain\n")
+            lines.append("| MAC cut | dev | " + " | ".join(f"{o} (dense {dense[o]:.3f})" for o in oods) + " |")
+            lines.append("|---" * (len(oods) + 2) + "|")
+            for c in cuts:
+                row = results[f"{task}/supervised/ig"]["budgets"].get(c, {})
+                lines.append(f"| {c.split('=')[1]} | {_pct(_retained(row.get('dev', 0), dense['dev']))} | " +
+                             " | ".join(_pct(_retained(row.get(o, 0), dense[o])) for o in oods) + " |")
+    if best99:
+        methods = [m for m in METHOD_ORDER if any(m in v for v in best99.values())]
+        lines.append("\n## Largest MAC cut keeping ≥ 99 % of the dense metric (of the cuts tried)\n")
+        lines.append("| task | " + " | ".join(methods) + " |")
+        lines.append("|---" * (len(methods) + 1) + "|")
+        for task, v in best99.items():
+            lines.append(f"| {task} | " + " | ".join(_pct(v.get(m)) if m in v else "—" for m in methods) + " |")
+    lines += _low_resource(results)
+    lines += _ablation(results)
+    if plot_dir is not None:
+        lines += _plots(results, Path(plot_dir), tasks)
+    return "\n".join(lines) + "\n"
+
+
+def _low_resource(results: dict) -> list[str]:
+    rows: dict[tuple, list[float]] = {}
+    for key, v in results.items():
+        m = re.fullmatch(r"(\w+)/lowres/k=(\d+)/seed=(\d+)/(\w+)", key)
+        if not m:
+            continue
+        task, k, _, method = m.groups()
+        dense = results[f"{task}/dense"]["dev"]
+        for b, r in v["budgets"].items():
+            rows.setdefault((task, method, b, int(k)), []).append(100 * r["dev"] / dense)
+    if not rows:
+        return []
+    out = ["\n## Low-resource calibration (k labelled samples per class; mean ± std over sampling seeds)\n",
+           "| task | method | MAC cut | " + " | ".join(f"k={k}" for k in sorted({r[3] for r in rows})) + " |"]
+    ks = sorted({r[3] for r in rows})
+    out.append("|---" * (len(ks) + 3) + "|")
+    for task, method, b in sorted({r[:3] for r in rows}):
+        cells = []
+        for k in ks:
+            v = rows.get((task, method, b, k))
+            cells.append("—" if not v else f"{statistics.mean(v):.1f}" + (
+                f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""))
+        out.append(f"| {task} | {method} | {b.split('=')[1]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _ablation(results: dict) -> list[str]:
+    out = []
+    for key in [k for k in results if k.endswith("/dense_select")]:
+        task = key.split("/")[0]
+        dense = results[key]["select"]
+        out += [f"\n## IG ablation on {task} (selection split from train, disjoint from calibration; dense "
+                f"{dense:.4f}): % retained\n", "| variant | MAC cut 0.4 | MAC cut 0.6 | s to score |",
+                "|---|---|---|---|"]
+        for k, v in results.items():
+            if not k.startswith(f"{task}/ablation/"):
+                continue
+            variant = k.split("/", 2)[2]
+            b = v["budgets"]
+            out.append(f"| {variant} | {_pct(b['macs=0.4']['select'] / dense)} | "
+                       f"{_pct(b['macs=0.6']['select'] / dense)} | {v['seconds']:.0f} |")
+            for extra in sorted({x.split(",", 1)[1] for x in b if "," in x}):
+                out.append(f"| {variant}, {extra} | {_pct(b[f'macs=0.4,{extra}']['select'] / dense)} | "
+                           f"{_pct(b[f'macs=0.6,{extra}']['select'] / dense)} | |")
+    return out
+
+
+def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["\n(plots skipped: matplotlib is not installed; `pip install matplotlib`)"]
+    made = []
+    n = len(tasks)
+    if n:
+        fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.5), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            dense = results[f"{task}/dense"]["dev"]
+            for m, runs in _methods(results, task).items():
+                cuts = _budgets(runs, "macs")
+                ys = [statistics.mean(r["budgets"][c]["dev"] for r in runs if c in r["budgets"]) / dense * 100
+                      for c in cuts]
+                ax.plot([float(c.split("=")[1]) * 100 for c in cuts], ys, marker="o", label=m)
+            ax.set_title(task)
+            ax.set_xlabel("encoder MAC cut (%)")
+            ax.set_ylabel("% of dense metric")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "quality_vs_macs.png", dpi=110)
+        plt.close(fig)
+        made.append("quality_vs_macs.png")
+    ig = results.get(f"{tasks[0]}/supervised/ig") if tasks else None
+    if ig:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        for ax, cut in zip(axes, ("macs=0.4", "macs=0.6")):
+            row = ig["budgets"].get(cut)
+            if not row:
+                continue
+            heads = list(row["kept_heads"].values())
+            neurons = list(row["kept_neurons"].values())
+            ax.bar([i - 0.2 for i in range(len(heads))], [k / n for k, n in heads], width=0.4,
+                   label="fraction of heads kept")
+            ax.bar([i + 0.2 for i in range(len(neurons))], [k / n for k, n in neurons], width=0.4,
+                   label="fraction of neurons kept")
+            ax.set_title(f"{tasks[0]} ig, {cut}")
+            ax.set_xlabel("layer")
+            ax.set_ylim(0, 1.05)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "kept_per_layer.png", dpi=110)
+        plt.close(fig)
+        made.append("kept_per_layer.png")
+    return ["\nPlots: " + ", ".join(f"[{m}]({m})" for m in made)] if made else []
