@@ -32,6 +32,12 @@ class TaskPruneCLI(LightningCLI):
         parser.add_lightning_class_args(TaskPruning, "pruning")
         parser.link_arguments("model.task", "data.task")
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("test", "validate"):
+            kwargs["verbose"] = False  # the rich dense-vs-pruned table (after_test) replaces Lightning's per-loader ones
+        return kwargs
+
     def after_test(self) -> None:
         self._report("test")
 

@@ -199,14 +199,12 @@ class AttributionModule(L.LightningModule):
                              "unlabelled calibration data")
         sums, count = self.attributor.batch_sums(batch)
         self.scores.update(sums.detach(), count)
-        self.log("calib/samples", float(self.scores.count), prog_bar=True, reduce_fx="sum", batch_size=1)
+        self.log("calib/samples", float(self.scores.count), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=1)
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if hasattr(loader, "mark_done"):
             loader.mark_done()
         return None
-
-    def on_train_epoch_end(self) -> None:
-        self.model.eval()
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _setup_eval(self) -> None:

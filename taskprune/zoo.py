@@ -229,6 +229,9 @@ def resolve_model_dir(path_or_name: str | os.PathLike) -> Path:
     name = str(path_or_name)
     for cand in (cache_dir() / name, cache_dir() / f"{name}-embedded"):
         if (cand / "tasks.json").is_file():
+            if cand.name != name:
+                log.info("using %s (built from the small embedded data; build %r from full data for better heads)",
+                         cand, name)
             return cand
     known = f" Known zoo names: {sorted(RECIPES)}." if name not in RECIPES else ""
     raise ValueError(

@@ -116,7 +116,8 @@ def test_build_from_embedded_data_tiny(tmp_path, monkeypatch):
 
     base = tmp_path / "base"
     base.mkdir()
-    (base / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a the is not good".split()]))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a the is not good".split()]
+    (base / "vocab.txt").write_text("\n".join(vocab))
     BertTokenizerFast(vocab_file=str(base / "vocab.txt")).save_pretrained(base)
     tiny_multitask().encoder.save_pretrained(base)
     monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path / "cache"))
