@@ -1,0 +1,374 @@
+"""Save a pruned model as a folder that reloads without the original dense model: :func:`save_pruned`,
+:func:`load_pruned`.
+
+A pruned folder holds::
+
+    config.json                 the Hugging Face config (with ``taskprune_widths``: kept units per block)
+    model.safetensors           the shrunk weights (``save_pretrained(safe_serialization=True)``; large models may be
+                                sharded: ``model-*.safetensors`` + ``model.safetensors.index.json``)
+    taskprune_spec.json         the :class:`~taskprune.spec.PruneSpec` (kept indices + the dense fingerprint)
+    tokenizer files             when a tokenizer is given
+    heads.safetensors, tasks.json   only for a :class:`taskprune.zoo.TaskModel` (the zoo's own head format)
+
+Loading replays the spec: the dense architecture is built from the config (the dense widths come back from the
+spec's fingerprint), :func:`~taskprune.surgery.shrink_` cuts it to the kept units -- which also installs the T5
+position-bias hooks that need the kept *indices*, not only the widths -- and the weights are loaded strictly. Only
+safetensors and JSON are read; the model class is looked up in ``transformers`` by name (never remote code).
+
+Where every block of a kind keeps the same number of units and the config can say so (FFN width for every
+architecture; heads for LLaMA-style models), the folder also loads with plain ``transformers.AutoModel*
+.from_pretrained``; per-layer widths and pruned T5 heads need :func:`load_pruned`.
+
+Example::
+
+    shrink_(model, spec)
+    save_pruned(model, spec, "pruned/", tokenizer=tokenizer)
+    model = load_pruned("pruned/")           # eval mode, same outputs as the in-memory shrunk model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taskprune.arch import get_architecture
+from taskprune.spec import PruneSpec, fingerprint_diff
+from taskprune.surgery import active_mask, shrink_
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "taskprune_spec.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+HEADS_FILE = "heads.safetensors"  # zoo format (taskprune.zoo.save_multitask), for TaskModel exports
+TASKS_FILE = "tasks.json"
+
+_FFN_FIELDS = ("intermediate_size", "d_ff", "n_inner")  # config fields surgery.shrink_ may set for uniform FFNs
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success rename it to ``path``, on error delete it.
+
+    An existing ``path`` is refused (``FileExistsError``) unless ``overwrite``; then it is replaced only once the new
+    folder is complete, so a reader sees the old folder or the new one, never a half-written one.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True to replace it, or choose another "
+                              "folder")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} exists and is not a folder; remove it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_hf_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(hf_model, path)``: the outermost ``transformers.PreTrainedModel`` in ``model`` (e.g. the
+    ``BertForSequenceClassification``, not its ``BertModel``), and where it sits ("" for ``model`` itself)."""
+    from transformers import PreTrainedModel
+
+    for path, module in model.named_modules():  # pre-order: outermost first
+        if isinstance(module, PreTrainedModel):
+            return module, path
+    raise TypeError(f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a Hugging Face "
+                    "model, a taskprune TaskModel, or a module that holds one")
+
+
+def _is_task_model(model: nn.Module) -> bool:
+    from taskprune.zoo import TaskModel
+
+    return isinstance(model, TaskModel)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, tokenizer=None,
+                overwrite: bool = False) -> Path:
+    """Write ``model``, pruned by ``spec``, to the folder ``path`` (atomically) and return the path.
+
+    Args:
+        model: a Hugging Face model, a :class:`taskprune.zoo.TaskModel` (encoder + head) or a module holding a HF
+            model, either already shrunk by ``spec`` (``shrink_(model, spec)``) or still dense. A dense model is
+            **not** changed: a deep copy is shrunk and saved (this needs memory for a second model; call
+            :func:`~taskprune.surgery.shrink_` first to avoid it).
+        spec: the spec the model was (or is to be) shrunk by.
+        path: the output folder.
+        tokenizer: a transformers tokenizer, or the path of one, saved alongside (optional).
+        overwrite: replace an existing folder (otherwise ``FileExistsError``).
+
+    Everything is checked before anything is written: a spec made for another model raises ``ValueError`` and
+    leaves no folder. For a module that merely *contains* a HF model (not a ``TaskModel``), only the HF model is
+    saved; a warning names the parameters outside it that are not.
+    """
+    if not isinstance(spec, PruneSpec):
+        raise TypeError(f"expected a taskprune PruneSpec, got {type(spec).__name__}; load one with PruneSpec.load")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch nn.Module (a Hugging Face model or a TaskModel), got {type(model).__name__}")
+    if active_mask(model) is not None:
+        raise ValueError("the model carries a soft mask (apply_mask / MaskBank.activate); a mask is not saved. Call "
+                         "taskprune.surgery.remove_mask(model) first, or export through MaskBank.export")
+    state = spec.validate(model)  # ValueError for a spec of another model: nothing written yet
+    if state == "dense" and _drops(spec):
+        log.info("model is dense: shrinking a copy for export (the model passed in is unchanged)")
+        model = shrink_(copy.deepcopy(model), spec)
+    hf, where = find_hf_model(model)
+    task_model = _is_task_model(model)
+    if not task_model:
+        outside = _n_params(model) - _n_params(hf)
+        if outside:
+            log.warning("only the Hugging Face model at %r is saved; %d parameters of %s outside it are not",
+                        where or "<root>", outside, type(model).__name__)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    with atomic_dir(path, overwrite) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        spec.save(tmp / SPEC_FILE)
+        if task_model:
+            _save_head(model, tmp)
+    log.info("saved pruned %s (%d parameters) to %s", type(model).__name__, _n_params(model), path)
+    return Path(path)
+
+
+def _drops(spec: PruneSpec) -> bool:
+    return any(s["dropped"] for s in spec.summary().values())
+
+
+def _save_head(task_model: nn.Module, folder: Path) -> None:
+    """The head in the zoo's format (``heads.safetensors`` + ``tasks.json``), via the zoo's own helpers."""
+    from safetensors.torch import save_file
+
+    from taskprune.io import atomic_write_json
+    from taskprune.zoo import MultiTaskModel, _heads_state, _tasks_json
+
+    one = MultiTaskModel(task_model.encoder, {task_model.task: task_model.info}, {task_model.task: task_model.head},
+                         task_model.pooling)
+    save_file(_heads_state(one), str(folder / HEADS_FILE))
+    atomic_write_json(folder / TASKS_FILE, _tasks_json(one))
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def load_pruned(path: str | os.PathLike, model_class=None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`; returns it in eval mode.
+
+    Args:
+        path: the folder written by :func:`save_pruned`.
+        model_class: a ``transformers`` model class or Auto class to build (default: ``config.architectures[0]``,
+            looked up in ``transformers``; remote code is never run).
+
+    Returns the Hugging Face model, or a :class:`taskprune.zoo.TaskModel` when the folder holds a task head.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a corrupt file or a config, spec and
+    weights that do not agree, each naming the file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no pruned model folder at {str(folder)!r}; pass the folder given to save_pruned")
+    for name in (CONFIG_FILE, SPEC_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{str(folder / name)!r} is missing; {str(folder)!r} is not a complete folder "
+                                    "written by taskprune.export.save_pruned")
+    spec = PruneSpec.load(folder / SPEC_FILE)
+    config = _dense_config(folder, spec)
+    cls = _model_class(config, model_class, folder)
+    dtype, state, source = _read_weights(folder)
+    model = _instantiate(cls, config, dtype)
+    diffs = fingerprint_diff(spec.fingerprint, get_architecture(model).fingerprint())
+    if diffs:
+        raise ValueError(f"{str(folder / CONFIG_FILE)!r} builds a model other than the one {str(folder / SPEC_FILE)!r} "
+                         f"was made for: {'; '.join(diffs[:3])}. The folder mixes files of two exports")
+    shrink_(model, spec)
+    _load_state(model, state, source)
+    model.eval()
+    if (folder / TASKS_FILE).is_file():
+        return _task_model(model, folder)
+    return model
+
+
+def _dense_config(folder: Path, spec: PruneSpec):
+    """The config with the dense widths the spec was made for (``shrink_`` may have set uniform kept widths)."""
+    from transformers import AutoConfig
+
+    file = folder / CONFIG_FILE
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {str(file)!r} as a transformers config ({e}); the file is corrupt or not "
+                         "written by save_pretrained. Export the model again with save_pruned") from None
+    fp = spec.fingerprint
+    if config.model_type != fp.get("model_type"):
+        raise ValueError(f"{str(file)!r} is for model_type {config.model_type!r} but {str(folder / SPEC_FILE)!r} was "
+                         f"made for {fp.get('model_type')!r}; the folder mixes files of two exports")
+    widths = getattr(config, "taskprune_widths", None)
+    shrunk = spec.shrunk_fingerprint()
+    if widths is not None:
+        recorded = {k: widths.get(k, {}) for k in ("heads", "neurons")}
+        expected = {k: shrunk[k] for k in ("heads", "neurons")}
+        if recorded != expected:
+            diffs = fingerprint_diff(expected, recorded)
+            raise ValueError(f"{str(file)!r} records taskprune_widths that differ from the kept widths of "
+                             f"{str(folder / SPEC_FILE)!r}: {'; '.join(diffs[:3])}. The folder mixes files of two "
+                             "exports; export the model again with save_pruned")
+    dense_ffn = set(fp["neurons"].values())
+    if len(dense_ffn) == 1:
+        for field in _FFN_FIELDS:
+            if hasattr(config, field):
+                setattr(config, field, dense_ffn.pop())
+                break
+    dense_heads, groups = set(fp["heads"].values()), set(fp.get("group_size", {}).values())
+    if len(dense_heads) == 1 and len(groups) == 1 and hasattr(config, "num_key_value_heads") \
+            and getattr(config, "head_dim", None) is not None:
+        n_kv = dense_heads.pop()
+        config.num_key_value_heads = n_kv
+        config.num_attention_heads = n_kv * groups.pop()
+    return config
+
+
+def _model_class(config, model_class, folder: Path):
+    import transformers
+
+    if model_class is not None:
+        if not (isinstance(model_class, type) and (hasattr(model_class, "from_config")
+                                                   or hasattr(model_class, "_from_config"))):
+            raise TypeError(f"model_class must be a transformers model class or Auto class, got {model_class!r}")
+        return model_class
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        raise ValueError(f"{str(folder / CONFIG_FILE)!r} names no architecture (config.architectures is empty); pass "
+                         "model_class=, e.g. transformers.AutoModel")
+    cls = getattr(transformers, names[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{str(folder / CONFIG_FILE)!r} names architecture {names[0]!r}, which is not a model class "
+                         f"of transformers {transformers.__version__} (remote code is never loaded); pass "
+                         "model_class=")
+    return cls
+
+
+def _instantiate(cls, config, dtype: torch.dtype) -> nn.Module:
+    """The dense model, without random initialisation (every weight is loaded afterwards)."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = cls.from_config(config, dtype=dtype)  # Auto classes
+    model.tie_weights()  # skipped with the initialisation; ties lm_head / embeddings as from_pretrained does
+    return model
+
+
+def _read_weights(folder: Path) -> tuple[torch.dtype, dict[str, torch.Tensor], str]:
+    """``(dtype, state_dict, file description)`` from ``model.safetensors`` or a sharded index."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(index)!r} is not a valid safetensors index ({e!r}); export the model again") from None
+        files = [folder / s for s in shards]
+    else:
+        raise FileNotFoundError(f"{str(single)!r} is missing (and there is no {WEIGHTS_INDEX}); {str(folder)!r} is "
+                                "not a complete folder written by save_pruned")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{str(f)!r} is missing: {str(index)!r} lists it")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{str(f)!r} is not a readable safetensors file ({e}); it is truncated or corrupt. "
+                             "Export the model again with save_pruned") from None
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    return dtype, state, str(files[0] if len(files) == 1 else index)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load, except for tied weights that ``save_pretrained`` stores once (e.g. ``lm_head.weight``)."""
+    own = model.state_dict(keep_vars=True)
+    loaded_ids = {id(own[k]) for k in state if k in own}
+    missing = [k for k in own if k not in state and id(own[k]) not in loaded_ids]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{source!r} does not match the model rebuilt from config.json + {SPEC_FILE}: missing keys "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}. The folder mixes files of two exports")
+    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+           if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"{source!r} holds tensors whose shapes differ from the model rebuilt from config.json + "
+                         f"{SPEC_FILE}: {bad[:3]}. The weights and the spec come from different exports")
+    model.load_state_dict(state, strict=False)
+
+
+def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
+    """A :class:`taskprune.zoo.TaskModel` from the encoder and the folder's single head (zoo format)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from taskprune.zoo import HeadInfo, MultiTaskModel
+
+    tasks_file, heads_file = folder / TASKS_FILE, folder / HEADS_FILE
+    try:
+        meta = json.loads(tasks_file.read_text())
+        (task, d), = meta["tasks"].items()
+        info = HeadInfo(tuple(d["label_names"]), int(d["n_labels"]), bool(d["regression"]), float(d["output_scale"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{str(tasks_file)!r} is not a one-task tasks.json written by save_pruned ({e!r})") from None
+    if not heads_file.is_file():
+        raise FileNotFoundError(f"{str(heads_file)!r} is missing; {str(tasks_file)!r} says the folder holds a head")
+    try:
+        state = load_file(str(heads_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(heads_file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") \
+            from None
+    try:
+        w, b = state[f"{task}.weight"], state[f"{task}.bias"]
+    except KeyError:
+        raise ValueError(f"{str(heads_file)!r} has no head for task {task!r} (keys {sorted(state)[:4]})") from None
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    has_tok = (folder / "tokenizer_config.json").is_file()
+    multi = MultiTaskModel(encoder, {task: info}, {task: head}, meta.get("pooling", "mean"),
+                           str(folder) if has_tok else None)
+    return multi.for_task(task).eval()
+
+
+__all__ = ["save_pruned", "load_pruned", "find_hf_model", "atomic_dir"]
