@@ -61,6 +61,8 @@ class TaskPruning(L.Callback):
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
             so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
+        export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
+            (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class TaskPruning(L.Callback):
         aggregate: Literal["abs", "signed"] = "abs",
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
@@ -101,6 +104,9 @@ class TaskPruning(L.Callback):
         for name, value in (("calib_batches", calib_batches), ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if export_dir is not None and apply != "shrink":
+            raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
+        self.export_dir = Path(export_dir) if export_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.budget, self.budget_kind, self.scope, self.normalize = float(budget), budget_kind, scope, normalize
         self.units, self.apply, self.seq_len = units, apply, seq_len
@@ -143,6 +149,9 @@ class TaskPruning(L.Callback):
                     "(--trainer.callbacks... or TaskPruning(overwrite=True)) or choose another output_dir, so runs "
                     "never mix"
                 )
+            if self.export_dir is not None and self.export_dir.exists() and not self.overwrite:
+                raise FileExistsError(f"export_dir {self.export_dir} already exists; pass overwrite=True or choose "
+                                      "another export_dir")
             # fail before any work when the budget is unreachable for this model
             from taskprune.arch import get_architecture
             from taskprune.unitscores import empty_scores
@@ -204,6 +213,14 @@ class TaskPruning(L.Callback):
         trainer.strategy.barrier("taskprune_spec_written")
         if self.apply != "none":
             self._apply(pl_module, model)
+        if self.export_dir is not None:
+            if trainer.is_global_zero:
+                from taskprune.export import save_pruned
+
+                tokenizer = getattr(pl_module, "tokenizer", None) or getattr(pl_module, "tokenizer_path", None)
+                save_pruned(model, self.spec, self.export_dir, tokenizer=tokenizer, overwrite=self.overwrite)
+                rank_zero_info(f"taskprune: exported the shrunk model to {self.export_dir}")
+            trainer.strategy.barrier("taskprune_exported")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.checkpoint_every and (batch_idx + 1) % self.checkpoint_every == 0:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,9 +101,8 @@ def find_hf_model(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def _is_task_model(model: nn.Module) -> bool:
-    from taskprune.zoo import TaskModel
-
-    return isinstance(model, TaskModel)
+    zoo = sys.modules.get("taskprune.zoo")  # a TaskModel exists only once the zoo is imported (it pulls torchmetrics)
+    return zoo is not None and isinstance(model, zoo.TaskModel)
 
 
 def _n_params(module: nn.Module) -> int:
