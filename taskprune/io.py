@@ -27,5 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj, compact: bool = False) -> None:
+    """JSON with sorted keys; ``compact`` drops indentation (index lists of a spec would take a line each)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact else json.dumps(obj, indent=2,
+                                                                                            sort_keys=True)
+    atomic_write_bytes(path, (text + "\n").encode())

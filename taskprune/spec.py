@@ -189,7 +189,7 @@ class PruneSpec:
             json.dumps(d)
         except TypeError as e:
             raise TypeError(f"spec is not JSON-serialisable ({e}); budget and meta may hold only plain JSON values")
-        atomic_write_json(path, d)
+        atomic_write_json(path, d, compact=True)  # kilobytes per task, not one line per kept index
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruneSpec:
