@@ -105,7 +105,13 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     cfg = model.config
-    results = [run_task(t, args, model, tok) for t in args.tasks]
+    results = []
+    for task in args.tasks:  # written after every task, so a cut-short run keeps what it finished
+        results.append(run_task(task, args, model, tok))
+        write(results, args, argv, cfg, t0)
+
+
+def write(results, args, argv, cfg, t0) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"command": "python -m benchmarks.smollm2 " + " ".join(argv or __import__("sys").argv[1:]),
             "commit": commit, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch "
