@@ -40,6 +40,19 @@ SCOPES = ("global", "layerwise")
 NORMALIZE = ("none", "l1", "l2", "max")
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written to (creates nothing)."""
+    probe = folder.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{what} {str(folder)!r} cannot be created: {str(probe)!r} is a file, not a folder; "
+                                 "choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {str(folder)!r} is not writable: {str(probe)!r} is read-only for this user; "
+                              "choose another folder or fix its permissions")
+
+
 class TaskPruning(L.Callback):
     """Select and apply a structured pruning spec from attribution scores.
 
@@ -152,6 +165,9 @@ class TaskPruning(L.Callback):
             if self.export_dir is not None and self.export_dir.exists() and not self.overwrite:
                 raise FileExistsError(f"export_dir {self.export_dir} already exists; pass overwrite=True or choose "
                                       "another export_dir")
+            _check_writable(self.output_dir, "output_dir")
+            if self.export_dir is not None:
+                _check_writable(self.export_dir.parent, "export_dir's parent")
             # fail before any work when the budget is unreachable for this model
             from taskprune.arch import get_architecture
             from taskprune.unitscores import empty_scores
@@ -230,7 +246,12 @@ class TaskPruning(L.Callback):
         """Write ``output_dir/calibration.ckpt`` atomically (collective: every rank calls it, rank zero writes)."""
         path = self.output_dir / "calibration.ckpt"
         tmp = self.output_dir / ".calibration.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
+        try:
+            trainer.save_checkpoint(tmp)
+        except BaseException:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written file stays beside the last good one
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, path)
         trainer.strategy.barrier("taskprune_calibration_checkpoint")

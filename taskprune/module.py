@@ -68,6 +68,47 @@ def head_size(model: nn.Module) -> int | None:
     return getattr(cfg, "num_labels", None)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """Longest input (tokens) the model's position embeddings take, or ``None`` when unbounded (relative positions).
+
+    RoBERTa-style embeddings number positions from ``padding_idx + 1``, so they take ``padding_idx + 1`` fewer.
+    """
+    from taskprune.arch import find_base
+
+    base = find_base(model)[0]
+    n = getattr(base.config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    offset = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+    return n - (offset + 1) if isinstance(offset, int) else n
+
+
+def check_data_fits_model(dm, model: nn.Module) -> None:
+    """Before any work: refuse a tokenizer whose vocabulary is larger than the model's embedding (a tokenizer of
+    another model), and lower ``dm.max_length`` (with a warning) to the model's position limit."""
+    from taskprune.arch import find_base
+
+    try:
+        tokenizer = dm.tokenizer
+    except ValueError:
+        return  # no tokenizer yet: the datamodule raises its own error when it needs one
+    embedding = find_base(model)[0].get_input_embeddings()
+    n_rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(n_rows, int) and len(tokenizer) > n_rows:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"the tokenizer {name!r} has a vocabulary of {len(tokenizer)} tokens but the model's input embedding has "
+            f"{n_rows} rows: token ids >= {n_rows} would index past it. The tokenizer belongs to another model; "
+            "pass the model's own tokenizer (data.tokenizer, or the tokenizer saved with the model)"
+        )
+    limit = max_positions(model)
+    if limit is not None and dm.max_length > limit:
+        log.warning("max_length=%d is longer than the model's %d positions; inputs are truncated to %d tokens",
+                    dm.max_length, limit, limit)
+        dm.max_length = limit
+        dm._collator = None  # rebuilt with the new length
+
+
 class AttributionModule(L.LightningModule):
     """Calibrates (``fit``) and evaluates (``test`` / ``validate``) a model for one task.
 
@@ -172,6 +213,8 @@ class AttributionModule(L.LightningModule):
                 from taskprune.data import load_tokenizer
 
                 dm.set_tokenizer(load_tokenizer(self.tokenizer_path))
+            if hasattr(dm, "set_tokenizer") and hasattr(dm, "max_length"):
+                check_data_fits_model(dm, self.model)
 
     def _real(self, batch: dict, batch_idx: int, loader) -> Tensor:
         """Weights 1 for real samples, 0 for the duplicates that ``DistributedSampler`` pads the last round with.

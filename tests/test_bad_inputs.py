@@ -1,0 +1,291 @@
+"""Bad inputs not covered elsewhere: CLI and Trainer arguments, tokenizer / length mismatches between data and model,
+unwritable or full output folders, hand-edited specs and broken checkpoints at the Lightning level. Each bad input
+fails before any work with a message that names it (or, for an overlong input, is truncated with a warning).
+The full table, with the tests in other files, is in tests/README.md."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import transformers as tf
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.callback import TaskPruning
+from taskprune.cli import main
+from taskprune.data import TaskDataModule
+from taskprune.module import AttributionModule
+from taskprune.spec import PruneSpec
+from taskprune.unitscores import UnitScores
+
+
+def trainer(callbacks, **kw):
+    kw = {"accelerator": "cpu", "devices": 1, **kw}
+    return L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, callbacks=callbacks,
+                     limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
+
+
+def datamodule(n=4, **kw):
+    return TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=n, batch_size=4, eval_samples=4, ood=[], **kw)
+
+
+def bert(**cfg):
+    torch.manual_seed(0)
+    base = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=128, num_labels=2)
+    return tf.BertForSequenceClassification(tf.BertConfig(**{**base, **cfg})).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny SST-2 classifier saved as a local HF folder with the MiniLM tokenizer (what the CLI's model: takes)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_classifier().save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def cli(model_dir: Path, out: Path, *extra: str):
+    return main(["fit", "--model.model", str(model_dir), "--model.method", "magnitude", "--data.calib_samples", "4",
+                 "--data.batch_size", "4", "--data.ood", "[]", "--pruning.output_dir", str(out),
+                 "--pruning.apply", "none", *extra])
+
+
+# ------------------------------------------------------------------------------------------------ CLI and configs
+def test_missing_config_file(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(tmp_path / "nope.yaml"), "--print_config"])
+    assert exit_.value.code == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_config_that_is_not_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n  task: sst2\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code == 2
+    assert "did not find expected ',' or ']'" in capsys.readouterr().err
+
+
+def test_second_cli_run_into_the_same_output_dir_refused(model_dir, tmp_path):
+    cli(model_dir, tmp_path)
+    first = (tmp_path / "spec.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a spec from an earlier run; pass overwrite=True"):
+        cli(model_dir, tmp_path)
+    assert (tmp_path / "spec.json").read_bytes() == first
+
+
+def test_gpu_accelerator_without_a_gpu_refused_by_the_cli(model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(MisconfigurationException, match="can not run on your system since the accelerator is not"):
+        cli(model_dir, tmp_path, "--trainer.accelerator", "cuda")
+    assert not tmp_path.joinpath("spec.json").exists()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"accelerator": "gpu"}, "No supported gpu backend found"),
+    ({"accelerator": "cuda", "devices": 4}, "can not run on your system since the accelerator is not available"),
+    ({"accelerator": "cpu", "devices": 0}, r"devices=0\)` value is not a valid input using cpu accelerator"),
+])
+def test_devices_that_do_not_exist_refused(kw, match):
+    if torch.cuda.is_available() and kw["accelerator"] != "cpu":
+        pytest.skip("a GPU is present")
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer([], **kw)
+
+
+# ------------------------------------------------------------------------------------------------ model vs data
+def test_model_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match="cannot load model .*nope.*Pass a local folder"):
+        AttributionModule(str(tmp_path / "nope"), task="sst2")
+
+
+def test_tokenizer_of_another_model_refused_before_work(tmp_path):
+    module = AttributionModule(bert(vocab_size=1000), task="sst2")
+    with pytest.raises(ValueError, match="vocabulary of 30522 tokens but the model's input embedding has 1000 rows"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).fit(module, datamodule())
+    assert not list(tmp_path.iterdir())
+    assert int(module.scores.batches) == 0  # nothing was scored
+
+
+def test_inputs_longer_than_the_model_are_truncated_with_a_warning(tmp_path, caplog):
+    dm = TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=4, batch_size=4, ood=[], max_length=128)
+    module = AttributionModule(bert(max_position_embeddings=12), task="sst2", steps=1)
+    with caplog.at_level(logging.WARNING, logger="taskprune.module"):
+        trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(module, dm)
+    assert "max_length=128 is longer than the model's 12 positions" in caplog.text
+    assert dm.max_length == 12 and UnitScores.load(tmp_path / "scores.safetensors").count == 4
+
+
+def test_roberta_position_offset_counted():
+    from taskprune.module import max_positions
+
+    cfg = tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=20, pad_token_id=1)
+    assert max_positions(tf.RobertaForSequenceClassification(cfg)) == 18
+    assert max_positions(bert(max_position_embeddings=20)) == 20
+
+
+def test_non_finite_scores_refused_with_the_fp32_hint():
+    from taskprune.arch import get_architecture
+
+    fp = get_architecture(bert()).fingerprint()
+    sums = {"heads": {b: torch.full((n,), float("inf"), dtype=torch.float64) for b, n in fp["heads"].items()}}
+    with pytest.raises(ValueError, match=r"non-finite score.*precision='32-true'.*fewer IG steps"):
+        UnitScores(sums, 4, "ig", fp).check_finite()
+
+
+def test_half_precision_overflow_in_a_batch_refused_with_the_hint():
+    from taskprune.attribution import Attributor
+
+    att = Attributor(bert(), "grad_x_gate", steps=1)
+    att._grad_x_gate = lambda batch, n: torch.full((n, att.gates.n_units), float("nan"))  # what an fp16 overflow gives
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
+    with pytest.raises(ValueError, match="overflowed in half precision; run attribution in float32"):
+        att.batch_sums(batch)
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+def test_output_dir_under_a_regular_file_refused_before_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
+    with pytest.raises(NotADirectoryError, match=r"output_dir .*file/out' cannot be created: .*is a file"):
+        trainer([TaskPruning(output_dir=str(tmp_path / "file" / "out"))]).fit(module, datamodule())
+    assert int(module.scores.batches) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits; the file-as-folder case stands in")
+def test_read_only_output_dir_refused_before_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="is not writable"):
+        trainer([TaskPruning(output_dir=str(ro / "out"))]).fit(AttributionModule(tiny_classifier(), task="sst2"),
+                                                             datamodule())
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every atomic file write fails as on a full disk, after its temporary file got some bytes."""
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("taskprune.io.os.fsync", fsync)
+
+
+def spec_of(keep):
+    from taskprune.arch import get_architecture
+
+    fp = get_architecture(tiny_classifier()).fingerprint()
+    return PruneSpec({"heads": {next(iter(fp["heads"])): keep}}, fp, "test")
+
+
+def test_full_disk_leaves_no_partial_spec_or_scores(tmp_path, disk_full):
+    with pytest.raises(OSError, match="No space left on device"):
+        spec_of([0, 1]).save(tmp_path / "spec.json")
+    from taskprune.arch import get_architecture
+    from taskprune.unitscores import empty_scores
+
+    scores = empty_scores(get_architecture(tiny_classifier()).fingerprint(), ("heads",), "ig")
+    with pytest.raises(OSError, match="No space left on device"):
+        scores.save(tmp_path / "scores.safetensors")
+    assert not list(tmp_path.iterdir())  # neither the targets nor their temporary files
+
+
+def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    old = spec_of([0, 1])
+    old.save(tmp_path / "spec.json")
+    monkeypatch.setattr("taskprune.io.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        spec_of([2]).save(tmp_path / "spec.json")
+    assert PruneSpec.load(tmp_path / "spec.json") == old and [p.name for p in tmp_path.iterdir()] == ["spec.json"]
+
+
+def test_full_disk_during_export_leaves_no_folder(tmp_path, monkeypatch):
+    from taskprune.export import save_pruned
+
+    def full(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pruned(tiny_classifier(), spec_of([0, 1]), tmp_path / "pruned")
+    assert not list(tmp_path.iterdir())
+
+
+def test_full_disk_during_a_calibration_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cb = TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)
+    module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
+    tr = trainer([cb])
+    saves = []
+    real = tr.save_checkpoint
+
+    def save_checkpoint(path, *a, **kw):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(tr, "save_checkpoint", save_checkpoint)
+    with pytest.raises(OSError, match="No space left on device"):
+        tr.fit(module, datamodule(n=8))
+    import zipfile
+
+    assert zipfile.is_zipfile(tmp_path / "calibration.ckpt")  # the first checkpoint, complete
+    assert {p.name for p in tmp_path.iterdir()} == {"calibration.ckpt"}  # no half-written temporary left
+
+
+# ------------------------------------------------------------------------------------------------ specs, checkpoints
+def test_hand_edited_spec_with_unsorted_indices_refused_at_test(tmp_path):
+    spec = spec_of([0, 1]).to_dict()
+    block = next(iter(spec["keep"]["heads"]))
+    spec["keep"]["heads"][block] = [1, 0]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"keep\['heads'\]\[.*\] is not sorted"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).test(AttributionModule(tiny_classifier(), task="sst2"),
+                                                              datamodule(), verbose=False)
+
+
+def test_hand_edited_spec_with_duplicate_indices_refused_at_test(tmp_path):
+    spec = spec_of([0, 1]).to_dict()
+    block = next(iter(spec["keep"]["heads"]))
+    spec["keep"]["heads"][block] = [0, 0, 1]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"duplicate index\(es\) \[0\]"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).test(AttributionModule(tiny_classifier(), task="sst2"),
+                                                              datamodule(), verbose=False)
+
+
+def test_truncated_scores_file_refused(tmp_path):
+    from taskprune.arch import get_architecture
+    from taskprune.unitscores import empty_scores
+
+    empty_scores(get_architecture(tiny_classifier()).fingerprint(), ("heads",), "ig").save(tmp_path / "s.safetensors")
+    data = (tmp_path / "s.safetensors").read_bytes()
+    (tmp_path / "s.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read scores file .*re-run calibration"):
+        UnitScores.load(tmp_path / "s.safetensors")
+
+
+def test_resume_from_a_missing_checkpoint_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint file not found: .*calibration.ckpt"):  # Lightning's
+        trainer([TaskPruning(output_dir=str(tmp_path), checkpoint_every=1)]).fit(
+            AttributionModule(tiny_classifier(), task="sst2"), datamodule(), ckpt_path=str(tmp_path / "calibration.ckpt"))
+
+
+def test_resume_from_a_truncated_checkpoint_refused(tmp_path):
+    (tmp_path / "calibration.ckpt").write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(RuntimeError, match="checkpoint file is corrupted"):  # torch's message, through Lightning
+        trainer([TaskPruning(output_dir=str(tmp_path), checkpoint_every=1)]).fit(
+            AttributionModule(tiny_classifier(), task="sst2"), datamodule(), ckpt_path=str(tmp_path / "calibration.ckpt"))
