@@ -155,13 +155,6 @@ class TaskPruning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = self._model(pl_module)
         if stage == "fit":
-            existing = self.output_dir / "spec.json"
-            if existing.exists() and not self.overwrite and trainer.ckpt_path is None:
-                raise FileExistsError(
-                    f"{existing} already holds a spec from an earlier run; pass overwrite=True "
-                    "(--trainer.callbacks... or TaskPruning(overwrite=True)) or choose another output_dir, so runs "
-                    "never mix"
-                )
             if self.export_dir is not None and self.export_dir.exists() and not self.overwrite:
                 raise FileExistsError(f"export_dir {self.export_dir} already exists; pass overwrite=True or choose "
                                       "another export_dir")
@@ -177,6 +170,16 @@ class TaskPruning(L.Callback):
             self._select(empty_scores(fp, kinds, "probe"))
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not in setup: Lightning sets trainer.ckpt_path only when it restores, after setup
+        existing = self.output_dir / "spec.json"
+        if existing.exists() and not self.overwrite and trainer.ckpt_path is None:
+            raise FileExistsError(
+                f"{existing} already holds a spec from an earlier run; pass overwrite=True "
+                "(--pruning.overwrite true or TaskPruning(overwrite=True)) or choose another output_dir, so runs "
+                "never mix"
+            )
 
     def _apply_existing(self, pl_module, model, required: bool) -> None:
         path = self._spec_file()

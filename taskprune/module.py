@@ -32,6 +32,9 @@ from taskprune.unitscores import UnitScores
 log = logging.getLogger(__name__)
 
 SPEC_KEY = "taskprune_spec"
+CALIB_KEY = "taskprune_calibration"
+# settings a resumed calibration must share with the run that wrote its checkpoint (the sums would mix otherwise)
+RESUME_HPARAMS = ("task", "method", "target", "units", "steps", "quadrature", "aggregate", "seed")
 
 
 def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
@@ -318,14 +321,42 @@ class AttributionModule(L.LightningModule):
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _calibration_identity(self, loader=None) -> dict:
+        """What a calibration checkpoint must agree on to be resumed: settings, world size, calibration set size."""
+        dm = getattr(self.trainer, "datamodule", None)
+        calib = getattr(dm, "calib_set", None)
+        return {
+            **{k: self.hparams.get(k) for k in RESUME_HPARAMS},
+            "world_size": self.trainer.world_size,
+            "batch_size": getattr(loader, "batch_size", None) if loader is not None else getattr(dm, "batch_size", None),
+            "samples": len(loader.dataset) if hasattr(loader, "dataset") else (len(calib) if calib is not None else None),
+        }
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.training:
+            checkpoint[CALIB_KEY] = self._calibration_identity(self.trainer.train_dataloader)
         if self.spec is not None:
             checkpoint[SPEC_KEY] = {"spec": self.spec.to_dict(), "mode": self.spec_mode}
         for key in [k for k in checkpoint.get("state_dict", {}) if k.startswith("dense_model.")]:
             del checkpoint["state_dict"][key]  # the dense copy is the base model: never store it twice
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Rebuild a shrunk model before Lightning loads its weights (Lightning restores weights before callbacks)."""
+        """Rebuild a shrunk model before Lightning loads its weights (Lightning restores weights before callbacks).
+
+        When ``fit`` resumes a calibration, refuse a checkpoint written with other settings, another number of
+        processes or another calibration set: the loader would skip the wrong batches and the sums would mix.
+        """
+        saved = checkpoint.get(CALIB_KEY)
+        if saved and self._trainer is not None and self.trainer.state.fn == "fit":
+            now = self._calibration_identity()
+            diffs = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in saved
+                     if saved[k] is not None and now.get(k) is not None and saved[k] != now[k]]
+            if diffs:
+                raise ValueError(
+                    f"cannot resume calibration from this checkpoint: it was written with {', '.join(diffs)}. "
+                    "Resume with the settings, number of processes and calibration set of the killed run, or start "
+                    "again without ckpt_path"
+                )
         saved = checkpoint.get(SPEC_KEY)
         if saved and saved.get("mode") == "shrink" and self.spec is None:
             from taskprune.spec import PruneSpec

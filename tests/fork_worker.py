@@ -8,7 +8,9 @@ Protocol (one JSON object per line on stdin; one reply line on stdout):
     {"job": "calibrate", "out": ..., "n": 16, "batch_size": 2, "ckpt_every": 1, "ckpt_path": null, "kill_after": 1.5}
     {"job": "write_loop", "kind": "bytes" | "spec" | "scores" | "export", "target": ..., "kill_after": 0.7}
 replies ``exit <code> <seconds>`` when the child ends (``-9`` when killed). The worker itself sends ``SIGKILL`` after
-``kill_after`` seconds (if given), before it reaps the child, so the pid it kills is always its own child's.
+``kill_after`` seconds (if given; counted from the moment the file ``arm_on`` is
+(re)written, if given), before it reaps the
+child, so the pid it kills is always its own child's.
 A child's stdout and stderr go to ``<out or target's folder>/child-<pid>.log``.
 
 Test side: :class:`Worker`.
@@ -75,6 +77,15 @@ def run_child(job: dict) -> None:
         raise ValueError(f"unknown job {job!r}")
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(inode, mtime)`` of a file, ``None`` when absent: an atomic replace changes the inode."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def main() -> None:
     import signal
     import time
@@ -102,10 +113,18 @@ def main() -> None:
                 sys.stderr.flush()
                 os._exit(code)
         deadline = None if job.get("kill_after") is None else start + float(job["kill_after"])
+        arm_on = job.get("arm_on")  # the kill clock starts when this file is (re)written, e.g. a new checkpoint
+        before = _identity(arm_on) if arm_on is not None else None
         while True:
             done, status = os.waitpid(pid, os.WNOHANG if deadline is not None else 0)
             if done:
                 break
+            if arm_on is not None:
+                if _identity(arm_on) not in (None, before):
+                    deadline, arm_on = time.monotonic() + float(job["kill_after"]), None
+                else:
+                    time.sleep(0.005)
+                    continue
             if time.monotonic() >= deadline:
                 os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still our child's
                 deadline = None

@@ -289,3 +289,28 @@ def test_resume_from_a_truncated_checkpoint_refused(tmp_path):
     with pytest.raises(RuntimeError, match="checkpoint file is corrupted"):  # torch's message, through Lightning
         trainer([TaskPruning(output_dir=str(tmp_path), checkpoint_every=1)]).fit(
             AttributionModule(tiny_classifier(), task="sst2"), datamodule(), ckpt_path=str(tmp_path / "calibration.ckpt"))
+
+
+def test_resume_into_an_output_dir_holding_a_spec_is_not_refused(tmp_path):
+    """The refusal of a second run (row 6) must not block resuming the first one from its checkpoint."""
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8))
+    first = UnitScores.load(tmp_path / "scores.safetensors")
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8),
+        ckpt_path=str(tmp_path / "calibration.ckpt"))
+    assert torch.equal(UnitScores.load(tmp_path / "scores.safetensors").to_flat()["heads/" + next(iter(
+        first.sums["heads"]))], first.to_flat()["heads/" + next(iter(first.sums["heads"]))])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"steps": 2}, r"written with steps=1 \(now 2\)"),
+    ({"n": 12}, r"samples=8 \(now 12\)"),
+])
+def test_resume_with_other_settings_refused(tmp_path, change, match):
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8))
+    module = AttributionModule(tiny_classifier(), task="sst2", steps=change.get("steps", 1))
+    with pytest.raises(ValueError, match="cannot resume calibration from this checkpoint: .*" + match):
+        trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
+            module, datamodule(n=change.get("n", 8)), ckpt_path=str(tmp_path / "calibration.ckpt"))

@@ -58,14 +58,16 @@ def assert_complete_or_absent(out: Path) -> set[str]:
     return present & OUTPUTS
 
 
-def kill_and_resume(worker, out: Path, kill_times: list[float]) -> list[set[str]]:
-    """Run, killing at each of ``kill_times`` in turn (resuming from calibration.ckpt when there is one), then run to
-    the end; returns the outputs present after each kill."""
+def kill_and_resume(worker, out: Path, kills: list[tuple[float, bool]]) -> list[set[str]]:
+    """Run, killing at each of ``kills`` in turn (``(seconds, counted from the first new checkpoint?)``), resuming
+    from calibration.ckpt when there is one, then run to the end; returns the outputs present after each kill."""
     seen = []
-    for kill_after in [*kill_times, None]:
+    for kill in [*kills, None]:
         ckpt = out / "calibration.ckpt"
+        kill_after, armed = kill if kill is not None else (None, False)
         code, _ = worker.run(job="calibrate", out=str(out), n=N, batch_size=BATCH, ckpt_every=1,
-                             ckpt_path=str(ckpt) if ckpt.exists() else None, kill_after=kill_after)
+                             ckpt_path=str(ckpt) if ckpt.exists() else None, kill_after=kill_after,
+                             arm_on=str(ckpt) if armed else None)
         assert code in (0, -9), f"run failed with {code}; see {out}/child-*.log"
         seen.append(assert_complete_or_absent(out))
         if code == 0:
@@ -81,7 +83,10 @@ def check_trials(worker, reference, tmp_path, trials: int) -> None:
     resumed = 0
     for trial in range(trials):
         out = tmp_path / f"trial{trial}"
-        kills = [rng.uniform(0.0, 1.1 * seconds) for _ in range(rng.choice((1, 1, 2)))]
+        # half the kills at a random time from the start (often before any checkpoint: a restart), half at a random
+        # time after the run's first checkpoint (mid-calibration, mid-write or after the spec: a resume)
+        kills = [(rng.uniform(0.0, 1.05 * seconds), False) if rng.random() < 0.5 else
+                 (rng.uniform(0.0, 0.6 * seconds), True) for _ in range(rng.choice((1, 1, 2)))]
         seen = kill_and_resume(worker, out, kills)
         resumed += any("calibration.ckpt" in s for s in seen[:-1])
         scores = UnitScores.load(out / "scores.safetensors")
