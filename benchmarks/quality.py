@@ -49,6 +49,7 @@ class Bench:
         self.path = Path(args.out) / "quality.json"
         self.results = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
         self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs")
+        self.select = dict(normalize=args.normalize)  # selection options of the method comparison
 
     # -------------------------------------------------------------------------------------- data
     def batches(self, task, ds, batch_size=32):
@@ -81,7 +82,7 @@ class Bench:
         return values[t.metrics[0]]
 
     def pruned_metric(self, tm, task, scores, eval_sets, **budget) -> dict:
-        spec = select_units(scores, seq_len=128, **budget)
+        spec = select_units(scores, seq_len=128, **{**self.select, **budget})
         pruned = copy.deepcopy(tm)
         shrink_(pruned, spec)
         out = {name: self.metric(pruned, task, b) for name, b in eval_sets.items()}
@@ -168,9 +169,13 @@ class Bench:
             seconds = time.perf_counter() - t0
             rows = {f"macs={c}": self.pruned_metric(tm, task, scores, sel, macs=c) for c in (0.4, 0.6)}
             if group == "steps" and opts["steps"] == 8:  # selection scope / normalisation on the default scores
-                for scope, norm in (("layerwise", "none"), ("global", "l1"), ("global", "max")):
+                for scope, norm in (("layerwise", "none"), ("global", "none"), ("global", "l1"), ("global", "l2"),
+                                    ("global", "max")):
                     rows |= {f"macs={c},scope={scope},normalize={norm}": self.pruned_metric(
                         tm, task, scores, sel, macs=c, scope=scope, normalize=norm) for c in (0.4, 0.6)}
+                # same fraction of heads and of neurons (equal MAC share per kind), ranked globally within a kind
+                rows |= {f"macs={c},scope=per_kind,normalize=none": self.pruned_metric(
+                    tm, task, scores, sel, sparsity=c) for c in (0.4, 0.6)}
             self.save(key, {"seconds": seconds, "budgets": rows})
         key = f"{task}/dense_select"
         if not self.done(key):
@@ -189,6 +194,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-rows", type=int, default=1000, help="cap on rows per dev / OOD set (seeded)")
     p.add_argument("--ood-rows", type=int, default=500, help="cap on rows per out-of-domain set (seeded)")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--normalize", default="l1", help="per-block score normalisation for global selection")
     p.add_argument("--low-resource-tasks", nargs="*", default=["sst2", "rte"])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
     p.add_argument("--out", default="benchmarks/results")

@@ -83,7 +83,7 @@ class TaskPruning(L.Callback):
         budget: float = 0.4,
         budget_kind: Literal["macs", "params", "sparsity", "heads", "neurons"] = "macs",
         scope: Literal["global", "layerwise"] = "global",
-        normalize: Literal["none", "l1", "l2", "max"] = "none",
+        normalize: Literal["none", "l1", "l2", "max"] = "l1",
         units: Literal["all", "heads", "neurons"] = "all",
         apply: Literal["mask", "shrink", "none"] = "shrink",
         output_dir: str = "runs/taskprune",
