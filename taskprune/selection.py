@@ -84,7 +84,7 @@ def select_units(
     params: float | None = None,
     seq_len: int = 128,
     scope: Scope = "global",
-    normalize: Normalize = "none",
+    normalize: Normalize = "l1",
     min_heads: int = 1,
     min_neurons: int = 1,
     units: str | Sequence[str] = "all",
@@ -99,7 +99,8 @@ def select_units(
         sparsity, heads, neurons, macs, params: the budget, a fraction in ``[0, 1)`` to remove (see the module doc).
         seq_len: sequence length at which MACs are counted (``macs`` budget and the achieved MAC cut).
         scope: ``"global"`` (rank across blocks) or ``"layerwise"`` (same fraction in every block).
-        normalize: per-block score normalization before a global ranking: ``"none"``, ``"l1"``, ``"l2"``, ``"max"``.
+        normalize: per-block score normalization before a global ranking: ``"l1"`` (default: each block's scores sum to
+            one, so blocks and unit kinds compare; chosen by benchmarks/quality.py), ``"none"``, ``"l2"``, ``"max"``.
         min_heads: units every attention block keeps (at least 1: the surgery cannot remove a whole attention block).
         min_neurons: units every FFN block keeps.
         units: kinds that may be pruned: ``"all"``, ``"heads"``, ``"neurons"`` (kinds without scores are left whole).

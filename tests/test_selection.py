@@ -106,7 +106,7 @@ def test_layerwise_keeps_lowest_scores_out():
 
 def test_global_ranks_across_blocks_and_normalize_evens_scales():
     s = _scores(scale=[1.0, 1000.0, 1000.0])
-    plain = select_units(s, neurons=0.2)
+    plain = select_units(s, neurons=0.2, normalize="none")
     assert _dropped(plain, "neurons") == {"layers.0.mlp": 24, "layers.1.mlp": 0, "layers.2.mlp": 0}
     for how in ("l1", "l2", "max"):
         normed = select_units(s, neurons=0.2, normalize=how)
@@ -116,7 +116,7 @@ def test_global_ranks_across_blocks_and_normalize_evens_scales():
 
 def test_floors_respected():
     s = _scores(scale=[0.001, 1.0, 1.0])  # every lowest score is in layer 0
-    spec = select_units(s, heads=0.5, neurons=0.2, min_heads=2, min_neurons=30)
+    spec = select_units(s, heads=0.5, neurons=0.2, min_heads=2, min_neurons=30, normalize="none")
     assert min(len(spec.kept("heads", n)) for n in spec.fingerprint["heads"]) >= 2
     assert len(spec.kept("neurons", "layers.0.mlp")) == 30
     assert spec.budget["removed"]["neurons"] == 24  # what the floor saved in layer 0 came from the others
