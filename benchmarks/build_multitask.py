@@ -1,6 +1,6 @@
 """Build (if needed) the zoo's multi-task model and tabulate its metrics on every task's full dev set.
 
-    python benchmarks/build_multitask.py --data-dir /work/shared/data \
+    python -m benchmarks.build_multitask --data-dir /work/shared/data \
         --out benchmarks/results/multitask_minilm.md
 
 Writes a Markdown table (dev + out-of-domain metrics per task head) with the command, git commit, machine and the
@@ -13,36 +13,16 @@ import argparse
 import datetime
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import cpu_name, git_commit
 from taskprune.io import atomic_write_bytes
 from taskprune.tasks import get_task
 from taskprune.zoo import build_multitask, load_multitask, read_build_info, resolve_model_dir
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "taskprune"], capture_output=True, text=True).stdout
-        return out.stdout.strip() + (" (taskprune/ modified)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def recipe_dev_rows(info: dict) -> int:
@@ -132,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "```",
         "python -m taskprune.zoo build minilm-glue --data-dir /work/shared/data",
-        "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        " ".join(["python -m benchmarks.build_multitask", *(argv if argv is not None else sys.argv[1:])]),
         "```",
         "",
-        f"* git commit: {_git_commit()}",
-        f"* machine: {_cpu()}, {os.cpu_count()} cores visible, torch {torch.__version__}; the CPU was shared with "
+        f"* git commit: {git_commit()}",
+        f"* machine: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}; the CPU was shared with "
         "other processes during the build, so times are upper bounds",
         f"* date: {datetime.date.today().isoformat()}",
         "",
