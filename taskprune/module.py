@@ -93,10 +93,14 @@ def check_data_fits_model(dm, model: nn.Module) -> None:
 
     try:
         tokenizer = dm.tokenizer
-    except ValueError:
-        return  # no tokenizer yet: the datamodule raises its own error when it needs one
-    embedding = find_base(model)[0].get_input_embeddings()
-    n_rows = getattr(embedding, "num_embeddings", None)
+    except (ValueError, AttributeError):
+        return  # no tokenizer (yet): the datamodule raises its own error when it needs one
+    if not hasattr(tokenizer, "__len__"):
+        return
+    try:
+        n_rows = getattr(find_base(model)[0].get_input_embeddings(), "num_embeddings", None)
+    except (NotImplementedError, AttributeError):
+        n_rows = None
     if isinstance(n_rows, int) and len(tokenizer) > n_rows:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
@@ -105,7 +109,7 @@ def check_data_fits_model(dm, model: nn.Module) -> None:
             "pass the model's own tokenizer (data.tokenizer, or the tokenizer saved with the model)"
         )
     limit = max_positions(model)
-    if limit is not None and dm.max_length > limit:
+    if limit is not None and isinstance(dm.max_length, int) and dm.max_length > limit:
         log.warning("max_length=%d is longer than the model's %d positions; inputs are truncated to %d tokens",
                     dm.max_length, limit, limit)
         dm.max_length = limit

@@ -83,10 +83,10 @@ def check_trials(worker, reference, tmp_path, trials: int) -> None:
     resumed = 0
     for trial in range(trials):
         out = tmp_path / f"trial{trial}"
-        # half the kills at a random time from the start (often before any checkpoint: a restart), half at a random
-        # time after the run's first checkpoint (mid-calibration, mid-write or after the spec: a resume)
-        kills = [(rng.uniform(0.0, 1.05 * seconds), False) if rng.random() < 0.5 else
-                 (rng.uniform(0.0, 0.6 * seconds), True) for _ in range(rng.choice((1, 1, 2)))]
+        # kills alternate: at a random time from the start (often before any checkpoint: a restart), and at a random
+        # time after the run writes a new checkpoint (mid-calibration or mid-write: a resume)
+        kills = [(rng.uniform(0.0, 0.25 * seconds), True) if (trial + k) % 2 == 0 else
+                 (rng.uniform(0.0, 1.05 * seconds), False) for k in range(rng.choice((1, 1, 2)))]
         seen = kill_and_resume(worker, out, kills)
         resumed += any("calibration.ckpt" in s for s in seen[:-1])
         scores = UnitScores.load(out / "scores.safetensors")
