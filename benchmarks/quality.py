@@ -38,7 +38,7 @@ log = logging.getLogger("quality")
 TASKS = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
 METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
 MAC_CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-SWEEP = (0.2, 0.4, 0.6, 0.8)  # heads-only and neurons-only fractions
+SWEEP = (0.3, 0.6)  # heads-only and neurons-only fractions
 
 
 class Bench:
@@ -137,9 +137,15 @@ class Bench:
             scores = score_units(tm, unlabelled, "ig", target="pseudo", **self.ig)
             self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(tm, task, scores, eval_sets, macs=c)
                                         for c in cuts}})
-        if task in a.low_resource_tasks and not get_task(task).regression:
+
+    def run_low_resource(self, task) -> None:
+        a = self.args
+        tm = self.model.for_task(task).eval()
+        dev = self.batches(task, random_subset(load_split(get_task(task), "dev", a.data_dir), a.eval_rows, seed=0), 64)
+        eval_sets = {"dev": dev}
+        if not get_task(task).regression:
             train = load_split(get_task(task), "train", a.data_dir)
-            for k in (4, 8, 16, 32, 64) if not a.quick else (8, 32):
+            for k in a.k_per_class if not a.quick else (8, 32):
                 for seed in (0, 1, 2) if not a.quick else (0,):
                     for method in ("ig", "grad_x_gate"):  # data-free methods do not depend on k
                         key = f"{task}/lowres/k={k}/seed={seed}/{method}"
@@ -149,16 +155,19 @@ class Bench:
                         scores = score_units(tm, b, method, target="label", **(self.ig if method == "ig" else {}))
                         self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(
                             tm, task, scores, {"dev": eval_sets["dev"]}, macs=c) for c in (0.4, 0.6)}})
-        if task in a.ablation_tasks:
-            self.ablation(task, tm, calib_b, self.batches(task, select, 64))
+
+    def run_ablation(self, task) -> None:
+        tm = self.model.for_task(task).eval()
+        _, calib, select, _, _ = self.splits(task)
+        self.ablation(task, tm, self.batches(task, calib), self.batches(task, select, 64))
 
     def ablation(self, task, tm, calib_b, select_b) -> None:
         """IG options scored on the selection split (train, disjoint from calibration): picks the defaults."""
         sel = {"select": select_b}
-        variants = [("steps", {"steps": s}) for s in (1, 2, 4, 8, 16, 32)]
-        variants += [("quadrature", {"quadrature": q, "steps": 8}) for q in
+        variants = [("steps", {"steps": s}) for s in self.args.ablation_steps]
+        variants += [("quadrature", {"quadrature": q, "steps": 4}) for q in
                      ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")]
-        variants += [("aggregate", {"aggregate": g, "steps": 8}) for g in ("abs", "signed")]
+        variants += [("aggregate", {"aggregate": "signed", "steps": 8})]  # "abs" is the steps=8 row
         for group, opts in variants:
             key = f"{task}/ablation/{group}/" + ",".join(f"{k}={v}" for k, v in opts.items())
             if self.done(key):
@@ -196,6 +205,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--normalize", default="l1", help="per-block score normalisation for global selection")
     p.add_argument("--low-resource-tasks", nargs="*", default=["sst2", "rte"])
+    p.add_argument("--k-per-class", type=int, nargs="*", default=[4, 8, 16, 32, 64])
+    p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--fresh", action="store_true", help="ignore results already in quality.json")
@@ -207,8 +218,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     bench = Bench(args)
     for task in args.tasks or ("sst2", "rte", "mrpc", "mnli", "qnli", "qqp", "cola", "stsb"):
-        log.info("task %s", task)
+        log.info("task %s: methods", task)
         bench.run_task(task)
+    for task in args.ablation_tasks:
+        log.info("task %s: IG ablation", task)
+        bench.run_ablation(task)
+    for task in args.low_resource_tasks:
+        log.info("task %s: low-resource", task)
+        bench.run_low_resource(task)
     from benchmarks.quality_report import render
 
     write_text(Path(args.out) / "quality.md", header("quality", argv) + render(bench.results))
