@@ -403,7 +403,20 @@ class TaskDataModule(L.LightningDataModule):
         return [self._loader(s) for s in self.eval_sets]
 
     def state_dict(self) -> dict:
-        return {"task": self.task.name, "calib_seed": self.calib_seed}
+        """What defines the calibration set; a resumed run must draw the same one."""
+        return {"task": self.task.name, "calib_seed": self.calib_seed, "calib_samples": self.calib_samples,
+                "calib_per_class": self.calib_per_class, "data_dir": self.data_dir, "max_length": self.max_length}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Refuse to resume a calibration with another calibration set (the sums would mix two sets)."""
+        mine = self.state_dict()
+        diff = {k: (v, mine.get(k)) for k, v in state_dict.items() if k in mine and v != mine[k]}
+        if diff:
+            raise ValueError(
+                "the checkpoint was calibrated on another calibration set: "
+                + ", ".join(f"{k}={old!r} in the checkpoint vs {new!r} now" for k, (old, new) in diff.items())
+                + "; resume with the same data settings, or start a new calibration without --ckpt_path"
+            )
 
     # ----------------------------------------------------------------------------------------------- private
     def _loader(self, ds: datasets.Dataset, resumable: bool = False) -> DataLoader:

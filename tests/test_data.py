@@ -190,3 +190,12 @@ def test_long_inputs_truncated_not_crash(tokenizer, caplog):
     with caplog.at_level("WARNING"):
         b = next(iter(dm.train_dataloader()))
     assert b["input_ids"].shape[1] <= 4 and "truncated" in caplog.text
+
+
+def test_resume_with_another_calibration_set_refused():
+    from taskprune.data import TaskDataModule
+
+    saved = TaskDataModule("sst2", calib_samples=16, calib_seed=0).state_dict()
+    TaskDataModule("sst2", calib_samples=16, calib_seed=0).load_state_dict(saved)  # same set: fine
+    with pytest.raises(ValueError, match="calib_seed=0 in the checkpoint vs 1 now"):
+        TaskDataModule("sst2", calib_samples=16, calib_seed=1).load_state_dict(saved)
