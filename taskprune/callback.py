@@ -74,6 +74,11 @@ class TaskPruning(L.Callback):
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
             so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
+        reconstruct: training-free compensation of the removed units before they go (:mod:`taskprune.reconstruct`),
+            from the calibration batches: ``none`` (default: the pre-trained weights stay untouched), ``scale`` (per
+            unit least-squares rescaling of the kept units: a small gain at every MAC cut measured), ``bias``
+            (FLAP-style mean compensation) or ``lstsq`` (both): larger gains at 40-50 % cuts, harmful at >= 60 %
+            (benchmarks/results/reconstruction.md). Costs one more pass over the calibration data. One process only.
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
@@ -99,6 +104,7 @@ class TaskPruning(L.Callback):
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
         export_dir: str | None = None,
+        reconstruct: Literal["none", "bias", "scale", "lstsq"] = "none",
     ) -> None:
         super().__init__()
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
@@ -121,6 +127,13 @@ class TaskPruning(L.Callback):
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.checkpoint_every = checkpoint_every
+        from taskprune.reconstruct import METHODS as RECONSTRUCT
+
+        if reconstruct not in RECONSTRUCT:
+            raise ValueError(f"unknown reconstruct {reconstruct!r}; allowed: {list(RECONSTRUCT)}")
+        if reconstruct != "none" and apply == "none":
+            raise ValueError("reconstruct needs a spec to apply: set apply='shrink' (or 'mask'), or reconstruct='none'")
+        self.reconstruct = reconstruct
         self.budget, self.budget_kind, self.scope, self.normalize = float(budget), budget_kind, scope, normalize
         self.units, self.apply, self.seq_len = units, apply, seq_len
         self.min_heads, self.min_neurons, self.overwrite = min_heads, min_neurons, overwrite
@@ -230,6 +243,8 @@ class TaskPruning(L.Callback):
             rank_zero_info(f"taskprune: wrote {self.output_dir / 'spec.json'} ({scores.count} samples, "
                            f"method {scores.method})")
         trainer.strategy.barrier("taskprune_spec_written")
+        if self.reconstruct != "none":
+            self._reconstruct(trainer, pl_module, model)
         if self.apply != "none":
             self._apply(pl_module, model)
         if self.export_dir is not None:
@@ -259,6 +274,29 @@ class TaskPruning(L.Callback):
             os.replace(tmp, path)
         trainer.strategy.barrier("taskprune_calibration_checkpoint")
         return path
+
+    def _batches(self, trainer: L.Trainer, pl_module):
+        """The calibration batches (converted by ``pruning_batch`` and moved to the module's device)."""
+        loaders = trainer.train_dataloader
+        loader = loaders if not isinstance(loaders, (list, tuple)) else loaders[0]
+        convert = getattr(pl_module, "pruning_batch", None)
+        for i, batch in enumerate(loader):
+            if self.calib_batches is not None and i >= self.calib_batches:
+                break
+            batch = convert(batch) if convert else batch
+            yield {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _reconstruct(self, trainer: L.Trainer, pl_module, model) -> None:
+        from taskprune.reconstruct import reconstruct_
+
+        if trainer.world_size > 1:
+            raise ValueError(f"reconstruct={self.reconstruct!r} runs in one process (its statistics are not summed "
+                             "across processes yet); calibrate with several, then reconstruct with devices=1")
+        if hasattr(pl_module, "keep_dense_copy"):
+            pl_module.keep_dense_copy()  # the dense reference must not carry the compensation
+        reconstruct_(model, self.spec, self._batches(trainer, pl_module), self.reconstruct,
+                     forward=getattr(pl_module, "forward_fn", None))
+        rank_zero_info(f"taskprune: reconstruction {self.reconstruct!r} applied to the kept units")
 
     def _calibrate(self, trainer: L.Trainer, pl_module, model) -> UnitScores:
         """Score units on the train dataloader (for modules without ``unit_scores()``), summed over ranks."""

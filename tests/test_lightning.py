@@ -202,3 +202,20 @@ def test_fsdp_refused_with_a_clear_message():
     module._trainer = FakeTrainer()
     with pytest.raises(ValueError, match="strategy='fsdp' is not supported for calibration.*Use strategy='ddp'"):
         module.setup("fit")
+
+
+def test_reconstruction_option_changes_kept_weights_only_when_asked(tmp_path):
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    logits = {}
+    for method in ("none", "scale"):
+        module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
+        trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path / method), reconstruct=method)]).fit(
+            module, datamodule())
+        assert module.spec_mode == "shrink"
+        logits[method] = module.model(**batch).logits
+    assert not torch.allclose(logits["none"], logits["scale"])
+
+
+def test_unknown_reconstruction_method():
+    with pytest.raises(ValueError, match="unknown reconstruct 'magic'"):
+        TaskPruning(reconstruct="magic")
