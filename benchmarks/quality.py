@@ -46,7 +46,7 @@ class Bench:
         self.args = args
         self.model = ensure_multitask(args.model)
         self.tok = load_tokenizer(self.model.tokenizer_path)
-        self.path = Path(args.out) / "quality.json"
+        self.path = Path(args.out) / args.json
         self.results = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
         self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs")
         self.select = dict(normalize=args.normalize)  # selection options of the method comparison
@@ -209,26 +209,39 @@ def main(argv=None) -> None:
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--fresh", action="store_true", help="ignore results already in quality.json")
+    p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON file")
+    p.add_argument("--json", default="quality.json", help="raw results file under --out (parallel runs: one each)")
+    p.add_argument("--phases", nargs="*", default=["methods", "ablation", "low_resource"])
+    p.add_argument("--render", nargs="+", metavar="JSON", default=None,
+                   help="only merge these raw results files and write quality.md")
     args = p.parse_args(argv)
+    if args.render:
+        from benchmarks.quality_report import render
+
+        merged = {}
+        for f in args.render:
+            merged |= json.loads(Path(f).read_text())
+        write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
+        return
     if args.quick:
         args.calib, args.eval_rows, args.select_rows, args.ood_rows = 256, 300, 300, 200
         args.tasks = args.tasks or ["sst2", "rte"]
         args.low_resource_tasks, args.ablation_tasks = ["sst2"], ["sst2"]
     torch.manual_seed(0)
     bench = Bench(args)
-    for task in args.tasks or ("sst2", "rte", "mrpc", "mnli", "qnli", "qqp", "cola", "stsb"):
+    for task in (args.tasks or ("sst2", "rte", "mrpc", "mnli", "qnli", "qqp", "cola", "stsb")) \
+            if "methods" in args.phases else ():
         log.info("task %s: methods", task)
         bench.run_task(task)
-    for task in args.ablation_tasks:
+    for task in args.ablation_tasks if "ablation" in args.phases else ():
         log.info("task %s: IG ablation", task)
         bench.run_ablation(task)
-    for task in args.low_resource_tasks:
+    for task in args.low_resource_tasks if "low_resource" in args.phases else ():
         log.info("task %s: low-resource", task)
         bench.run_low_resource(task)
     from benchmarks.quality_report import render
 
-    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(bench.results))
+    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(bench.results, args.out))
 
 
 if __name__ == "__main__":
