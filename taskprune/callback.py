@@ -180,7 +180,13 @@ class TaskPruning(L.Callback):
 
             fp = get_architecture(model).fingerprint()
             kinds = ("heads", "neurons") if self.units == "all" else (self.units,)
-            self._select(empty_scores(fp, kinds, "probe"))
+            selection_log = logging.getLogger("taskprune.selection")
+            level = selection_log.level
+            selection_log.setLevel(logging.WARNING)  # a probe: its selection means nothing, do not report it
+            try:
+                self._select(empty_scores(fp, kinds, "probe"))
+            finally:
+                selection_log.setLevel(level)
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None)
 
