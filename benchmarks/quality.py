@@ -182,9 +182,9 @@ class Bench:
                                     ("global", "max")):
                     rows |= {f"macs={c},scope={scope},normalize={norm}": self.pruned_metric(
                         tm, task, scores, sel, macs=c, scope=scope, normalize=norm) for c in (0.4, 0.6)}
-                # same fraction of heads and of neurons (equal MAC share per kind), ranked globally within a kind
-                rows |= {f"macs={c},scope=per_kind,normalize=none": self.pruned_metric(
-                    tm, task, scores, sel, sparsity=c) for c in (0.4, 0.6)}
+                # the same share of attention and of FFN MACs, ranked globally within a kind
+                rows |= {f"macs={c},scope=per_kind,normalize=l1": self.pruned_metric(
+                    tm, task, scores, sel, macs=c, scope="per_kind", normalize="l1") for c in (0.4, 0.6)}
             self.save(key, {"seconds": seconds, "budgets": rows})
         key = f"{task}/dense_select"
         if not self.done(key):

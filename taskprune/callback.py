@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_KINDS = ("macs", "params", "sparsity", "heads", "neurons")
 APPLY = ("mask", "shrink", "none")
-SCOPES = ("global", "layerwise")
+SCOPES = ("per_kind", "global", "layerwise")
 NORMALIZE = ("none", "l1", "l2", "max")
 
 
@@ -60,7 +60,8 @@ class TaskPruning(L.Callback):
         budget: fraction to remove, in [0, 1), of what ``budget_kind`` names.
         budget_kind: ``macs`` (prunable MACs at ``seq_len``), ``params``, ``sparsity`` (fraction of heads and of
             neurons), ``heads`` or ``neurons``.
-        scope: ``global`` (rank units across layers) or ``layerwise`` (same fraction in every block).
+        scope: ``per_kind`` (default: the same share of attention and of FFN cost, units ranked across layers within
+            a kind), ``global`` (heads and neurons pooled by score per MAC) or ``layerwise`` (same fraction per block).
         normalize: per-block score normalisation before a global ranking: ``none``, ``l1``, ``l2``, ``max``.
         units: ``all``, ``heads`` or ``neurons``: the kinds that may be removed.
         apply: ``shrink`` (physical removal: real speed), ``mask`` (soft gates: reversible, no speed), ``none``.
@@ -87,7 +88,7 @@ class TaskPruning(L.Callback):
         self,
         budget: float = 0.4,
         budget_kind: Literal["macs", "params", "sparsity", "heads", "neurons"] = "macs",
-        scope: Literal["global", "layerwise"] = "global",
+        scope: Literal["per_kind", "global", "layerwise"] = "per_kind",
         normalize: Literal["none", "l1", "l2", "max"] = "l1",
         units: Literal["all", "heads", "neurons"] = "all",
         apply: Literal["mask", "shrink", "none"] = "shrink",

@@ -29,6 +29,11 @@ Scopes:
     their units). For ``macs`` / ``params``, heads and neurons are pooled and ranked by **score per unit of cost**
     (score / MACs or score / parameters of the unit): the greedy fractional-knapsack rule, which removes the units
     that give up the least score for what they cost, until the cut reaches the target.
+``"per_kind"``
+    for ``macs`` / ``params``: each kind (heads, neurons) gives up its share of the cut in proportion to its cost,
+    i.e. the same fraction of attention MACs and of FFN MACs; within a kind, units are ranked across blocks as in
+    ``"global"``. Scores of heads and of neurons are never compared with each other. Best of the selection rules on
+    SST-2's selection split (benchmarks/results/quality.md); for count budgets it is the same as ``"global"``.
 ``"layerwise"``
     every block loses the same fraction of its units (rounded up per block); for ``macs`` / ``params`` that fraction
     is the smallest that reaches the target. Within a block, units go lowest score first.
@@ -65,10 +70,10 @@ log = logging.getLogger(__name__)
 __all__ = ["select_units", "BUDGETS", "SCOPES", "NORMALIZATIONS"]
 
 BUDGETS = ("sparsity", "heads", "neurons", "macs", "params")
-SCOPES = ("global", "layerwise")
+SCOPES = ("global", "layerwise", "per_kind")
 NORMALIZATIONS = ("none", "l1", "l2", "max")
 
-Scope = Literal["global", "layerwise"]
+Scope = Literal["global", "layerwise", "per_kind"]
 Normalize = Literal["none", "l1", "l2", "max"]
 
 _EPS = 1e-9  # absorbs float error in fraction * count (0.3 * 10 == 3.0000000000000004)
@@ -83,7 +88,7 @@ def select_units(
     macs: float | None = None,
     params: float | None = None,
     seq_len: int = 128,
-    scope: Scope = "global",
+    scope: Scope = "per_kind",
     normalize: Normalize = "l1",
     min_heads: int = 1,
     min_neurons: int = 1,
@@ -98,7 +103,8 @@ def select_units(
             per-unit values ``{"heads"|"neurons": {block_name: [n_units]}}`` together with ``fingerprint``.
         sparsity, heads, neurons, macs, params: the budget, a fraction in ``[0, 1)`` to remove (see the module doc).
         seq_len: sequence length at which MACs are counted (``macs`` budget and the achieved MAC cut).
-        scope: ``"global"`` (rank across blocks) or ``"layerwise"`` (same fraction in every block).
+        scope: ``"global"`` (rank across blocks), ``"per_kind"`` (the same fraction of attention and of FFN cost,
+            ranked across blocks within each kind) or ``"layerwise"`` (same fraction in every block).
         normalize: per-block score normalization before a global ranking: ``"l1"`` (default: each block's scores sum to
             one, so blocks and unit kinds compare; chosen by benchmarks/quality.py), ``"none"``, ``"l2"``, ``"max"``.
         min_heads: units every attention block keeps (at least 1: the surgery cannot remove a whole attention block).
@@ -138,7 +144,7 @@ def select_units(
             )
 
     floors = {"heads": min_heads, "neurons": min_neurons}
-    table = _UnitTable(fp, values, kinds, floors, seq_len, normalize if scope == "global" else "none")
+    table = _UnitTable(fp, values, kinds, floors, seq_len, normalize if scope != "layerwise" else "none")
     options = f"min_heads={min_heads}, min_neurons={min_neurons}, scope={scope!r}"
 
     drop: dict[str, dict[str, list[int]]] = {k: {n: [] for n in fp[k]} for k in UNIT_KINDS}
@@ -149,7 +155,7 @@ def select_units(
         per_kind = {k: request["sparsity"] for k in kinds} if "sparsity" in request else request
         for kind, fraction in per_kind.items():
             name = "sparsity" if "sparsity" in request else kind
-            table.select_count(kind, name, fraction, scope, drop, options)
+            table.select_count(kind, name, fraction, "global" if scope == "per_kind" else scope, drop, options)
 
     keep = {k: {n: sorted(set(range(fp[k][n])) - set(drop[k][n])) for n in fp[k]} for k in UNIT_KINDS}
     achieved, removed = table.achieved(drop)
@@ -290,6 +296,18 @@ class _UnitTable:
         target = fraction * self.totals[name] * (1 - _EPS)
         if scope == "layerwise":
             self._layerwise_cost(name, col, fraction, target, drop, options)
+            return
+        if scope == "per_kind":
+            kind_totals = {k: sum(self.fp[k][n] * self.costs[k][n][col] for kk, n in self.blocks if kk == k)
+                           for k in self.kinds}
+            for kind, total in kind_totals.items():
+                blocks = [(k, n) for k, n in self.blocks if k == kind]
+                share = target * total / max(sum(kind_totals.values()), 1)
+                reachable = sum(self.cap(k, n) * self.costs[k][n][col] for k, n in blocks)
+                if share > reachable:
+                    raise self._error(name, fraction, reachable / max(total, 1) * fraction * self.totals[name]
+                                      / max(target, 1), f"{options} ({kind} would have to lose more than they can)")
+                self._greedy(blocks, lambda k, n: float(self.costs[k][n][col]), share, drop)
             return
         reachable = sum(self.cap(k, n) * self.costs[k][n][col] for k, n in self.blocks)
         if target > reachable:

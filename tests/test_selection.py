@@ -79,7 +79,7 @@ def test_cost_budget_greedy_is_score_per_cost():
     for blocks in s.sums.values():
         for name in blocks:
             blocks[name].fill_(1.0)
-    spec = select_units(s, macs=0.1, seq_len=SEQ)
+    spec = select_units(s, macs=0.1, seq_len=SEQ, scope="global", normalize="none")
     assert spec.budget["removed"]["heads"] > 0 and spec.budget["removed"]["neurons"] == 0
 
 
@@ -222,3 +222,19 @@ def test_scores_of_another_model_raise():
     s.sums["heads"]["layers.0.attn"] = torch.zeros(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="have 4 values but the block has 6 units"):
         select_units(s, heads=0.2)
+
+
+def test_per_kind_cuts_the_same_fraction_of_attention_and_ffn_macs():
+    s = _scores()
+    spec = select_units(s, macs=0.4, scope="per_kind")
+    costs = unit_costs(spec.fingerprint, 128)
+    for kind in ("heads", "neurons"):
+        total = sum(spec.fingerprint[kind][n] * costs[kind][n][0] for n in spec.fingerprint[kind])
+        cut = sum(len(spec.drop(kind, n)) * costs[kind][n][0] for n in spec.fingerprint[kind])
+        assert 0.4 <= cut / total < 0.4 + max(c[0] for c in costs[kind].values()) / total + 1e-9
+    assert spec.budget["achieved"]["macs"] >= 0.4
+
+
+def test_bad_scope_names_per_kind():
+    with pytest.raises(ValueError, match="per_kind"):
+        select_units(_scores(), macs=0.4, scope="kindwise")
