@@ -191,7 +191,7 @@ class Attributor:
         target: str | TargetFn = "label",
         units: str | Sequence[str] = "all",
         *,
-        steps: int = 8,
+        steps: int = 4,
         quadrature: str = "riemann_middle",
         alpha_batch: int = 1,
         aggregate: Literal["abs", "signed"] = "abs",

@@ -100,7 +100,7 @@ class TaskPruning(L.Callback):
         overwrite: bool = False,
         method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
         target: Literal["label", "pseudo", "neg_loss"] = "label",
-        steps: int = 8,
+        steps: int = 4,
         aggregate: Literal["abs", "signed"] = "abs",
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,

@@ -142,7 +142,7 @@ class AttributionModule(L.LightningModule):
         method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
         target: Literal["label", "pseudo", "neg_loss"] = "label",
         units: Literal["all", "heads", "neurons"] = "all",
-        steps: int = 8,
+        steps: int = 4,
         quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
                             "gauss_legendre"] = "riemann_middle",
         alpha_batch: int = 1,
