@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -220,7 +221,10 @@ def main(argv=None) -> None:
 
         merged = {}
         for f in args.render:
-            merged |= json.loads(Path(f).read_text())
+            raw = json.loads(Path(f).read_text())
+            commands = merged.get("_commands", []) + raw.get("_commands", [])
+            merged |= raw
+            merged["_commands"] = commands
         write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
         return
     if args.quick:
@@ -229,6 +233,8 @@ def main(argv=None) -> None:
         args.low_resource_tasks, args.ablation_tasks = ["sst2"], ["sst2"]
     torch.manual_seed(0)
     bench = Bench(args)
+    bench.results.setdefault("_commands", []).append(  # the raw file names the runs that filled it
+        " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]))
     for task in (args.tasks or ("sst2", "rte", "mrpc", "mnli", "qnli", "qqp", "cola", "stsb")) \
             if "methods" in args.phases else ():
         log.info("task %s: methods", task)

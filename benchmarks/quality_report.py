@@ -48,7 +48,9 @@ def _budgets(runs: list[dict], prefix: str) -> list[str]:
 
 def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") -> str:
     tasks = [k.split("/")[0] for k in results if k.endswith("/dense")]
+    runs = results.get("_commands", [])
     lines = ["# Quality: metric retained (% of the dense multi-task model) vs budget\n",
+             *(["Raw results made by:\n", *[f"- `{c}`" for c in runs], ""] if runs else []),
              "Encoder units removed physically; MAC cut of the prunable encoder at seq 128. Cells are % of the dense "
              "model's metric on the dev set (QQP: held-out train sample); random is mean ± std over 3 seeds.\n"]
     best99 = {}
