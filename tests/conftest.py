@@ -11,3 +11,20 @@ torch.set_flush_denormal(True)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cli_refusal(tmp_path, capsys):
+    """``refuse(yaml_text or None, path=None) -> stderr``: the CLI must exit 2 on that config before doing any work."""
+    from taskprune.cli import main
+
+    def refuse(text: str | None = None, path=None) -> str:
+        if text is not None:
+            path = tmp_path / "bad.yaml"
+            path.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(path), "--print_config"])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    return refuse

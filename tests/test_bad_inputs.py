@@ -60,20 +60,12 @@ def cli(model_dir: Path, out: Path, *extra: str):
 
 
 # ------------------------------------------------------------------------------------------------ CLI and configs
-def test_missing_config_file(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(tmp_path / "nope.yaml"), "--print_config"])
-    assert exit_.value.code == 2
-    assert "nope.yaml" in capsys.readouterr().err
+def test_missing_config_file(cli_refusal, tmp_path):
+    assert "nope.yaml" in cli_refusal(path=tmp_path / "nope.yaml")
 
 
-def test_config_that_is_not_yaml(capsys, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n  task: sst2\n")
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(bad), "--print_config"])
-    assert exit_.value.code == 2
-    assert "did not find expected ',' or ']'" in capsys.readouterr().err
+def test_config_that_is_not_yaml(cli_refusal):
+    assert "did not find expected ',' or ']'" in cli_refusal("model: [unclosed\n  task: sst2\n")
 
 
 def test_second_cli_run_into_the_same_output_dir_refused(model_dir, tmp_path):
