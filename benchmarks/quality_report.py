@@ -175,7 +175,7 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
             ax.set_xlabel("encoder MAC cut (%)")
             ax.set_ylabel("% of dense metric")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "quality_vs_macs.png", dpi=110)
         plt.close(fig)
