@@ -28,21 +28,18 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from taskprune.arch import get_architecture
+from taskprune.io import atomic_dir
 from taskprune.spec import PruneSpec, fingerprint_diff
 from taskprune.surgery import active_mask, shrink_
 
@@ -59,56 +56,6 @@ _FFN_FIELDS = ("intermediate_size", "d_ff", "n_inner")  # config fields surgery.
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success rename it to ``path``, on error delete it.
-
-    An existing ``path`` is refused (``FileExistsError``) unless ``overwrite``; then it is replaced only once the new
-    folder is complete, so a reader sees the old folder or the new one, never a half-written one.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True to replace it, or choose another "
-                              "folder")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} exists and is not a folder; remove it or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists() and _exchange(tmp, path):  # one atomic swap: `path` is never missing
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
-        elif path.exists():  # no atomic swap here: a crash between the two renames leaves the old folder in `old`
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where that is not supported."""
-    import ctypes
-    import errno
-
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # glibc < 2.28
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
 def find_hf_model(model: nn.Module) -> tuple[nn.Module, str]:
     """``(hf_model, path)``: the outermost ``transformers.PreTrainedModel`` in ``model`` (e.g. the
     ``BertForSequenceClassification``, not its ``BertModel``), and where it sits ("" for ``model`` itself)."""

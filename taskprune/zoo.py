@@ -27,8 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from taskprune.io import atomic_write_json
+from taskprune.io import atomic_dir, atomic_write_json
 from taskprune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -189,9 +187,7 @@ def save_multitask(model: MultiTaskModel, path: str | os.PathLike, build_info: d
                 f" != {build_info.get('recipe_hash')}); pass --force (force=True) to replace it or choose another "
                 "--out folder."
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dir(path, overwrite=True) as tmp:  # the recipe check above decided whether to replace
         model.encoder.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is None and model.tokenizer_path is not None:
             from transformers import AutoTokenizer
@@ -202,16 +198,6 @@ def save_multitask(model: MultiTaskModel, path: str | os.PathLike, build_info: d
         save_file(_heads_state(model), str(tmp / "heads.safetensors"))
         atomic_write_json(tmp / "tasks.json", _tasks_json(model))
         atomic_write_json(tmp / "build.json", build_info)
-        if path.exists():
-            old_dir = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old_dir)
-            os.replace(tmp, path)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
