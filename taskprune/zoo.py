@@ -11,9 +11,10 @@ batches that each hold one task, shuffled across tasks. It saves a folder::
     build.json                       recipe, its hash, data fingerprint, rows per task, build time, dev metrics
 
 Only safetensors and JSON are read back (no pickle, no remote code). The folder is written to a temporary sibling
-and renamed into place. Data comes from ``--data-dir``, else ``$TASKPRUNE_DATA``, else ``/work/shared/data`` when it
-exists, else the small embedded subsets; a build from the embedded data goes to ``<name>-embedded`` so the two
-never mix (their recipe hashes differ anyway).
+and renamed into place. Data comes from ``--data-dir``, else ``$TASKPRUNE_DATA``, else the embedded subsets. The
+embedded train files hold exactly the rows the recipe draws from the full GLUE files (seeded, 1000 per task), and the
+recipe hash covers the *rows trained on*, not the files: a build from the embedded data and one from the full data
+are the same recipe, the same cache folder and (on the same torch build and thread count) the same weights.
 
     model = load_multitask("minilm-glue")          # MultiTaskModel: .encoder (BertModel), .heads, .tasks
     sst2 = model.for_task("sst2")                  # TaskModel sharing the encoder
@@ -41,7 +42,6 @@ from taskprune.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA_DIR = Path("/work/shared/data")
 POOLINGS = ("mean", "cls")
 
 
@@ -208,17 +208,13 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(path_or_name: str | os.PathLike) -> Path:
-    """A folder as given, else ``<cache>/<name>``, else ``<cache>/<name>-embedded``; ``ValueError`` if none exists."""
+    """A folder as given, else ``<cache>/<name>``; ``ValueError`` if neither holds a model."""
     p = Path(path_or_name)
     if (p / "tasks.json").is_file():
         return p
     name = str(path_or_name)
-    for cand in (cache_dir() / name, cache_dir() / f"{name}-embedded"):
-        if (cand / "tasks.json").is_file():
-            if cand.name != name:
-                log.info("using %s (built from the small embedded data; build %r from full data for better heads)",
-                         cand, name)
-            return cand
+    if (cache_dir() / name / "tasks.json").is_file():
+        return cache_dir() / name
     known = f" Known zoo names: {sorted(RECIPES)}." if name not in RECIPES else ""
     raise ValueError(
         f"no multi-task model at {str(path_or_name)!r} (looked for a folder with tasks.json, then under "
@@ -285,13 +281,11 @@ def _base_path(base: str) -> str:
 
 
 def default_build_data_dir() -> Path:
-    """``$TASKPRUNE_DATA``, else ``/work/shared/data`` if it exists, else the embedded subsets."""
+    """``$TASKPRUNE_DATA``, else the embedded subsets (which hold the default recipe's train rows)."""
     from taskprune.data import EMBEDDED_DATA_DIR
 
     env = os.environ.get("TASKPRUNE_DATA")
-    if env:
-        return Path(env)
-    return SHARED_DATA_DIR if SHARED_DATA_DIR.is_dir() else EMBEDDED_DATA_DIR
+    return Path(env) if env else EMBEDDED_DATA_DIR
 
 
 def _is_embedded(data_dir: Path) -> bool:
@@ -300,38 +294,47 @@ def _is_embedded(data_dir: Path) -> bool:
     return data_dir.resolve() == EMBEDDED_DATA_DIR.resolve()
 
 
-def default_out_dir(name: str, data_dir: Path) -> Path:
-    return cache_dir() / (f"{name}-embedded" if _is_embedded(data_dir) else name)
+def default_out_dir(name: str) -> Path:
+    return cache_dir() / name
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _plan(recipe: Recipe, data_dir: Path) -> tuple[dict, str]:
-    """Which train files the build reads (with sha256) and the recipe hash."""
-    files = {}
+def _train_rows(recipe: Recipe, data_dir: Path, task: str):
+    """The seeded ``rows_per_task`` rows of ``task``'s train file that the build trains on (file order)."""
+    from taskprune.data import load_split, random_subset
+
+    return random_subset(load_split(get_task(task), "train", data_dir), recipe.rows_per_task, recipe.seed)
+
+
+def _plan(recipe: Recipe, data_dir: Path) -> tuple[dict, dict, str]:
+    """The train rows per task, their fingerprints (sha256 of the rows, not of the file) and the recipe hash."""
+    data, files = {}, {}
     for t in recipe.tasks:
-        f = data_dir / get_task(t).train.path
-        if f.is_file():
-            files[t] = {"path": get_task(t).train.path, "sha256": _sha256(f)}
+        if not (data_dir / get_task(t).train.path).is_file():
+            continue
+        ds = _train_rows(recipe, data_dir, t)
+        data[t] = ds
+        rows_json = json.dumps(ds.to_dict(), sort_keys=True, ensure_ascii=False)
+        files[t] = {"path": get_task(t).train.path, "rows": len(ds), "rows_sha256": _sha256(rows_json.encode())}
     cfg = Path(_base_path(recipe.base)) / "config.json"
-    base_fp = _sha256(cfg) if cfg.is_file() else recipe.base
+    base_fp = _sha256(cfg.read_bytes()) if cfg.is_file() else recipe.base
     blob = json.dumps({"recipe": asdict(recipe), "data": files, "base": base_fp}, sort_keys=True)
-    return files, hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return data, files, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _batches(tokenizer, recipe: Recipe, data_dir: Path, tasks: list[str]) -> tuple[list[dict], dict[str, int]]:
+def _batches(tokenizer, recipe: Recipe, data: dict) -> tuple[list[dict], dict[str, int]]:
     """Pre-tokenised single-task batches, length-bucketed within a task, shuffled across tasks (seeded)."""
     import numpy as np
 
-    from taskprune.data import Collator, load_split, random_subset
+    from taskprune.data import Collator
 
     rng = np.random.default_rng(recipe.seed)
     batches, rows = [], {}
-    for t in tasks:
+    for t, ds in data.items():
         task = get_task(t)
-        ds = random_subset(load_split(task, "train", data_dir), recipe.rows_per_task, recipe.seed)
         rows[t] = len(ds)
         first = ds[task.text_fields[0]]
         second = ds[task.text_fields[1]] if task.is_pair else None
@@ -384,8 +387,8 @@ def build_multitask(name: str = "minilm-glue", data_dir: str | os.PathLike | Non
     data_dir = Path(data_dir) if data_dir is not None else default_build_data_dir()
     if not data_dir.is_dir():
         raise ValueError(f"data_dir {str(data_dir)!r} is not a folder; pass a folder with the GLUE layout.")
-    out = Path(out) if out is not None else default_out_dir(name, data_dir)
-    files, recipe_hash = _plan(recipe, data_dir)
+    out = Path(out) if out is not None else default_out_dir(name)
+    data, files, recipe_hash = _plan(recipe, data_dir)
     old = read_build_info(out) if out.exists() else None
     if old is not None and old.get("recipe_hash") == recipe_hash and not force:
         log.info("%s already built with recipe %s; skipping", out, recipe_hash)
@@ -401,9 +404,10 @@ def build_multitask(name: str = "minilm-glue", data_dir: str | os.PathLike | Non
         raise ValueError(f"no train file for any of {list(recipe.tasks)} under {data_dir}")
     if skipped:
         log.warning("no train data under %s for %s: building without those heads", data_dir, skipped)
-    if _is_embedded(data_dir):
-        log.warning("building from the small embedded subsets (%s): fewer rows than a full-data build; saved as %s",
-                    data_dir, out)
+    short = {t: n for t in tasks if (n := files[t]["rows"]) < recipe.rows_per_task}
+    if short:
+        log.warning("fewer train rows than rows_per_task=%d under %s: %s (a different model from a full-data build)",
+                    recipe.rows_per_task, data_dir, short)
 
     t0 = time.time()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -414,7 +418,7 @@ def build_multitask(name: str = "minilm-glue", data_dir: str | os.PathLike | Non
                            dropout=recipe.dropout)
     if recipe.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
-    batches, rows = _batches(tokenizer, recipe, data_dir, tasks)
+    batches, rows = _batches(tokenizer, recipe, data)
     log.info("training on %s rows in %d single-task batches", rows, len(batches))
 
     model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
@@ -461,7 +465,7 @@ def build_multitask(name: str = "minilm-glue", data_dir: str | os.PathLike | Non
 
 def ensure_multitask(name: str = "minilm-glue", build_if_missing: bool = True,
                      data_dir: str | os.PathLike | None = None) -> MultiTaskModel:
-    """Load the zoo model ``name`` (``<cache>/<name>``, else ``<cache>/<name>-embedded``); build it if missing."""
+    """Load the zoo model ``name`` from ``<cache>/<name>``; build it (from ``data_dir``) if missing."""
     try:
         return load_multitask(name)
     except ValueError:
@@ -540,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="fine-tune and save a zoo model")
     b.add_argument("name", choices=sorted(RECIPES))
     b.add_argument("--data-dir", default=None,
-                   help="GLUE-layout data folder (default: $TASKPRUNE_DATA, /work/shared/data, else embedded)")
+                   help="GLUE-layout data folder (default: $TASKPRUNE_DATA, else the embedded subsets)")
     b.add_argument("--out", default=None, help="output folder (default: $TASKPRUNE_CACHE or ~/.cache/taskprune)")
     b.add_argument("--force", action="store_true", help="replace an existing build with a different recipe")
     b.add_argument("--rows-per-task", type=int, default=None, help="override the recipe (changes its hash)")

@@ -123,7 +123,7 @@ def test_build_from_embedded_data_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path / "cache"))
     recipe = Recipe(base=str(base), tasks=("sst2", "stsb"), rows_per_task=8, batch_size=4, dev_rows=8)
     out = build_multitask("tiny", data_dir=_embedded(), recipe=recipe, progress_bar=False)
-    assert out == default_out_dir("tiny", _embedded()) and out.name == "tiny-embedded"
+    assert out == default_out_dir("tiny") and out.name == "tiny"
     info = read_build_info(out)
     assert info["rows_per_task"] == {"sst2": 8, "stsb": 8} and info["data_source"] == "embedded"
     assert set(info["dev_metrics"]) == {"sst2", "stsb"}
@@ -134,6 +134,41 @@ def test_build_from_embedded_data_tiny(tmp_path, monkeypatch):
     assert (out / "heads.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match=r"different build.*--force"):
         build_multitask("tiny", _embedded(), recipe=replace(recipe, seed=1), progress_bar=False)
+
+
+def test_recipe_hash_follows_the_rows_not_the_file_bytes(tmp_path):
+    """Same train rows in differently written files: one recipe hash; one row fewer: another."""
+    import json
+
+    from taskprune.zoo import Recipe, _plan
+
+    recipe = Recipe(tasks=("qnli",), rows_per_task=1000)
+    src = _embedded() / "qnli" / "train_sample.jsonl"
+    lines = [json.loads(x) for x in src.read_text().splitlines()]
+    (tmp_path / "a" / "qnli").mkdir(parents=True)
+    (tmp_path / "a" / "qnli" / "train_sample.jsonl").write_text(
+        "\n".join(json.dumps(dict(reversed(list(r.items()))), indent=None, separators=(", ", ":  ")) for r in lines))
+    (tmp_path / "b" / "qnli").mkdir(parents=True)
+    (tmp_path / "b" / "qnli" / "train_sample.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:-1]))
+    h = {d: _plan(recipe, d)[2] for d in (_embedded(), tmp_path / "a", tmp_path / "b")}
+    assert h[_embedded()] == h[tmp_path / "a"] != h[tmp_path / "b"]
+
+
+@pytest.mark.slow
+def test_embedded_train_rows_are_the_recipes_rows_of_the_full_data():
+    """The embedded train files hold exactly what the default recipe draws from the full GLUE files (benchmark data)."""
+    from pathlib import Path
+
+    from taskprune.zoo import RECIPES, _plan
+
+    full = Path("/work/shared/data")
+    if not full.is_dir():
+        pytest.skip("needs the full data folder /work/shared/data")
+    recipe = RECIPES["minilm-glue"]
+    emb, emb_files, emb_hash = _plan(recipe, _embedded())
+    ful, ful_files, ful_hash = _plan(recipe, full)
+    assert emb_files == ful_files and emb_hash == ful_hash
+    assert all(len(ds) == recipe.rows_per_task for ds in emb.values())
 
 
 def _embedded():
