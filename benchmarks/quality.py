@@ -50,7 +50,7 @@ class Bench:
         self.path = Path(args.out) / args.json
         self.results = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
         self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs")
-        self.select = dict(normalize=args.normalize)  # selection options of the method comparison
+        self.select = dict(scope=args.scope, normalize=args.normalize)  # selection of the method comparison
 
     # -------------------------------------------------------------------------------------- data
     def batches(self, task, ds, batch_size=32):
@@ -203,8 +203,10 @@ def main(argv=None) -> None:
     p.add_argument("--select-rows", type=int, default=500, help="selection split for the ablation")
     p.add_argument("--eval-rows", type=int, default=1000, help="cap on rows per dev / OOD set (seeded)")
     p.add_argument("--ood-rows", type=int, default=500, help="cap on rows per out-of-domain set (seeded)")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--normalize", default="l1", help="per-block score normalisation for global selection")
+    p.add_argument("--steps", type=int, default=4, help="IG steps of the method comparison (taskprune's default)")
+    p.add_argument("--scope", default="per_kind", choices=["per_kind", "global", "layerwise"],
+                   help="selection scope of the method comparison and low-resource runs (taskprune's default)")
+    p.add_argument("--normalize", default="l1", help="per-block score normalisation before ranking")
     p.add_argument("--low-resource-tasks", nargs="*", default=["sst2", "rte"])
     p.add_argument("--k-per-class", type=int, nargs="*", default=[4, 8, 16, 32, 64])
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
@@ -219,12 +221,14 @@ def main(argv=None) -> None:
     if args.render:
         from benchmarks.quality_report import render
 
-        merged = {}
-        for f in args.render:
+        merged, sources = {}, []
+        for f in args.render:  # later files win on shared keys
             raw = json.loads(Path(f).read_text())
-            commands = merged.get("_commands", []) + raw.get("_commands", [])
+            raw.pop("_settings_note", None)
+            sources.append({"file": Path(f).name, "settings": raw.pop("_settings", None),
+                            "commands": raw.pop("_commands", []), "keys": len(raw)})
             merged |= raw
-            merged["_commands"] = commands
+        merged["_sources"] = sources
         write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
         return
     if args.quick:
@@ -235,6 +239,12 @@ def main(argv=None) -> None:
     bench = Bench(args)
     bench.results.setdefault("_commands", []).append(  # the raw file names the runs that filled it
         " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]))
+    settings = {"steps": args.steps, "scope": args.scope, "normalize": args.normalize, "calib": args.calib,
+                "eval_rows": args.eval_rows, "ood_rows": args.ood_rows}
+    old = bench.results.setdefault("_settings", settings)
+    if old != settings:  # one file, one setting: a resumed run must not mix selection rules in a table
+        raise SystemExit(f"{bench.path} was filled with {old}, this run asks for {settings}; use another --json "
+                         "or the same options.")
     for task in (args.tasks or ("sst2", "rte", "mrpc", "mnli", "qnli", "qqp", "cola", "stsb")) \
             if "methods" in args.phases else ():
         log.info("task %s: methods", task)
@@ -247,7 +257,10 @@ def main(argv=None) -> None:
         bench.run_low_resource(task)
     from benchmarks.quality_report import render
 
-    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(bench.results, args.out))
+    results = dict(bench.results)
+    results["_sources"] = [{"file": args.json, "settings": results.pop("_settings"),
+                            "commands": results.pop("_commands"), "keys": len(results)}]
+    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(results, args.out))
 
 
 if __name__ == "__main__":

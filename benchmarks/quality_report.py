@@ -46,11 +46,23 @@ def _budgets(runs: list[dict], prefix: str) -> list[str]:
     return sorted(seen, key=lambda b: float(b.split("=")[1]))
 
 
+def _sources(sources: list[dict]) -> list[str]:
+    """Which raw file (settings, commands) the tables come from; a later file wins where two hold the same key."""
+    if not sources:
+        return []
+    out = ["Raw results (merged in this order; a later file wins on a shared key):\n"]
+    for s in sources:
+        st = s.get("settings") or {}
+        desc = ", ".join(f"{k} {v}" for k, v in st.items()) if st else "settings not recorded"
+        out.append(f"- `{s['file']}` ({s['keys']} results; {desc}), made by:")
+        out += [f"  - `{c}`" for c in s.get("commands", [])]
+    return out + [""]
+
+
 def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") -> str:
     tasks = [k.split("/")[0] for k in results if k.endswith("/dense")]
-    runs = results.get("_commands", [])
     lines = ["# Quality: metric retained (% of the dense multi-task model) vs budget\n",
-             *(["Raw results made by:\n", *[f"- `{c}`" for c in runs], ""] if runs else []),
+             *_sources(results.get("_sources", [])),
              "Encoder units removed physically; MAC cut of the prunable encoder at seq 128. Cells are % of the dense "
              "model's metric on the dev set (QQP: held-out train sample); random is mean ± std over 3 seeds.\n"]
     best99 = {}
