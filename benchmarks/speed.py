@@ -585,9 +585,6 @@ def main(argv: list[str] | None = None) -> None:
     res["settings"] = {"attr_batch": n_attr, "overhead_reps": reps, "compare_batch": n_cmp,
                        "compare_steps": args.compare_steps or args.steps, "repeats": repeats, "batches": batches,
                        "thread_list": threads_list}
-    res["settings"] = {"attr_batch": n_attr, "overhead_reps": reps, "compare_batch": n_cmp,
-                       "compare_steps": args.compare_steps or args.steps, "repeats": repeats, "batches": batches,
-                       "thread_list": threads_list}
     res["plot"] = plot(res["throughput"], out.with_name(out.stem + "_throughput.png"))
     res["total_s"] = time.perf_counter() - t0
     atomic_write_json(out.with_suffix(".json"), res)
