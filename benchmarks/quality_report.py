@@ -117,7 +117,8 @@ def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") ->
     return "\n".join(lines) + "\n"
 
 
-def _low_resource(results: dict) -> list[str]:
+def _low_resource_rows(results: dict) -> dict[tuple, list[float]]:
+    """(task, method, budget, k) -> % of dense per sampling seed."""
     rows: dict[tuple, list[float]] = {}
     for key, v in results.items():
         m = re.fullmatch(r"(\w+)/lowres/k=(\d+)/seed=(\d+)/(\w+)", key)
@@ -127,6 +128,11 @@ def _low_resource(results: dict) -> list[str]:
         dense = results[f"{task}/dense"]["dev"]
         for b, r in v["budgets"].items():
             rows.setdefault((task, method, b, int(k)), []).append(100 * r["dev"] / dense)
+    return rows
+
+
+def _low_resource(results: dict) -> list[str]:
+    rows = _low_resource_rows(results)
     if not rows:
         return []
     out = ["\n## Low-resource calibration (k labelled samples per class; mean ± std over sampling seeds)\n",
@@ -192,25 +198,45 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
         fig.savefig(out_dir / "quality_vs_macs.png", dpi=110)
         plt.close(fig)
         made.append("quality_vs_macs.png")
-    ig = results.get(f"{tasks[0]}/supervised/ig") if tasks else None
-    if ig:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        for ax, cut in zip(axes, ("macs=0.4", "macs=0.6")):
-            row = ig["budgets"].get(cut)
-            if not row:
-                continue
-            heads = list(row["kept_heads"].values())
-            neurons = list(row["kept_neurons"].values())
-            ax.bar([i - 0.2 for i in range(len(heads))], [k / n for k, n in heads], width=0.4,
-                   label="fraction of heads kept")
-            ax.bar([i + 0.2 for i in range(len(neurons))], [k / n for k, n in neurons], width=0.4,
-                   label="fraction of neurons kept")
-            ax.set_title(f"{tasks[0]} ig, {cut}")
-            ax.set_xlabel("layer")
-            ax.set_ylim(0, 1.05)
-        axes[0].legend(fontsize=7)
+    heat = [(task, kind, [k / n for k, n in results[f"{task}/supervised/ig"]["budgets"]["macs=0.4"][f"kept_{kind}"]
+                          .values()])
+            for task in tasks if "macs=0.4" in results.get(f"{task}/supervised/ig", {}).get("budgets", {})
+            for kind in ("heads", "neurons")]
+    if heat:  # tasks x layers: which layers each task keeps (ig, 40 % MAC cut)
+        grid = [row for _, _, row in heat]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * max(map(len, grid)), 0.8 + 0.32 * len(heat)))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(heat)), [f"{t} {k}" for t, k, _ in heat], fontsize=7)
+        ax.set_xticks(range(len(grid[0])), [str(i) for i in range(len(grid[0]))])
+        ax.set_xlabel("layer")
+        ax.set_title("fraction of units kept (ig, 40 % MAC cut)", fontsize=9)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(out_dir / "kept_per_layer.png", dpi=110)
         plt.close(fig)
         made.append("kept_per_layer.png")
+    low = _low_resource_rows(results)
+    if low:
+        panels = sorted({(t, b) for t, _, b, _ in low})
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+        for ax, (task, b) in zip(axes[0], panels):
+            for method in sorted({m for t, m, bb, _ in low if (t, bb) == (task, b)}):
+                ks = sorted(k for t, m, bb, k in low if (t, m, bb) == (task, method, b))
+                vals = [low[(task, method, b, k)] for k in ks]
+                ax.errorbar(ks, [statistics.mean(v) for v in vals],
+                            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3,
+                            label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{task}, {b.replace('macs=', 'MAC cut ')}")
+            ax.set_xlabel("labelled samples per class")
+            ax.set_ylabel("% of dense metric")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "low_resource.png", dpi=110)
+        plt.close(fig)
+        made.append("low_resource.png")
     return ["\nPlots: " + ", ".join(f"[{m}]({m})" for m in made)] if made else []
