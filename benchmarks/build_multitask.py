@@ -29,6 +29,29 @@ def recipe_dev_rows(info: dict) -> int:
     return int(info.get("recipe", {}).get("dev_rows", 0))
 
 
+def _compare(a: Path, b: Path) -> list[str]:
+    """Markdown lines: do two builds hold the same weights (sha256 of the safetensors files, then max |diff|)?"""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    ia, ib = read_build_info(a) or {}, read_build_info(b) or {}
+    out = [f"* compared with `{b}` (recipe hash `{ib.get('recipe_hash')}`, data: {ib.get('data_source')} "
+           f"`{ib.get('data_dir')}`, built {ib.get('build_seconds')} s):"]
+    for f in ("model.safetensors", "heads.safetensors"):
+        ha, hb = (hashlib.sha256((d / f).read_bytes()).hexdigest() for d in (a, b))
+        if ha == hb:
+            out.append(f"  * `{f}`: byte-identical (sha256 `{ha[:16]}`)")
+            continue
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        diff = max(((ta[k] - tb[k]).abs().max().item() for k in ta if k in tb and ta[k].shape == tb[k].shape),
+                   default=float("nan"))
+        out.append(f"  * `{f}`: differ (sha256 `{ha[:16]}` vs `{hb[:16]}`), max |difference| {diff:.3g}")
+    if ia.get("recipe_hash") == ib.get("recipe_hash"):
+        out.append("  * same recipe hash")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -44,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ood-max-rows", type=int, default=2000, help="cap rows per out-of-domain set (seeded)")
     p.add_argument("--from-build-json", action="store_true",
                    help="tabulate the build-time dev check recorded in build.json (seeded subsets) instead")
+    p.add_argument("--compare-with", default=None, metavar="FOLDER",
+                   help="another build of the same recipe (e.g. from the other data folder): are the weights equal?")
     args = p.parse_args(argv)
     console = Console()
 
@@ -75,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| {t} | {label} | `{spec.path}` ({spec.split}{sub}) | {n} | {metrics} |")
             console.print(rows[-1])
     eval_s = time.time() - t0
+    same = [] if args.compare_with is None else _compare(path, Path(args.compare_with))
 
     order = {t: i for i, t in enumerate(("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb"))}
     rows.sort(key=lambda r: (order.get(r.split("|")[1].strip(), 99), "out-of" in r))
@@ -107,17 +133,18 @@ def main(argv: list[str] | None = None) -> None:
         f"* build time: {info.get('build_seconds')} s wall ({info.get('train_seconds')} s training incl. "
         f"loading), {info.get('torch_threads')} torch threads",
         f"* evaluation time for this table: {eval_s:.0f} s",
+        *same,
         "",
         "## Reproduce",
         "",
         "```",
-        "python -m taskprune.zoo build minilm-glue --data-dir /work/shared/data",
+        "python -m taskprune.zoo build minilm-glue   # the embedded data; --data-dir /work/shared/data: same rows, same hash",
         " ".join(["python -m benchmarks.build_multitask", *(argv if argv is not None else sys.argv[1:])]),
         "```",
         "",
         f"* git commit: {git_commit()}",
-        f"* machine: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}; the CPU was shared with "
-        "other processes during the build, so times are upper bounds",
+        f"* machine: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}; build times depend on "
+        "what else runs on the CPU",
         f"* date: {datetime.date.today().isoformat()}",
         "",
     ]

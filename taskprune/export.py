@@ -309,7 +309,7 @@ def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from taskprune.zoo import HeadInfo, MultiTaskModel
+    from taskprune.zoo import HeadInfo, MultiTaskModel, head_from_state
 
     tasks_file, heads_file = folder / TASKS_FILE, folder / HEADS_FILE
     try:
@@ -325,14 +325,7 @@ def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(heads_file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") \
             from None
-    try:
-        w, b = state[f"{task}.weight"], state[f"{task}.bias"]
-    except KeyError:
-        raise ValueError(f"{str(heads_file)!r} has no head for task {task!r} (keys {sorted(state)[:4]})") from None
-    head = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
+    head = head_from_state(state, task, heads_file)
     has_tok = (folder / "tokenizer_config.json").is_file()
     multi = MultiTaskModel(encoder, {task: info}, {task: head}, meta.get("pooling", "mean"),
                            str(folder) if has_tok else None)

@@ -222,6 +222,19 @@ def resolve_model_dir(path_or_name: str | os.PathLike) -> Path:
     )
 
 
+def head_from_state(state: dict[str, torch.Tensor], task: str, source: str | os.PathLike) -> nn.Linear:
+    """The ``Linear`` head of ``task`` from a heads state dict (``<task>.weight``, ``<task>.bias``)."""
+    try:
+        w, b = state[f"{task}.weight"], state[f"{task}.bias"]
+    except KeyError:
+        raise ValueError(f"{str(source)!r} has no head for task {task!r} (keys {sorted(state)[:4]})") from None
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return head
+
+
 def load_multitask(path_or_name: str | os.PathLike = "minilm-glue") -> MultiTaskModel:
     """Load a saved :class:`MultiTaskModel` offline (safetensors + JSON only), in eval mode."""
     from transformers import AutoModel
@@ -233,12 +246,7 @@ def load_multitask(path_or_name: str | os.PathLike = "minilm-glue") -> MultiTask
     tasks, heads = {}, {}
     for t, d in meta["tasks"].items():
         info = HeadInfo(tuple(d["label_names"]), int(d["n_labels"]), bool(d["regression"]), float(d["output_scale"]))
-        w, b = state[f"{t}.weight"], state[f"{t}.bias"]
-        head = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            head.weight.copy_(w)
-            head.bias.copy_(b)
-        tasks[t], heads[t] = info, head
+        tasks[t], heads[t] = info, head_from_state(state, t, path / "heads.safetensors")
     has_tok = (path / "tokenizer_config.json").is_file()
     model = MultiTaskModel(encoder, tasks, heads, meta.get("pooling", "mean"), str(path) if has_tok else None)
     return model.eval()
