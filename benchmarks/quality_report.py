@@ -170,6 +170,21 @@ def _ablation(results: dict) -> list[str]:
     return out
 
 
+def _style(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("% of dense metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
     try:
         import matplotlib
@@ -189,15 +204,8 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
                 ys = [statistics.mean(r["budgets"][c]["dev"] for r in runs if c in r["budgets"]) / dense * 100
                       for c in cuts]
                 ax.plot([float(c.split("=")[1]) * 100 for c in cuts], ys, marker="o", label=m)
-            ax.set_title(task)
-            ax.set_xlabel("encoder MAC cut (%)")
-            ax.set_ylabel("% of dense metric")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "quality_vs_macs.png", dpi=110)
-        plt.close(fig)
-        made.append("quality_vs_macs.png")
+            _style(ax, task, "encoder MAC cut (%)")
+        made.append(_save(plt, fig, out_dir / "quality_vs_macs.png"))
     heat = [(task, kind, [k / n for k, n in results[f"{task}/supervised/ig"]["budgets"]["macs=0.4"][f"kept_{kind}"]
                           .values()])
             for task in tasks if "macs=0.4" in results.get(f"{task}/supervised/ig", {}).get("budgets", {})
@@ -214,10 +222,7 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out_dir / "kept_per_layer.png", dpi=110)
-        plt.close(fig)
-        made.append("kept_per_layer.png")
+        made.append(_save(plt, fig, out_dir / "kept_per_layer.png"))
     low = _low_resource_rows(results)
     if low:
         panels = sorted({(t, b) for t, _, b, _ in low})
@@ -230,13 +235,6 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
                             yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3,
                             label=method)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{task}, {b.replace('macs=', 'MAC cut ')}")
-            ax.set_xlabel("labelled samples per class")
-            ax.set_ylabel("% of dense metric")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "low_resource.png", dpi=110)
-        plt.close(fig)
-        made.append("low_resource.png")
+            _style(ax, f"{task}, {b.replace('macs=', 'MAC cut ')}", "labelled samples per class")
+        made.append(_save(plt, fig, out_dir / "low_resource.png"))
     return ["\nPlots: " + ", ".join(f"[{m}]({m})" for m in made)] if made else []
