@@ -378,7 +378,7 @@ def plot(tp: dict, path: Path) -> str | None:
 
 
 def report(res: dict, argv: list[str]) -> str:
-    out = [f"# Speed: attribution cost and pruned-model throughput (MiniLM-L6, CPU)\n\n"]
+    out = ["# Speed: attribution cost and pruned-model throughput (MiniLM-L6, CPU)\n\n"]
     if res.get("rendered_by"):  # the run's command, commit and machine, not the renderer's
         out.append(f"- command: `{res['command']}`\n- commit: `{res['commit']}`\n- machine: {res['machine']}\n\n")
     else:

@@ -15,7 +15,6 @@ Writes benchmarks/results/storage.md and storage.json atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile

@@ -52,8 +52,8 @@ def test_unit_cost_biases():
 
 def test_count_macs_bert_by_hand():
     # BERT tiny: 2 layers, d=32, 4 heads of 8, 37 intermediate neurons (ungated)
-    s, d, n_layers, n_heads, dh, d_ff = 64, 32, 2, 4, 8, 37
-    attention = 4 * s * d * d + 2 * s * s * d  # q, k, v, o projections + QK^T + AV
+    s, d, n_layers, d_ff = 64, 32, 2, 37
+    attention = 4 * s * d * d + 2 * s * s * d  # q, k, v, o projections + QK^T + AV (4 heads of 8: d = 32)
     ffn = 2 * s * d * d_ff
     assert count_macs(tiny_model("bert"), seq_len=s) == n_layers * (attention + ffn)
     assert count_macs(_fp("bert"), seq_len=s) == n_layers * (attention + ffn)

@@ -9,15 +9,8 @@ import torch
 import transformers as tf
 
 from taskprune.arch import find_base
-from taskprune.zoo import (
-    HeadInfo,
-    MultiTaskModel,
-    TaskModel,
-    load_multitask,
-    read_build_info,
-    resolve_model_dir,
-    save_multitask,
-)
+from taskprune.multitask import HeadInfo, MultiTaskModel, TaskModel, read_build_info, save_multitask
+from taskprune.zoo import load_multitask, resolve_model_dir
 
 TASKS = ("sst2", "mnli", "stsb")
 
