@@ -38,3 +38,20 @@ def comparison_table(rows: list[dict], size: dict | None = None, title: str = "t
 
 def print_table(table: Table) -> None:
     Console().print(table)
+
+
+def rich_logging(level: int = 20) -> None:
+    """Root logging through rich (for command-line entry points; library code only logs)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+
+
+def print_json(data, title: str | None = None) -> None:
+    """``title`` (rich markup) then ``data`` as highlighted JSON."""
+    console = Console()
+    if title:
+        console.print(title)
+    console.print_json(data=data)

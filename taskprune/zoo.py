@@ -351,10 +351,9 @@ def _MultiTaskFit(*args, **kwargs):
 # -------------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     """``taskprune-zoo build|info NAME``."""
-    from rich.console import Console
-    from rich.logging import RichHandler
+    from taskprune.report import print_json, rich_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    rich_logging(logging.INFO)
     p = argparse.ArgumentParser(prog="python -m taskprune.zoo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="fine-tune and save a zoo model")
@@ -367,7 +366,6 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("info", help="show a built model's build.json")
     i.add_argument("name")
     args = p.parse_args(argv)
-    console = Console()
     if args.cmd == "build":
         recipe = RECIPES[args.name]
         if args.rows_per_task is not None:
@@ -375,10 +373,9 @@ def main(argv: list[str] | None = None) -> None:
 
             recipe = replace(recipe, rows_per_task=args.rows_per_task)
         path = build_multitask(args.name, args.data_dir, args.out, args.force, recipe)
-        console.print(f"[bold green]built[/] {path}")
-        console.print_json(data=read_build_info(path))
+        print_json(read_build_info(path), title=f"[bold green]built[/] {path}")
     else:
-        console.print_json(data=read_build_info(resolve_model_dir(args.name)))
+        print_json(read_build_info(resolve_model_dir(args.name)))
 
 
 if __name__ == "__main__":
