@@ -169,16 +169,22 @@ class Bench:
         variants += [("quadrature", {"quadrature": q, "steps": 4}) for q in
                      ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")]
         variants += [("aggregate", {"aggregate": "signed", "steps": 8})]  # "abs" is the steps=8 row
-        for group, opts in variants:
+        variants += [("baseline", {"baseline": b, "steps": 4}) for b in (0.5, 0.75)]  # where the IG path starts
+        variants += [("reference", {"method": m}) for m in ("grad_x_gate", "fisher")]  # one-step methods, same split
+        groups = self.args.ablation_groups
+        for group, opts in [(g, o) for g, o in variants if groups is None or g in groups]:
             key = f"{task}/ablation/{group}/" + ",".join(f"{k}={v}" for k, v in opts.items())
             if self.done(key):
                 continue
-            full = {**self.ig, **opts}
+            opts = dict(opts)
+            method = opts.pop("method", "ig")
+            full = {**self.ig, **opts} if method == "ig" else {}
             t0 = time.perf_counter()
-            scores = score_units(tm, calib_b, "ig", target="label", **full)
+            scores = score_units(tm, calib_b, method, target="label", **full)
             seconds = time.perf_counter() - t0
             rows = {f"macs={c}": self.pruned_metric(tm, task, scores, sel, macs=c) for c in (0.4, 0.6)}
-            if group == "steps" and opts["steps"] == 8:  # selection scope / normalisation on the default scores
+            scope_rows = group == "steps" and opts["steps"] == 8 and (groups is None or "scope" in groups)
+            if scope_rows:  # selection scope / normalisation on the steps=8 scores
                 for scope, norm in (("layerwise", "none"), ("global", "none"), ("global", "l1"), ("global", "l2"),
                                     ("global", "max")):
                     rows |= {f"macs={c},scope={scope},normalize={norm}": self.pruned_metric(
@@ -211,6 +217,8 @@ def main(argv=None) -> None:
     p.add_argument("--k-per-class", type=int, nargs="*", default=[4, 8, 16, 32, 64])
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
+    p.add_argument("--ablation-groups", nargs="*", default=None,
+                   help="only these ablation groups (steps quadrature aggregate baseline reference scope; default all)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON file")
     p.add_argument("--json", default="quality.json", help="raw results file under --out (parallel runs: one each)")

@@ -5,7 +5,9 @@ layers at once, along the straight path from all gates at 0 to all gates at 1::
 
     IG_i(x) = ∫_0^1 ∂F(x; α·1)/∂g_i dα  ≈  Σ_j w_j ∂F(x; α_j·1)/∂g_i
 
-so that ``Σ_i IG_i(x) ≈ F(x; 1) − F(x; 0)`` (completeness). Every sample gets its own row of gates, so one backward
+so that ``Σ_i IG_i(x) ≈ F(x; 1) − F(x; 0)`` (completeness). ``baseline=b`` starts the path at all gates = ``b``
+instead of 0 (``IG_i = (1 − b) ∫_0^1 ∂F(x; (b + α(1 − b))·1)/∂g_i dα``, completeness against ``F(x; b)``): the
+path then stays among networks that still work, at the price of attributing only the last part of the gap. Every sample gets its own row of gates, so one backward
 pass gives per-sample attributions of every unit, and ``m`` quadrature nodes cost ``m`` forward+backward passes per
 batch whatever the number of layers. ``alpha_batch`` nodes share one forward (the batch is repeated), trading memory
 for fewer, larger passes. Parameters never get gradients: they are frozen for the duration of the call.
@@ -177,6 +179,7 @@ class Attributor:
         units: ``"all"``, ``"heads"``, ``"neurons"``.
         steps: IG quadrature nodes (``ig`` only).
         quadrature: IG quadrature rule.
+        baseline: gate value where the IG path starts, in ``[0, 1)`` (``ig`` only; 0 = the paper's all-off baseline).
         alpha_batch: how many IG nodes share one forward pass (memory ∝ ``alpha_batch × batch``).
         aggregate: ``"abs"`` (mean of |per-sample attribution|) or ``"signed"`` (mean of signed attributions); used
             by ``ig`` and ``grad_x_gate``.
@@ -194,6 +197,7 @@ class Attributor:
         steps: int = 4,
         quadrature: str = "riemann_middle",
         alpha_batch: int = 1,
+        baseline: float = 0.0,
         aggregate: Literal["abs", "signed"] = "abs",
         forward: Callable | None = None,
         seed: int = 0,
@@ -204,7 +208,12 @@ class Attributor:
             raise ValueError(f"unknown aggregate {aggregate!r}; allowed: {list(AGGREGATIONS)}")
         if not isinstance(alpha_batch, int) or alpha_batch < 1:
             raise ValueError(f"alpha_batch must be a positive integer, got {alpha_batch!r}")
+        if not isinstance(baseline, (int, float)) or not 0.0 <= baseline < 1.0:
+            raise ValueError(f"baseline={baseline!r}: the gate value where the IG path starts must be in [0, 1) "
+                             "(0 = all units off, the paper's baseline; 0.5 = a path from half-on gates)")
         self.nodes, self.weights = globals()["quadrature"](quadrature, steps) if method == "ig" else (None, None)
+        if method == "ig" and baseline:  # the path b -> 1: nodes b + α(1 - b), weights scaled by the length 1 - b
+            self.nodes, self.weights = baseline + self.nodes * (1 - baseline), self.weights * (1 - baseline)
         self.model = model
         self.method = method
         self.units = check_units(units)
@@ -217,7 +226,8 @@ class Attributor:
         self.gates = Gates(model, self.units)
         self.options = {
             "target": self.target_name, "units": list(self.units), "aggregate": aggregate, "seed": seed,
-            **({"steps": steps, "quadrature": quadrature, "alpha_batch": self.alpha_batch} if method == "ig" else {}),
+            **({"steps": steps, "quadrature": quadrature, "alpha_batch": self.alpha_batch, "baseline": float(baseline)}
+               if method == "ig" else {}),
         }
 
     @property

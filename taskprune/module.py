@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SPEC_KEY = "taskprune_spec"
 CALIB_KEY = "taskprune_calibration"
 # settings a resumed calibration must share with the run that wrote its checkpoint (the sums would mix otherwise)
-RESUME_HPARAMS = ("task", "method", "target", "units", "steps", "quadrature", "aggregate", "seed")
+RESUME_HPARAMS = ("task", "method", "target", "units", "steps", "quadrature", "baseline", "aggregate", "seed")
 
 
 def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
@@ -129,6 +129,7 @@ class AttributionModule(L.LightningModule):
         steps: IG quadrature nodes.
         quadrature: IG quadrature rule.
         alpha_batch: IG nodes per forward pass (memory ∝ alpha_batch × batch size).
+        baseline: gate value where the IG path starts, in [0, 1) (0: all units off, the paper's path).
         aggregate: ``abs`` or ``signed`` mean of per-sample attributions.
         seed: seed of the ``random`` method.
         compare_dense: evaluate the dense model beside the pruned one in ``test`` / ``validate`` (keeps a copy).
@@ -146,6 +147,7 @@ class AttributionModule(L.LightningModule):
         quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
                             "gauss_legendre"] = "riemann_middle",
         alpha_batch: int = 1,
+        baseline: float = 0.0,
         aggregate: Literal["abs", "signed"] = "abs",
         seed: int = 0,
         compare_dense: bool = True,
@@ -172,7 +174,8 @@ class AttributionModule(L.LightningModule):
                 f"labels {list(self.task.label_names)}; load the head trained for this task"
             )
         self.attributor = Attributor(self.model, method, target, units, steps=steps, quadrature=quadrature,
-                                     alpha_batch=alpha_batch, aggregate=aggregate, seed=seed, forward=forward)
+                                     alpha_batch=alpha_batch, baseline=baseline, aggregate=aggregate, seed=seed,
+                                     forward=forward)
         self.forward_fn = forward or default_forward
         self.scores = UnitScoreMetric(self.attributor.gates.n_units)
         self.compare_dense = compare_dense

@@ -18,12 +18,12 @@ def labelled(name, batch_size=4, seed=1):
     return b
 
 
-def target_gap(model, batch, att):
-    """F(all gates 1) - F(all gates 0), summed over the batch."""
+def target_gap(model, batch, att, baseline=0.0):
+    """F(all gates 1) - F(all gates at the baseline), summed over the batch."""
     with torch.no_grad(), Gates(model) as g:
         g.set(torch.ones(g.n_units))
         f1 = att.target(default_forward(model, batch), batch).sum()
-        g.set(torch.zeros(g.n_units))
+        g.set(torch.full((g.n_units,), baseline))
         f0 = att.target(default_forward(model, batch), batch).sum()
     return float(f1 - f0)
 
@@ -36,6 +36,22 @@ def test_ig_completeness(arch):
     gap = target_gap(model, batch, att)
     assert count == 4
     assert sums.sum().item() == pytest.approx(gap, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("baseline", [0.5, 0.9])
+def test_ig_completeness_from_a_baseline(baseline):
+    model, batch = tiny_model("bert"), labelled("bert")
+    att = Attributor(model, "ig", steps=16, quadrature="gauss_legendre", aggregate="signed", baseline=baseline)
+    gap = target_gap(model, batch, att, baseline)
+    assert gap != pytest.approx(target_gap(model, batch, att), rel=1e-3)  # the start of the path matters
+    assert att.batch_sums(batch)[0].sum().item() == pytest.approx(gap, rel=1e-3, abs=1e-6)
+    assert att.options["baseline"] == baseline
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.5"])
+def test_ig_baseline_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match=r"baseline=.*\[0, 1\)"):
+        Attributor(tiny_model("bert"), "ig", baseline=bad)
 
 
 def test_ig_error_falls_with_steps():
