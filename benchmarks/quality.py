@@ -233,6 +233,12 @@ def main(argv=None) -> None:
         for f in args.render:  # later files win on shared keys
             raw = json.loads(Path(f).read_text())
             raw.pop("_settings_note", None)
+            for key in [k for k in raw if k.endswith("/dense_select")]:  # another selection split: keep both
+                task = key.split("/")[0]
+                if key in merged and merged[key] != raw[key]:
+                    tag = f"{task} [{Path(f).stem}]"
+                    raw = {(tag + k[len(task):] if k.startswith(f"{task}/ablation/") or k == key else k): v
+                           for k, v in raw.items()}
             sources.append({"file": Path(f).name, "settings": raw.pop("_settings", None),
                             "commands": raw.pop("_commands", []), "keys": len(raw)})
             merged |= raw
