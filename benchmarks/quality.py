@@ -1,13 +1,18 @@
 """Accuracy vs budget for every scoring method, low-resource, unsupervised, unseen domains, and the IG ablation.
 
-    python benchmarks/quality.py --data-dir ../shared/data            # full run (about an hour on 2 cores)
-    python benchmarks/quality.py --data-dir ../shared/data --quick    # minutes: SST-2 and RTE, fewer budgets
+    python -m benchmarks.quality --data-dir ../shared/data            # full run: 1.5-2 h on 2 cores (see below)
+    python -m benchmarks.quality --data-dir ../shared/data --quick    # minutes: SST-2 and RTE, fewer budgets
 
 Model: the project's multi-task MiniLM (``python -m taskprune.zoo build minilm-glue``). For each task, the shared
 encoder is pruned for that task's head: scores on a calibration subset of the task's *train* split, units removed
 physically (``shrink_``) at each encoder MAC cut (seq 128), metric on the dev set (QQP: a held-out sample of train,
 labelled as such). The IG ablation that picks the defaults is scored on a *selection* split drawn from train,
 disjoint from calibration, never on the dev sets reported here.
+
+Cost: the published method comparison (six tasks, 512 calibration samples) took about 85 min in two parallel
+processes with ``OMP_NUM_THREADS=1`` each (``--tasks sst2 mrpc rte`` and ``--tasks qnli mnli qqp``, separate
+``--json`` files; each file records its settings and refuses a resumed run with other ones). Evaluation of the ~80
+pruned models per task dominates, not attribution; ``--eval-rows 300`` cuts it by 40 %.
 
 Results go to ``benchmarks/results/quality.json`` (raw, appended as the run goes: an interrupted run resumes where it
 stopped) and ``quality.md`` (tables) plus PNG plots when matplotlib is installed.
