@@ -321,7 +321,7 @@ def _fit_module_cls():
             loss = t.loss(logits / scale, labels / scale) if t.regression else t.loss(logits, labels)
             self.log("loss", loss, prog_bar=True, batch_size=len(labels))
             if batch_idx % 50 == 0:  # visible in logs where the progress bar is not (nohup, CI)
-                log.info("step %d/%d  task %s  loss %.3f", self.global_step, self.n_steps, task, float(loss))
+                log.info("step %d/%d  task %s  loss %.3f", self.global_step, self.n_steps, task, float(loss.detach()))
             return loss
 
         def configure_optimizers(self):
