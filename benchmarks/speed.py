@@ -441,7 +441,7 @@ def report(res: dict, argv: list[str]) -> str:
 
     tp = res["throughput"]
     out.append(f"## 3. Pruned-model throughput\n\nSpec: `select_units(scores, macs=budget, seq_len={SEQ})` "
-               "(global, knapsack by score per MAC) on the joint-IG scores of section 2. Shrunk = `shrink_` on a "
+               "(taskprune's default selection: `per_kind`, the same share of attention and FFN MACs, L1-normalised scores) on the joint-IG scores of section 2. Shrunk = `shrink_` on a "
                "copy; masked = `apply_mask` (0/1 gates) on a copy. `torch.inference_mode`, one warm-up call per "
                f"model, then {tp['repeats']} repeats; in each repeat every variant runs once (order rotated); "
                "speedup = median over repeats of dense time / variant time within the repeat.\n\n")
