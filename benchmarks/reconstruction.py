@@ -1,7 +1,7 @@
 """Training-free reconstruction after pruning a real MiniLM encoder: dense vs none vs bias vs lstsq.
 
 With the project's multi-task model (``taskprune.zoo.load_multitask("minilm-glue")``, if built): per task, IG scores
-(target = gold label) on calibration samples from the task's training data, global MAC cuts, then
+(target = gold label) on calibration samples from the task's training data, MAC cuts (default `per_kind` selection), then
 :func:`taskprune.reconstruct.reconstruct_` on the same calibration batches, :func:`shrink_`, and accuracy on a seeded
 dev sample. Without it: ``AutoModelForSequenceClassification`` on all-MiniLM-L6-v2 (random 2-way head, so no accuracy)
 scored with the ``pseudo`` target, and fidelity = mean cosine of the pruned model's mean-pooled last hidden state (and
