@@ -149,6 +149,8 @@ class Bench:
         tm = self.model.for_task(task).eval()
         dev = self.batches(task, random_subset(load_split(get_task(task), "dev", a.data_dir), a.eval_rows, seed=0), 64)
         eval_sets = {"dev": dev}
+        if not self.done(f"{task}/dense"):  # the % retained of this file's tables is relative to it
+            self.save(f"{task}/dense", {"dev": self.metric(tm, task, dev)})
         if not get_task(task).regression:
             train = load_split(get_task(task), "train", a.data_dir)
             for k in a.k_per_class if not a.quick else (8, 32):
@@ -203,6 +205,12 @@ class Bench:
             self.save(key, {"select": self.metric(tm, task, select_b)})
 
 
+def _source(name: str, raw: dict) -> dict:
+    """Pop a raw file's ``_settings`` / ``_commands`` into the report's description of where results came from."""
+    return {"file": name, "settings": raw.pop("_settings", None), "commands": raw.pop("_commands", []),
+            "keys": len(raw)}
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -244,8 +252,7 @@ def main(argv=None) -> None:
                     tag = f"{task} [{Path(f).stem}]"
                     raw = {(tag + k[len(task):] if k.startswith(f"{task}/ablation/") or k == key else k): v
                            for k, v in raw.items()}
-            sources.append({"file": Path(f).name, "settings": raw.pop("_settings", None),
-                            "commands": raw.pop("_commands", []), "keys": len(raw)})
+            sources.append(_source(Path(f).name, raw))
             merged |= raw
         merged["_sources"] = sources
         write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
@@ -277,8 +284,7 @@ def main(argv=None) -> None:
     from benchmarks.quality_report import render
 
     results = dict(bench.results)
-    results["_sources"] = [{"file": args.json, "settings": results.pop("_settings"),
-                            "commands": results.pop("_commands"), "keys": len(results)}]
+    results["_sources"] = [_source(args.json, results)]
     write_text(Path(args.out) / "quality.md", header("quality", argv) + render(results, args.out))
 
 
