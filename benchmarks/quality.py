@@ -116,16 +116,17 @@ class Bench:
         if not self.done(key):
             self.save(key, {n: self.metric(tm, task, b) for n, b in eval_sets.items()})
         cuts = MAC_CUTS if not a.quick else (0.2, 0.4, 0.6)
-        methods = [(m, s) for m in METHODS for s in ((0, 1, 2) if m == "random" else (0,))]
-        if a.quick:
-            methods = [("ig", 0), ("grad_x_gate", 0), ("fisher", 0), ("magnitude", 0), ("random", 0)]
+        chosen = a.methods or (("ig", "grad_x_gate", "fisher", "magnitude", "random") if a.quick else METHODS)
+        methods = [(m, s) for m in chosen for s in ((0, 1, 2) if m == "random" and not a.quick else (0,))]
         for method, seed in methods:
             name = method if method != "random" else f"random{seed}"
+            if method == "ig" and a.ig_baseline:  # a variant of the path: its own key, beside the default's
+                name = f"ig@baseline={a.ig_baseline:g}"
             key = f"{task}/supervised/{name}"
             if self.done(key):
                 continue
             t0 = time.perf_counter()
-            opts = self.ig if method == "ig" else {}
+            opts = {**self.ig, "baseline": a.ig_baseline} if method == "ig" else {}
             scores = score_units(tm, calib_b, method, target="label", seed=seed, **opts)
             seconds = time.perf_counter() - t0
             sets = eval_sets if method == "ig" else {"dev": eval_sets["dev"]}  # unseen domains: ig (the method)
@@ -138,7 +139,7 @@ class Bench:
             self.save(key, {"seconds": seconds, "n_samples": scores.count, "budgets": rows})
             log.info("%s %s: %.0fs", task, name, seconds)
         key = f"{task}/unsupervised/ig"
-        if not self.done(key):
+        if not self.done(key) and "ig" in chosen and not a.ig_baseline:
             unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in calib_b]
             scores = score_units(tm, unlabelled, "ig", target="pseudo", **self.ig)
             self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(tm, task, scores, eval_sets, macs=c)
@@ -176,7 +177,7 @@ class Bench:
         variants += [("quadrature", {"quadrature": q, "steps": 4}) for q in
                      ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")]
         variants += [("aggregate", {"aggregate": "signed", "steps": 8})]  # "abs" is the steps=8 row
-        variants += [("baseline", {"baseline": b, "steps": 4}) for b in (0.5, 0.75)]  # where the IG path starts
+        variants += [("baseline", {"baseline": b, "steps": 4}) for b in self.args.ablation_baselines]  # path start
         variants += [("reference", {"method": m}) for m in ("grad_x_gate", "fisher")]  # one-step methods, same split
         groups = self.args.ablation_groups
         for group, opts in [(g, o) for g, o in variants if groups is None or g in groups]:
@@ -230,6 +231,13 @@ def main(argv=None) -> None:
     p.add_argument("--k-per-class", type=int, nargs="*", default=[4, 8, 16, 32, 64])
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
+    p.add_argument("--ablation-baselines", type=float, nargs="*", default=[0.5, 0.75],
+                   help="IG path starts (gate values) of the ablation's baseline group")
+    p.add_argument("--methods", nargs="*", default=None, choices=METHODS,
+                   help="only these methods in the comparison (default all six; --quick: five)")
+    p.add_argument("--ig-baseline", type=float, default=0.0,
+                   help="IG path start of the comparison; non-zero values are stored as their own row "
+                        "'ig@baseline=<b>' (no unsupervised run), so they sit beside the default's ig row")
     p.add_argument("--ablation-groups", nargs="*", default=None,
                    help="only these ablation groups (steps quadrature aggregate baseline reference scope; default all)")
     p.add_argument("--out", default="benchmarks/results")

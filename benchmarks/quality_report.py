@@ -21,10 +21,16 @@ def _methods(results: dict, task: str) -> dict[str, list[dict]]:
     """method -> list of runs (random: one per seed)."""
     out: dict[str, list[dict]] = {}
     for key, v in results.items():
-        m = re.fullmatch(rf"{task}/supervised/(\w+?)(\d*)", key)
-        if m:
-            out.setdefault(m.group(1), []).append(v)
-    return {k: out[k] for k in METHOD_ORDER if k in out}
+        m = re.fullmatch(rf"{task}/supervised/(.+)", key)
+        if m:  # random0, random1, ... are seeds of one method; ig@baseline=0.5 is a variant of its own
+            out.setdefault(re.sub(r"^random\d+$", "random", m.group(1)), []).append(v)
+    return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(method: str) -> tuple[int, str]:
+    """METHOD_ORDER, a variant (``ig@baseline=0.5``) right after its method."""
+    base = method.split("@")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _cell(runs: list[dict], budget: str, dense: float, split: str = "dev") -> str:
@@ -104,7 +110,7 @@ def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") ->
                 lines.append(f"| {c.split('=')[1]} | {_pct(_retained(row.get('dev', 0), dense['dev']))} | " +
                              " | ".join(_pct(_retained(row.get(o, 0), dense[o])) for o in oods) + " |")
     if best99:
-        methods = [m for m in METHOD_ORDER if any(m in v for v in best99.values())]
+        methods = sorted({m for v in best99.values() for m in v}, key=_order)
         lines.append("\n## Largest MAC cut keeping ≥ 99 % of the dense metric (of the cuts tried)\n")
         lines.append("| task | " + " | ".join(methods) + " |")
         lines.append("|---" * (len(methods) + 1) + "|")
