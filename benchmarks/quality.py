@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import sys
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import header, write_text
-from taskprune.attribution import score_units
+from benchmarks.common import cpu_name, header, write_text
+from taskprune.attribution import Attributor, score_units
 from taskprune.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
 from taskprune.io import atomic_write_json
 from taskprune.selection import select_units
@@ -45,6 +46,7 @@ TASKS = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
 METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
 MAC_CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SWEEP = (0.3, 0.6)  # heads-only and neurons-only fractions
+IG_BASELINE = inspect.signature(Attributor).parameters["baseline"].default  # taskprune's default path start
 
 
 class Bench:
@@ -54,7 +56,7 @@ class Bench:
         self.tok = load_tokenizer(self.model.tokenizer_path)
         self.path = Path(args.out) / args.json
         self.results = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
-        self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs")
+        self.ig = dict(steps=args.steps, quadrature="riemann_middle", aggregate="abs", baseline=IG_BASELINE)
         self.select = dict(scope=args.scope, normalize=args.normalize)  # selection of the method comparison
 
     # -------------------------------------------------------------------------------------- data
@@ -120,13 +122,14 @@ class Bench:
         methods = [(m, s) for m in chosen for s in ((0, 1, 2) if m == "random" and not a.quick else (0,))]
         for method, seed in methods:
             name = method if method != "random" else f"random{seed}"
-            if method == "ig" and a.ig_baseline:  # a variant of the path: its own key, beside the default's
+            variant = method == "ig" and a.ig_baseline is not None and a.ig_baseline != IG_BASELINE
+            if variant:  # another path start than taskprune's default: its own row, beside the default's
                 name = f"ig@baseline={a.ig_baseline:g}"
             key = f"{task}/supervised/{name}"
             if self.done(key):
                 continue
             t0 = time.perf_counter()
-            opts = {**self.ig, "baseline": a.ig_baseline} if method == "ig" else {}
+            opts = {**self.ig, **({"baseline": a.ig_baseline} if variant else {})} if method == "ig" else {}
             scores = score_units(tm, calib_b, method, target="label", seed=seed, **opts)
             seconds = time.perf_counter() - t0
             sets = eval_sets if method == "ig" else {"dev": eval_sets["dev"]}  # unseen domains: ig (the method)
@@ -139,7 +142,7 @@ class Bench:
             self.save(key, {"seconds": seconds, "n_samples": scores.count, "budgets": rows})
             log.info("%s %s: %.0fs", task, name, seconds)
         key = f"{task}/unsupervised/ig"
-        if not self.done(key) and "ig" in chosen and not a.ig_baseline:
+        if not self.done(key) and "ig" in chosen and (a.ig_baseline is None or a.ig_baseline == IG_BASELINE):
             unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in calib_b]
             scores = score_units(tm, unlabelled, "ig", target="pseudo", **self.ig)
             self.save(key, {"budgets": {f"macs={c}": self.pruned_metric(tm, task, scores, eval_sets, macs=c)
@@ -177,7 +180,8 @@ class Bench:
         variants += [("quadrature", {"quadrature": q, "steps": 4}) for q in
                      ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")]
         variants += [("aggregate", {"aggregate": "signed", "steps": 8})]  # "abs" is the steps=8 row
-        variants += [("baseline", {"baseline": b, "steps": 4}) for b in self.args.ablation_baselines]  # path start
+        variants += [("baseline", {"baseline": b, "steps": 4})  # where the path starts; the default's is steps=4
+                     for b in self.args.ablation_baselines if b != IG_BASELINE]
         variants += [("reference", {"method": m}) for m in ("grad_x_gate", "fisher")]  # one-step methods, same split
         groups = self.args.ablation_groups
         for group, opts in [(g, o) for g, o in variants if groups is None or g in groups]:
@@ -231,13 +235,13 @@ def main(argv=None) -> None:
     p.add_argument("--k-per-class", type=int, nargs="*", default=[4, 8, 16, 32, 64])
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--ablation-tasks", nargs="*", default=["sst2", "mrpc"])
-    p.add_argument("--ablation-baselines", type=float, nargs="*", default=[0.5, 0.75],
+    p.add_argument("--ablation-baselines", type=float, nargs="*", default=[0.0, 0.5, 0.75],
                    help="IG path starts (gate values) of the ablation's baseline group")
     p.add_argument("--methods", nargs="*", default=None, choices=METHODS,
                    help="only these methods in the comparison (default all six; --quick: five)")
-    p.add_argument("--ig-baseline", type=float, default=0.0,
-                   help="IG path start of the comparison; non-zero values are stored as their own row "
-                        "'ig@baseline=<b>' (no unsupervised run), so they sit beside the default's ig row")
+    p.add_argument("--ig-baseline", type=float, default=None,
+                   help="IG path start of the comparison (default: taskprune's); another value than taskprune's "
+                        "default is stored as its own row 'ig@baseline=<b>' (no unsupervised run), beside the 'ig' row")
     p.add_argument("--ablation-groups", nargs="*", default=None,
                    help="only these ablation groups (steps quadrature aggregate baseline reference scope; default all)")
     p.add_argument("--out", default="benchmarks/results")
@@ -271,9 +275,9 @@ def main(argv=None) -> None:
         args.low_resource_tasks, args.ablation_tasks = ["sst2"], ["sst2"]
     torch.manual_seed(0)
     bench = Bench(args)
-    bench.results.setdefault("_commands", []).append(  # the raw file names the runs that filled it
-        " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]))
-    settings = {"steps": args.steps, "scope": args.scope, "normalize": args.normalize, "calib": args.calib,
+    bench.results.setdefault("_commands", []).append(  # the raw file names the runs that filled it, and where
+        " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]) + f"   # on {cpu_name()}")
+    settings = {"steps": args.steps, "ig_baseline": IG_BASELINE, "scope": args.scope, "normalize": args.normalize, "calib": args.calib,
                 "eval_rows": args.eval_rows, "ood_rows": args.ood_rows}
     old = bench.results.setdefault("_settings", settings)
     if old != settings:  # one file, one setting: a resumed run must not mix selection rules in a table
