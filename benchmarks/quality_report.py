@@ -88,10 +88,10 @@ def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") ->
             ok = [float(c.split("=")[1]) for c in cuts
                   if all(r["budgets"].get(c, {}).get("dev", 0) >= 0.99 * dense["dev"] for r in runs)]
             best99.setdefault(task, {})[m] = max(ok) if ok else 0.0
-        unsup = results.get(f"{task}/unsupervised/ig")
-        if unsup:
-            lines.append("| ig, unsupervised (pseudo-labels) | " + " | ".join(
-                _cell([unsup], c, dense["dev"]) for c in cuts) + " | |")
+        unsup = {k.split("/", 2)[2]: v for k, v in results.items() if k.startswith(f"{task}/unsupervised/")}
+        for m in sorted(unsup, key=_order):
+            lines.append(f"| {m}, unsupervised (pseudo-labels) | " + " | ".join(
+                _cell([unsup[m]], c, dense["dev"]) for c in cuts) + " | |")
         for kind in ("heads", "neurons"):
             sweep = _budgets(any_runs, kind)
             if sweep:
@@ -155,8 +155,40 @@ def _low_resource(results: dict) -> list[str]:
     return out
 
 
+def _path_start_summary(results: dict) -> list[str]:
+    """Where the IG path starts (``baseline``) vs the one-step methods, every task with that group, one table."""
+    found: dict[str, dict[str, tuple[float, float]]] = {}  # split tag -> variant -> (40 %, 60 %) retained
+    for key, v in results.items():
+        m = re.fullmatch(r"(.+)/ablation/(?:steps/steps=4,baseline=|baseline/baseline=)([\d.]+)(?:,steps=4)?"
+                         r"|(.+)/ablation/reference/method=(\w+)", key)
+        if not m:
+            continue
+        tag, label = (m.group(1), f"ig, baseline {m.group(2)}") if m.group(1) else (m.group(3), m.group(4))
+        dense = results.get(f"{tag}/dense_select", {}).get("select")
+        if dense:
+            found.setdefault(tag, {})[label] = tuple(100 * v["budgets"][f"macs={c}"]["select"] / dense
+                                                     for c in (0.4, 0.6))
+    best: dict[str, str] = {}  # task -> the split with the most path-start rows
+    for tag, rows in found.items():
+        task = tag.split(" ")[0]
+        if sum(r.startswith("ig, baseline") for r in rows) > 1 and (
+                task not in best or len(rows) > len(found[best[task]])):
+            best[task] = tag
+    if not best:
+        return []
+    variants = sorted({r for t in best.values() for r in found[t]}, key=lambda r: (not r.startswith("ig"), r))
+    out = ["\n## IG path start (`baseline`) vs the one-step methods, selection splits (% retained at 40 / 60 % MAC cut)\n",
+           "| variant | " + " | ".join(best) + " | mean |", "|---" * (len(best) + 2) + "|"]
+    for r in variants:
+        cells = [found[t].get(r) for t in best.values()]
+        mean = "—" if None in cells else " / ".join(f"{statistics.mean(c[i] for c in cells):.1f}" for i in (0, 1))
+        out.append(f"| {r} | " + " | ".join("—" if c is None else f"{c[0]:.1f} / {c[1]:.1f}" for c in cells)
+                   + f" | {mean} |")
+    return out
+
+
 def _ablation(results: dict) -> list[str]:
-    out = []
+    out = _path_start_summary(results)
     for key in [k for k in results if k.endswith("/dense_select")]:
         task = key.split("/")[0]
         dense = results[key]["select"]

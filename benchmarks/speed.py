@@ -173,7 +173,7 @@ def layerwise_ig(model, batch: dict, steps: int) -> torch.Tensor:
     """Knowledge-Neurons-style IG: the gates of one block go 0 -> 1 while all others stay at 1; blocks x steps passes.
 
     Returns ``[n_units]``: mean over samples of |per-sample attribution|."""
-    att = Attributor(model, "ig", "label", steps=steps)
+    att = Attributor(model, "ig", "label", steps=steps, baseline=0.0)
     gates = Gates(model)
     nodes, weights = quadrature("riemann_middle", steps)
     n = batch["input_ids"].shape[0]
@@ -247,7 +247,7 @@ def bottom_overlap(a: torch.Tensor, b: torch.Tensor, frac: float = 0.4) -> float
 
 
 def bench_compare(model, batch: dict, steps: int, with_captum: bool) -> tuple[dict, torch.Tensor]:
-    att = Attributor(model, "ig", "label", steps=steps, alpha_batch=1)
+    att = Attributor(model, "ig", "label", steps=steps, alpha_batch=1, baseline=0.0)  # the all-off path, as Captum
     n = batch["input_ids"].shape[0]
     scores, times = {}, {}
     runs = [("joint", lambda: att.batch_sums(batch)[0] / n), ("layerwise", lambda: layerwise_ig(model, batch, steps))]

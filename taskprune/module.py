@@ -129,7 +129,8 @@ class AttributionModule(L.LightningModule):
         steps: IG quadrature nodes.
         quadrature: IG quadrature rule.
         alpha_batch: IG nodes per forward pass (memory ∝ alpha_batch × batch size).
-        baseline: gate value where the IG path starts, in [0, 1) (0: all units off, the paper's path).
+        baseline: gate value where the IG path starts, in [0, 1) (default 0.5, measured; 0: all units off, the
+            paper's path).
         aggregate: ``abs`` or ``signed`` mean of per-sample attributions.
         seed: seed of the ``random`` method.
         compare_dense: evaluate the dense model beside the pruned one in ``test`` / ``validate`` (keeps a copy).
@@ -147,7 +148,7 @@ class AttributionModule(L.LightningModule):
         quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
                             "gauss_legendre"] = "riemann_middle",
         alpha_batch: int = 1,
-        baseline: float = 0.0,
+        baseline: float = 0.5,
         aggregate: Literal["abs", "signed"] = "abs",
         seed: int = 0,
         compare_dense: bool = True,

@@ -18,8 +18,9 @@ def labelled(name, batch_size=4, seed=1):
     return b
 
 
-def target_gap(model, batch, att, baseline=0.0):
-    """F(all gates 1) - F(all gates at the baseline), summed over the batch."""
+def target_gap(model, batch, att, baseline=None):
+    """F(all gates 1) - F(all gates at the baseline; default: where att's path starts), summed over the batch."""
+    baseline = att.options["baseline"] if baseline is None else baseline
     with torch.no_grad(), Gates(model) as g:
         g.set(torch.ones(g.n_units))
         f1 = att.target(default_forward(model, batch), batch).sum()
@@ -31,7 +32,7 @@ def target_gap(model, batch, att, baseline=0.0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ig_completeness(arch):
     model, batch = tiny_model(arch), labelled(arch)
-    att = Attributor(model, "ig", steps=24, quadrature="gauss_legendre", aggregate="signed")
+    att = Attributor(model, "ig", steps=24, quadrature="gauss_legendre", aggregate="signed", baseline=0.0)
     sums, count = att.batch_sums(batch)
     gap = target_gap(model, batch, att)
     assert count == 4
@@ -43,7 +44,7 @@ def test_ig_completeness_from_a_baseline(baseline):
     model, batch = tiny_model("bert"), labelled("bert")
     att = Attributor(model, "ig", steps=16, quadrature="gauss_legendre", aggregate="signed", baseline=baseline)
     gap = target_gap(model, batch, att, baseline)
-    assert gap != pytest.approx(target_gap(model, batch, att), rel=1e-3)  # the start of the path matters
+    assert gap != pytest.approx(target_gap(model, batch, att, 0.0), rel=1e-3)  # the start of the path matters
     assert att.batch_sums(batch)[0].sum().item() == pytest.approx(gap, rel=1e-3, abs=1e-6)
     assert att.options["baseline"] == baseline
 
@@ -74,7 +75,7 @@ def test_ig_exact_for_linear_target(rule):
         return holder["att"].gates.values @ c
 
     att = Attributor(model, "ig", target=lambda out, b: out, steps=2, quadrature=rule, aggregate="signed",
-                     forward=forward)
+                     forward=forward, baseline=0.0)
     holder["att"] = att
     sums, _ = att.batch_sums(batch)
     torch.testing.assert_close(sums, (4 * c).double(), rtol=1e-6, atol=1e-6)

@@ -57,3 +57,16 @@ def test_compare_refuses_files_with_nothing_in_common(raw, tmp_path):
     (tmp_path / "new.json").write_text(json.dumps({"rte/dense": {"dev": 0.5}}))
     with pytest.raises(SystemExit, match="shares no result"):
         compare_main([str(tmp_path / "new.json"), str(tmp_path / "old.json")])
+
+
+def test_render_names_ig_rows_by_their_path_start():
+    from benchmarks.quality import IG_BASELINE, _label_ig_rows
+
+    other = 0.0 if IG_BASELINE else 0.5
+    old = {"sst2/supervised/ig": 1, "sst2/unsupervised/ig": 2, "sst2/ablation/steps/steps=4": 3,
+           f"sst2/supervised/ig@baseline={IG_BASELINE:g}": 4, "sst2/supervised/fisher": 5}
+    out = _label_ig_rows(old, {"ig_baseline": other})
+    assert out == {f"sst2/supervised/ig@baseline={other:g}": 1, f"sst2/unsupervised/ig@baseline={other:g}": 2,
+                   f"sst2/ablation/steps/steps=4,baseline={other:g}": 3, "sst2/supervised/ig": 4,
+                   "sst2/supervised/fisher": 5}
+    assert _label_ig_rows({"sst2/supervised/ig": 1}, {"ig_baseline": IG_BASELINE}) == {"sst2/supervised/ig": 1}
