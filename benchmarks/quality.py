@@ -287,7 +287,8 @@ def main(argv=None) -> None:
                     raw = {(tag + k[len(task):] if k.startswith(f"{task}/ablation/") or k == key else k): v
                            for k, v in raw.items()}
             sources.append(_source(Path(f).name, raw))
-            merged |= _label_ig_rows(raw, sources[-1]["settings"])
+            for key, value in _label_ig_rows(raw, sources[-1]["settings"]).items():  # dense: a file may hold fewer sets
+                merged[key] = {**merged[key], **value} if key.endswith("/dense") and key in merged else value
         merged["_sources"] = sources
         write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
         return

@@ -27,6 +27,29 @@ def _methods(results: dict, task: str) -> dict[str, list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
 
 
+def _summary(results: dict, tasks: list[str], cuts=("macs=0.2", "macs=0.4", "macs=0.6")) -> list[str]:
+    """One row per task, one column per method: % of dense retained at three MAC cuts (the README's table)."""
+    per_task = {t: _methods(results, t) for t in tasks}
+    methods = sorted({m for ms in per_task.values() for m in ms}, key=_order)
+    if not methods:
+        return []
+    out = ["\n## Summary: % of the dense metric retained at " + " / ".join(f"{float(c[5:]):.0%}" for c in cuts)
+           + " MAC cuts\n", "| task (dense) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for t, ms in per_task.items():
+        dense = results[f"{t}/dense"]["dev"]
+        cells = [" / ".join(_cell(ms[m], c, dense) for c in cuts) if m in ms else "—" for m in methods]
+        out.append(f"| {t} ({100 * dense:.1f}) | " + " | ".join(cells) + " |")
+    means = []  # per method and cut: the mean over tasks of the (seed-mean) % retained, where every task has it
+    for m in methods:
+        per_cut = []
+        for c in cuts:
+            vals = [statistics.mean(r["budgets"][c]["dev"] for r in ms[m]) / results[f"{t}/dense"]["dev"]
+                    for t, ms in per_task.items() if m in ms and all(c in r["budgets"] for r in ms[m])]
+            per_cut.append(f"{100 * statistics.mean(vals):.1f}" if len(vals) == len(per_task) else "—")
+        means.append(" / ".join(per_cut))
+    return out + ["| **mean over tasks** | " + " | ".join(means) + " |"]
+
+
 def _order(method: str) -> tuple[int, str]:
     """METHOD_ORDER, a variant (``ig@baseline=0.5``) right after its method."""
     base = method.split("@")[0]
@@ -71,6 +94,7 @@ def render(results: dict, plot_dir: str | Path | None = "benchmarks/results") ->
              *_sources(results.get("_sources", [])),
              "Encoder units removed physically; MAC cut of the prunable encoder at seq 128. Cells are % of the dense "
              "model's metric on the dev set (QQP: held-out train sample); random is mean ± std over 3 seeds.\n"]
+    lines += _summary(results, tasks)
     best99 = {}
     for task in tasks:
         dense = results[f"{task}/dense"]
@@ -163,7 +187,7 @@ def _path_start_summary(results: dict) -> list[str]:
                          r"|(.+)/ablation/reference/method=(\w+)", key)
         if not m:
             continue
-        tag, label = (m.group(1), f"ig, baseline {m.group(2)}") if m.group(1) else (m.group(3), m.group(4))
+        tag, label = (m.group(1), f"ig, baseline {float(m.group(2)):g}") if m.group(1) else (m.group(3), m.group(4))
         dense = results.get(f"{tag}/dense_select", {}).get("select")
         if dense:
             found.setdefault(tag, {})[label] = tuple(100 * v["budgets"][f"macs={c}"]["select"] / dense
