@@ -12,7 +12,9 @@ disjoint from calibration, never on the dev sets reported here.
 Cost: the published method comparison (six tasks, 512 calibration samples) took about 85 min in two parallel
 processes with ``OMP_NUM_THREADS=1`` each (``--tasks sst2 mrpc rte`` and ``--tasks qnli mnli qqp``, separate
 ``--json`` files; each file records its settings and refuses a resumed run with other ones). Evaluation of the ~80
-pruned models per task dominates, not attribution; ``--eval-rows 300`` cuts it by 40 %.
+pruned models per task dominates, not attribution; ``--eval-rows 300`` cuts it by 40 %. On the faster Intel Xeon
+of a later session one method (ig, with its unsupervised run) on all six tasks took 19 min in one process with
+``OMP_NUM_THREADS=1``; the IG ablation of one task 9 min (SST-2) to 29 min (QNLI).
 
 Results go to ``benchmarks/results/quality.json`` (raw, appended as the run goes: an interrupted run resumes where it
 stopped) and ``quality.md`` (tables) plus PNG plots when matplotlib is installed.
