@@ -3,9 +3,9 @@
     python -m benchmarks.compare_raw NEW.json OLD.json [OLD2.json ...] --out benchmarks/results/repro.md
 
 ``NEW`` is a raw file of ``benchmarks.quality`` (for example a rerun of some methods on another machine); the ``OLD``
-files are merged in order (a later one wins on a shared key), as ``--render`` merges them. Every metric that both
-hold (dense and pruned, every budget, dev and out-of-domain sets) is compared; the report lists how many are equal
-and every one that is not, with both values.
+files are merged in order (a later one wins on a shared key), plainly: unlike ``--render`` no row is renamed, so
+compare files made under the same taskprune defaults. Every metric that both hold (dense and pruned, every budget,
+dev and out-of-domain sets) is compared; the report lists how many are equal and every one that is not.
 """
 
 from __future__ import annotations

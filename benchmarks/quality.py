@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import sys
@@ -34,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_name, header, write_text
-from taskprune.attribution import Attributor, score_units
+from taskprune.attribution import DEFAULT_BASELINE as IG_BASELINE
+from taskprune.attribution import score_units
 from taskprune.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
 from taskprune.io import atomic_write_json
 from taskprune.selection import select_units
@@ -48,7 +48,6 @@ TASKS = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
 METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
 MAC_CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SWEEP = (0.3, 0.6)  # heads-only and neurons-only fractions
-IG_BASELINE = inspect.signature(Attributor).parameters["baseline"].default  # taskprune's default path start
 
 
 class Bench:
@@ -212,33 +211,6 @@ class Bench:
             self.save(key, {"select": self.metric(tm, task, select_b)})
 
 
-def _label_ig_rows(raw: dict, settings: dict | None) -> dict:
-    """Name each IG row by its path start, so files made under another default merge without ambiguity.
-
-    The ``ig`` row of a file is taskprune's default *of that run* (``_settings["ig_baseline"]``; files made before it
-    was recorded used 0). In the merged report ``ig`` is today's default; a row with another start becomes
-    ``ig@baseline=<b>``; the IG ablation's steps / quadrature / aggregate rows gain their ``baseline=<b>``.
-    """
-    b = (settings or {}).get("ig_baseline", 0.0)
-    out = {}
-    for key, v in raw.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[1] in ("supervised", "unsupervised") and parts[2] == "ig" and b != IG_BASELINE:
-            key = f"{key}@baseline={b:g}"
-        elif len(parts) == 3 and parts[2] == f"ig@baseline={IG_BASELINE:g}":
-            key = "/".join(parts[:2] + ["ig"])
-        elif len(parts) == 4 and parts[1] == "ablation" and parts[2] in ("steps", "quadrature", "aggregate"):
-            key = f"{key},baseline={b:g}"
-        out[key] = v
-    return out
-
-
-def _source(name: str, raw: dict) -> dict:
-    """Pop a raw file's ``_settings`` / ``_commands`` into the report's description of where results came from."""
-    return {"file": name, "settings": raw.pop("_settings", None), "commands": raw.pop("_commands", []),
-            "keys": len(raw)}
-
-
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -275,24 +247,9 @@ def main(argv=None) -> None:
                    help="only merge these raw results files and write quality.md")
     args = p.parse_args(argv)
     if args.render:
-        from benchmarks.quality_report import render
+        from benchmarks.quality_report import merge_raw, render
 
-        merged, sources, splits = {}, [], {}
-        for f in args.render:  # later files win on shared keys
-            raw = json.loads(Path(f).read_text())
-            raw.pop("_settings_note", None)
-            for key in [k for k in raw if k.endswith("/dense_select")]:  # another selection split: keep both
-                task = key.split("/")[0]
-                tag = splits.setdefault((task, json.dumps(raw[key])),
-                                        task if not any(t == task for t, _ in splits) else f"{task} [{Path(f).stem}]")
-                if tag != task:
-                    raw = {(tag + k[len(task):] if k.startswith(f"{task}/ablation/") or k == key else k): v
-                           for k, v in raw.items()}
-            sources.append(_source(Path(f).name, raw))
-            for key, value in _label_ig_rows(raw, sources[-1]["settings"]).items():  # dense: a file may hold fewer sets
-                merged[key] = {**merged[key], **value} if key.endswith("/dense") and key in merged else value
-        merged["_sources"] = sources
-        write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merged, args.out))
+        write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merge_raw(args.render), args.out))
         return
     if args.quick:
         args.calib, args.eval_rows, args.select_rows, args.ood_rows = 256, 300, 300, 200
@@ -302,8 +259,8 @@ def main(argv=None) -> None:
     bench = Bench(args)
     bench.results.setdefault("_commands", []).append(  # the raw file names the runs that filled it, and where
         " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]) + f"   # on {cpu_name()}")
-    settings = {"steps": args.steps, "ig_baseline": IG_BASELINE, "scope": args.scope, "normalize": args.normalize, "calib": args.calib,
-                "eval_rows": args.eval_rows, "ood_rows": args.ood_rows}
+    settings = {"steps": args.steps, "ig_baseline": IG_BASELINE, "scope": args.scope, "normalize": args.normalize,
+                "calib": args.calib, "eval_rows": args.eval_rows, "ood_rows": args.ood_rows}
     old = bench.results.setdefault("_settings", settings)
     if old != settings:  # one file, one setting: a resumed run must not mix selection rules in a table
         raise SystemExit(f"{bench.path} was filled with {old}, this run asks for {settings}; use another --json "
@@ -318,10 +275,10 @@ def main(argv=None) -> None:
     for task in args.low_resource_tasks if "low_resource" in args.phases else ():
         log.info("task %s: low-resource", task)
         bench.run_low_resource(task)
-    from benchmarks.quality_report import render
+    from benchmarks.quality_report import render, source
 
     results = dict(bench.results)
-    results["_sources"] = [_source(args.json, results)]
+    results["_sources"] = [source(args.json, results)]
     write_text(Path(args.out) / "quality.md", header("quality", argv) + render(results, args.out))
 
 

@@ -2,11 +2,66 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
 
+from taskprune.attribution import DEFAULT_BASELINE as IG_BASELINE
+
 METHOD_ORDER = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+
+
+def _label_ig_rows(raw: dict, settings: dict | None) -> dict:
+    """Name each IG row by its path start, so files made under another default merge without ambiguity.
+
+    The ``ig`` row of a file is taskprune's default *of that run* (``_settings["ig_baseline"]``; files made before it
+    was recorded used 0). In the merged report ``ig`` is today's default; a row with another start becomes
+    ``ig@baseline=<b>``; the IG ablation's steps / quadrature / aggregate rows gain their ``baseline=<b>``.
+    """
+    b = (settings or {}).get("ig_baseline", 0.0)
+    out = {}
+    for key, v in raw.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] in ("supervised", "unsupervised") and parts[2] == "ig" and b != IG_BASELINE:
+            key = f"{key}@baseline={b:g}"
+        elif len(parts) == 3 and parts[2] == f"ig@baseline={IG_BASELINE:g}":
+            key = "/".join(parts[:2] + ["ig"])
+        elif len(parts) == 4 and parts[1] == "ablation" and parts[2] in ("steps", "quadrature", "aggregate"):
+            key = f"{key},baseline={b:g}"
+        out[key] = v
+    return out
+
+
+def source(name: str, raw: dict) -> dict:
+    """Pop a raw file's ``_settings`` / ``_commands`` into the report's description of where results came from."""
+    return {"file": name, "settings": raw.pop("_settings", None), "commands": raw.pop("_commands", []),
+            "keys": len(raw)}
+
+
+def merge_raw(paths: list[str]) -> dict:
+    """Raw files of ``benchmarks.quality`` as one results dict; a later file wins on a shared key.
+
+    Dense metrics of one task merge set by set (a low-resource file holds only ``dev``); IG rows are named by their
+    path start (:func:`_label_ig_rows`); a selection split that differs from one seen before keeps its own tables,
+    tagged ``<task> [<file>]``.
+    """
+    merged, sources, splits = {}, [], {}
+    for f in paths:
+        raw = json.loads(Path(f).read_text())
+        raw.pop("_settings_note", None)
+        for key in [k for k in raw if k.endswith("/dense_select")]:  # another selection split: keep both
+            task = key.split("/")[0]
+            tag = splits.setdefault((task, json.dumps(raw[key])),
+                                    task if not any(t == task for t, _ in splits) else f"{task} [{Path(f).stem}]")
+            if tag != task:
+                raw = {(tag + k[len(task):] if k.startswith(f"{task}/ablation/") or k == key else k): v
+                       for k, v in raw.items()}
+        sources.append(source(Path(f).name, raw))
+        for key, value in _label_ig_rows(raw, sources[-1]["settings"]).items():
+            merged[key] = {**merged[key], **value} if key.endswith("/dense") and key in merged else value
+    merged["_sources"] = sources
+    return merged
 
 
 def _pct(x: float | None) -> str:

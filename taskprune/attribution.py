@@ -41,6 +41,7 @@ from taskprune.unitscores import UnitScores
 log = logging.getLogger(__name__)
 
 METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+DEFAULT_BASELINE = 0.5  # where the IG path starts (gate value); chosen by measurement, see the module docstring
 QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")
 AGGREGATIONS = ("abs", "signed")
 TARGETS = ("label", "pseudo", "neg_loss")
@@ -201,7 +202,7 @@ class Attributor:
         steps: int = 4,
         quadrature: str = "riemann_middle",
         alpha_batch: int = 1,
-        baseline: float = 0.5,
+        baseline: float = DEFAULT_BASELINE,
         aggregate: Literal["abs", "signed"] = "abs",
         forward: Callable | None = None,
         seed: int = 0,

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from taskprune.attribution import AGGREGATIONS, METHODS, QUADRATURES, TARGETS, Attributor, default_forward
+from taskprune.attribution import (AGGREGATIONS, DEFAULT_BASELINE, METHODS, QUADRATURES, TARGETS, Attributor,
+                                   default_forward)
 from taskprune.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
@@ -148,7 +149,7 @@ class AttributionModule(L.LightningModule):
         quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
                             "gauss_legendre"] = "riemann_middle",
         alpha_batch: int = 1,
-        baseline: float = 0.5,
+        baseline: float = DEFAULT_BASELINE,
         aggregate: Literal["abs", "signed"] = "abs",
         seed: int = 0,
         compare_dense: bool = True,

@@ -60,7 +60,7 @@ def test_compare_refuses_files_with_nothing_in_common(raw, tmp_path):
 
 
 def test_render_names_ig_rows_by_their_path_start():
-    from benchmarks.quality import IG_BASELINE, _label_ig_rows
+    from benchmarks.quality_report import IG_BASELINE, _label_ig_rows
 
     other = 0.0 if IG_BASELINE else 0.5
     old = {"sst2/supervised/ig": 1, "sst2/unsupervised/ig": 2, "sst2/ablation/steps/steps=4": 3,
