@@ -35,14 +35,9 @@ from taskprune.tasks import DataFile, Task, get_task
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "data"
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded"
 
 csv.field_size_limit(2**30)
-
-
-def default_data_dir() -> Path:
-    """The small data subsets shipped inside the package (see ``taskprune/data/PROVENANCE.md``)."""
-    return EMBEDDED_DATA_DIR
 
 
 def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -53,7 +48,7 @@ def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
 def _check_exists(path: Path, what: str = "data file") -> None:
     if not path.is_file():
         hint = (
-            " The embedded demo data holds only small subsets (see taskprune/data/PROVENANCE.md);"
+            " The embedded demo data holds only small subsets (see taskprune/embedded/PROVENANCE.md);"
             " pass data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. /work/shared/data."
             if path.is_relative_to(EMBEDDED_DATA_DIR)
             else " Check data_dir: it must hold <dataset>/<file> as in the GLUE layout (e.g. sst2/dev.tsv)."

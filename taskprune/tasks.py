@@ -1,7 +1,7 @@
 """Task registry: where each task's data lives, its text fields, label names and metrics.
 
 A :class:`Task` names files relative to a data folder laid out like ``/work/shared/data`` (and like the embedded
-``taskprune/data``): ``<dataset>/<file>``. GLUE TSVs keep their original columns; everything else is JSONL with
+``taskprune/embedded``): ``<dataset>/<file>``. GLUE TSVs keep their original columns; everything else is JSONL with
 ``sentence`` or ``sentence1``/``sentence2`` and ``label``. Every file declares how its raw labels map onto the
 task's label indices, so an out-of-domain set (Yelp 5-star reviews for SST-2, SNLI for MNLI...) is evaluated in the
 task's own label space; raw labels mapped to ``None`` are dropped (the neutral 3-star reviews when binarised).
