@@ -133,7 +133,7 @@ def test_recipe_hash_follows_the_rows_not_the_file_bytes(tmp_path):
     """Same train rows in differently written files: one recipe hash; one row fewer: another."""
     import json
 
-    from taskprune.zoo import Recipe, _plan
+    from taskprune.zoo import Recipe, plan
 
     recipe = Recipe(tasks=("qnli",), rows_per_task=1000)
     src = _embedded() / "qnli" / "train_sample.jsonl"
@@ -143,7 +143,7 @@ def test_recipe_hash_follows_the_rows_not_the_file_bytes(tmp_path):
         "\n".join(json.dumps(dict(reversed(list(r.items()))), indent=None, separators=(", ", ":  ")) for r in lines))
     (tmp_path / "b" / "qnli").mkdir(parents=True)
     (tmp_path / "b" / "qnli" / "train_sample.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:-1]))
-    h = {d: _plan(recipe, d)[2] for d in (_embedded(), tmp_path / "a", tmp_path / "b")}
+    h = {d: plan(recipe, d).recipe_hash for d in (_embedded(), tmp_path / "a", tmp_path / "b")}
     assert h[_embedded()] == h[tmp_path / "a"] != h[tmp_path / "b"]
 
 
@@ -152,16 +152,15 @@ def test_embedded_train_rows_are_the_recipes_rows_of_the_full_data():
     """The embedded train files hold exactly what the default recipe draws from the full GLUE files (benchmark data)."""
     from pathlib import Path
 
-    from taskprune.zoo import RECIPES, _plan
+    from taskprune.zoo import RECIPES, plan
 
     full = Path("/work/shared/data")
     if not full.is_dir():
         pytest.skip("needs the full data folder /work/shared/data")
     recipe = RECIPES["minilm-glue"]
-    emb, emb_files, emb_hash = _plan(recipe, _embedded())
-    ful, ful_files, ful_hash = _plan(recipe, full)
-    assert emb_files == ful_files and emb_hash == ful_hash
-    assert all(len(ds) == recipe.rows_per_task for ds in emb.values())
+    emb, ful = plan(recipe, _embedded()), plan(recipe, full)
+    assert emb.files == ful.files and emb.recipe_hash == ful.recipe_hash
+    assert all(len(ds) == recipe.rows_per_task for ds in emb.data.values())
 
 
 def _embedded():
