@@ -11,13 +11,14 @@ A pruned folder holds::
     heads.safetensors, tasks.json   only for a :class:`taskprune.multitask.TaskModel` (the zoo's own head format)
 
 Loading replays the spec: the dense architecture is built from the config (the dense widths come back from the
-spec's fingerprint), :func:`~taskprune.surgery.shrink_` cuts it to the kept units -- which also installs the T5
-position-bias hooks that need the kept *indices*, not only the widths -- and the weights are loaded strictly. Only
+spec's fingerprint), :func:`~taskprune.surgery.shrink_` cuts it to the kept units -- which also installs any
+hooks an adapter needs, which take the kept *indices*, not only the widths -- and the weights are loaded strictly. Only
 safetensors and JSON are read; the model class is looked up in ``transformers`` by name (never remote code).
 
-Where every block of a kind keeps the same number of units and the config can say so (FFN width for every
-architecture; heads for LLaMA-style models), the folder also loads with plain ``transformers.AutoModel*
-.from_pretrained``; per-layer widths and pruned T5 heads need :func:`load_pruned`.
+Where every block of a kind keeps the same number of units and the config can say so (the FFN width for every
+family; head counts where the adapter records them: :meth:`taskprune.arch.Adapter.record_widths_`), the folder also
+loads with plain ``transformers.AutoModel*.from_pretrained``; per-layer widths and adapters that install hooks on a
+shrink need :func:`load_pruned`.
 
 Example::
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from taskprune.arch import get_architecture
+from taskprune.arch import adapter_for, find_hf_model, get_architecture
 from taskprune.io import atomic_dir
 from taskprune.spec import PruneSpec, fingerprint_diff
 from taskprune.surgery import active_mask, shrink_
@@ -52,22 +53,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS_FILE = "heads.safetensors"  # zoo format (taskprune.multitask.save_multitask), for TaskModel exports
 TASKS_FILE = "tasks.json"
 
-_FFN_FIELDS = ("intermediate_size", "d_ff", "n_inner")  # config fields surgery.shrink_ may set for uniform FFNs
-
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def find_hf_model(model: nn.Module) -> tuple[nn.Module, str]:
-    """``(hf_model, path)``: the outermost ``transformers.PreTrainedModel`` in ``model`` (e.g. the
-    ``BertForSequenceClassification``, not its ``BertModel``), and where it sits ("" for ``model`` itself)."""
-    from transformers import PreTrainedModel
-
-    for path, module in model.named_modules():  # pre-order: outermost first
-        if isinstance(module, PreTrainedModel):
-            return module, path
-    raise TypeError(f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a Hugging Face "
-                    "model, a taskprune TaskModel, or a module that holds one")
-
-
 def _is_task_model(model: nn.Module) -> bool:
     mt = sys.modules.get("taskprune.multitask")  # a TaskModel exists only once that is imported (it pulls torchmetrics)
     return mt is not None and isinstance(model, mt.TaskModel)
@@ -138,12 +125,12 @@ def _save_head(task_model: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
     from taskprune.io import atomic_write_json
-    from taskprune.multitask import MultiTaskModel, _heads_state, _tasks_json
+    from taskprune.multitask import MultiTaskModel, heads_state, tasks_json
 
     one = MultiTaskModel(task_model.encoder, {task_model.task: task_model.info}, {task_model.task: task_model.head},
                          task_model.pooling)
-    save_file(_heads_state(one), str(folder / HEADS_FILE))
-    atomic_write_json(folder / TASKS_FILE, _tasks_json(one))
+    save_file(heads_state(one), str(folder / HEADS_FILE))
+    atomic_write_json(folder / TASKS_FILE, tasks_json(one))
 
 
 # ---------------------------------------------------------------------------------------------------- load
@@ -207,18 +194,7 @@ def _dense_config(folder: Path, spec: PruneSpec):
             raise ValueError(f"{str(file)!r} records taskprune_widths that differ from the kept widths of "
                              f"{str(folder / SPEC_FILE)!r}: {'; '.join(diffs[:3])}. The folder mixes files of two "
                              "exports; export the model again with save_pruned")
-    dense_ffn = set(fp["neurons"].values())
-    if len(dense_ffn) == 1:
-        for field in _FFN_FIELDS:
-            if hasattr(config, field):
-                setattr(config, field, dense_ffn.pop())
-                break
-    dense_heads, groups = set(fp["heads"].values()), set(fp.get("group_size", {}).values())
-    if len(dense_heads) == 1 and len(groups) == 1 and hasattr(config, "num_key_value_heads") \
-            and getattr(config, "head_dim", None) is not None:
-        n_kv = dense_heads.pop()
-        config.num_key_value_heads = n_kv
-        config.num_attention_heads = n_kv * groups.pop()
+    adapter_for(config.model_type).dense_config_(config, fp)
     return config
 
 

@@ -8,7 +8,7 @@ What is counted
       matmuls (``Q·Kᵀ`` and ``A·V``) of every attention block, and the up (and gate) / down projections of every FFN
       block, for **one sequence** of ``seq_len`` tokens. Embeddings, layer norms, biases, softmax, activations,
       relative-position biases, pooler and task / LM heads are **not** counted: they do not change with pruning.
-      The attention matmuls count the full ``s × s`` score matrix (no causal halving); T5 cross-attention is counted
+      The attention matmuls count the full ``s × s`` score matrix (no causal halving); cross-attention is counted
       as if the encoder sequence also had ``seq_len`` tokens.
     * Parameters: :func:`count_params` is the exact ``numel`` sum of a model (tied weights once), and with a spec the
       exact count after :func:`taskprune.surgery.shrink_`. :func:`unit_costs` gives weight parameters per unit,
@@ -64,8 +64,8 @@ def unit_costs(fingerprint: dict, seq_len: int = 128, biases: bool = False) -> d
     """Cost of one unit of every block: ``{"heads"|"neurons": {block_name: (macs_per_unit, params_per_unit)}}``.
 
     ``macs_per_unit`` is per sequence of ``seq_len`` tokens. ``params_per_unit`` counts weights, plus the unit's
-    bias entries when ``biases=True`` (q/k/v biases for a KV group; up/gate biases for a neuron, as in BERT and
-    GPT-2). Output / down projection biases are shared by all units and never removed.
+    bias entries when ``biases=True`` (q/k/v biases for a KV group; up/gate biases for a neuron, where the model
+    has them). Output / down projection biases are shared by all units and never removed.
     """
     fp = fingerprint_of(fingerprint)
     s = _check_seq_len(seq_len)
@@ -126,7 +126,7 @@ def prunable_params(model_or_fingerprint: nn.Module | dict, spec=None) -> int:
 
 
 def _per_channel(module: nn.Module, row_width: bool) -> tuple[int, int]:
-    """``(weights per output channel, bias per output channel)`` of a Linear / Conv1D when ``row_width``, else
+    """``(weights per output channel, bias per output channel)`` of a projection when ``row_width``, else
     ``(weights per input channel, 0)``."""
     if row_width:
         return in_features(module), int(getattr(module, "bias", None) is not None)
@@ -147,7 +147,7 @@ def _exact_unit_params(model: nn.Module) -> dict[str, dict[str, int]]:
             (wk, bk), (wv, bv) = _per_channel(k, True), _per_channel(v, True)
             n = b.group_size * b.head_dim * (wq + bq) + b.head_dim * (wk + bk + wv + bv)
         n += _per_channel(o, False)[0] * b.unit_width
-        # T5's relative_attention_bias keeps every head: shrink_ slices the position bias it produces, not the table
+        # a position-bias table shared across layers keeps every head: shrink_ slices its output, not the table
         out["heads"][b.name] = n
     for b in arch.ffn:
         n = sum(sum(_per_channel(base.get_submodule(u), True)) for u in b.up)

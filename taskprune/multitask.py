@@ -126,7 +126,8 @@ class MultiTaskModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- save / load
-def _heads_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+def heads_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    """The heads as a flat state dict: ``<task>.weight [n_labels, hidden]``, ``<task>.bias [n_labels]`` (float32, CPU)."""
     out = {}
     for t, h in model.heads.items():
         out[f"{t}.weight"] = h.weight.detach().float().contiguous().cpu()
@@ -134,7 +135,8 @@ def _heads_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tasks_json(model: MultiTaskModel) -> dict:
+def tasks_json(model: MultiTaskModel) -> dict:
+    """The content of ``tasks.json``: pooling, and per task its :class:`HeadInfo` and head shape."""
     return {
         "format": 1,
         "pooling": model.pooling,
@@ -177,8 +179,8 @@ def save_multitask(model: MultiTaskModel, path: str | os.PathLike, build_info: d
             tokenizer = AutoTokenizer.from_pretrained(model.tokenizer_path, trust_remote_code=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(_heads_state(model), str(tmp / "heads.safetensors"))
-        atomic_write_json(tmp / "tasks.json", _tasks_json(model))
+        save_file(heads_state(model), str(tmp / "heads.safetensors"))
+        atomic_write_json(tmp / "tasks.json", tasks_json(model))
         atomic_write_json(tmp / "build.json", build_info)
     return path
 

@@ -1,7 +1,7 @@
 """Training-free reconstruction after structured pruning: compensate removed units from calibration statistics.
 
 Every structured unit ``i`` of a block writes ``c_i = W_out[:, cols_i] @ x[cols_i]`` into the block's output, where
-``x`` is the input of the output projection (``o_proj`` / ``attention.output.dense`` / ``down_proj`` ...) and
+``x`` is the input of the block's output (or down) projection and
 ``cols_i`` the channels the unit owns (``unit_width`` of them: one per neuron, ``group_size * head_dim`` per KV
 group). Removing units ``drop`` loses ``Σ_drop c_i``. Over calibration tokens (real tokens only, where the batch has
 an ``attention_mask`` of the right shape) this module estimates and folds back, without gradients:
@@ -26,10 +26,10 @@ pruned model's own activations is not done). The changes only touch kept columns
 so ``reconstruct_(model, spec, ...); shrink_(model, spec)`` gives the compensated shrunk model, and masking the
 reconstructed dense model gives the same outputs.
 
-Where an output projection has no bias (LLaMA-style models, T5), one is created when the architecture can express it
-in its config (LLaMA-style: ``attention_bias`` / ``mlp_bias``; zero biases are then also added to the block's other
-projections that the flag switches on, so ``save_pretrained`` / rebuild-and-load round trips exactly). Where it cannot
-(T5), the bias part is skipped for that block with a warning; the scales still apply.
+Where an output projection has no bias, one is created when the family's config can express it (the adapter's
+:meth:`~taskprune.arch.Adapter.bias_flag`, a config flag; zero biases are then also added to
+the block's other projections that the flag switches on, so ``save_pretrained`` / rebuild-and-load round trips
+exactly). Where it cannot, the bias part is skipped for that block with a warning; the scales still apply.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from taskprune.arch import AttentionBlock, FFNBlock, find_base, get_architecture, in_features, out_features
+from taskprune.arch import (Architecture, find_base, feature_dim, get_architecture, in_features, out_features,
+                            unit_channels, weight_in_out)
 from taskprune.attribution import default_forward
 from taskprune.spec import PruneSpec
 
@@ -50,9 +51,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("none", "bias", "scale", "lstsq")
 Method = Literal["none", "bias", "scale", "lstsq"]
-
-# config flag that gives a block style's projections a bias, and the projections it switches on (besides out/down)
-_BIAS_FLAGS = {("llama", "heads"): "attention_bias", ("llama", "neurons"): "mlp_bias"}
 
 
 @dataclass
@@ -124,12 +122,12 @@ def reconstruct_(
             if st.n == 0:
                 raise ValueError(f"no calibration token reached {block.name!r}; check the batches' attention_mask")
             out = base.get_submodule(block.out if kind == "heads" else block.down)
-            w = _out_major(out).double()  # [d, width]
+            w = weight_in_out(out).t().double()  # [d, width]
             keep = spec.kept(kind, block.name)
             drop = spec.drop(kind, block.name)
             width = block.unit_width
             mean = st.sum / st.n
-            kc, dc = _channels(keep, width), _channels(drop, width)
+            kc, dc = unit_channels(keep, width), unit_channels(drop, width)
             col_scale = torch.ones(w.shape[1], dtype=torch.float64)
             if method == "bias":
                 delta = w[:, dc] @ mean[dc]
@@ -141,7 +139,7 @@ def reconstruct_(
                 col_scale[kc] = s.repeat_interleave(width)
                 delta = (w @ mean - w[:, kc] @ (col_scale[kc] * mean[kc])) if method == "lstsq" else None
                 _scale_columns_(out, col_scale)
-            if delta is not None and not _add_bias_(base, arch, kind, block, out, delta):
+            if delta is not None and not _add_bias_(base, arch, kind, out, delta):
                 skipped.append(block.name)
     if skipped:
         log.warning("bias compensation skipped for %d block(s) whose output projection has no bias and whose config "
@@ -237,35 +235,19 @@ def _check_range(r) -> tuple[float, float]:
     return low, high
 
 
-def _channels(units: list[int], width: int) -> Tensor:
-    u = torch.as_tensor(units, dtype=torch.long)
-    return (u[:, None] * width + torch.arange(width)).reshape(-1)
-
-
 # ------------------------------------------------------------------------------------------------ weights
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D"  # GPT-2: weight stored [in, out]
-
-
-def _out_major(m: nn.Module) -> Tensor:
-    """Weight as ``[out, in]``."""
-    w = m.weight.detach()
-    return w.t() if _is_conv1d(m) else w
-
-
 def _scale_columns_(m: nn.Module, col_scale: Tensor) -> None:
     """Multiply input channel ``j`` of ``m`` by ``col_scale[j]`` (``[in]``), in the weight's dtype."""
     w = m.weight
     s = col_scale.to(device=w.device, dtype=torch.float64)
-    scaled = (w.double() * (s[:, None] if _is_conv1d(m) else s[None, :])).to(w.dtype)
+    scaled = (w.double() * (s[:, None] if feature_dim(m, "in") == 0 else s[None, :])).to(w.dtype)
     w.copy_(scaled)
 
 
-def _add_bias_(base: nn.Module, arch, kind: str, block: AttentionBlock | FFNBlock, out: nn.Module,
-               delta: Tensor) -> bool:
+def _add_bias_(base: nn.Module, arch: Architecture, kind: str, out: nn.Module, delta: Tensor) -> bool:
     """Add ``delta`` ``[d]`` to ``out``'s bias, creating one where the config can express it; False if skipped."""
     if out.bias is None:
-        flag = _BIAS_FLAGS.get((block.style, kind))
+        flag = arch.adapter.bias_flag(kind)
         if flag is None or not hasattr(base.config, flag):
             return False
         _enable_biases(base, arch, kind, flag)
@@ -274,7 +256,7 @@ def _add_bias_(base: nn.Module, arch, kind: str, block: AttentionBlock | FFNBloc
     return True
 
 
-def _enable_biases(base: nn.Module, arch, kind: str, flag: str) -> None:
+def _enable_biases(base: nn.Module, arch: Architecture, kind: str, flag: str) -> None:
     """Turn ``config.<flag>`` on and give every projection it governs (all blocks of ``kind``) a zero bias."""
     blocks = arch.blocks(kind)
     for block in blocks:
