@@ -29,28 +29,118 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from taskprune.arch import find_base, in_features
+from taskprune.calibration import calibrate
 from taskprune.gates import Gates, check_units
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
-DEFAULT_BASELINE = 0.5  # where the IG path starts (gate value); chosen by measurement, see the module docstring
-QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre")
-AGGREGATIONS = ("abs", "signed")
-TARGETS = ("label", "pseudo", "neg_loss")
+# every option is a Literal written once here; the tuples of allowed values derive from it
+Method = Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"]
+Target = Literal["label", "pseudo", "neg_loss"]
+Quadrature = Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre"]
+Aggregate = Literal["abs", "signed"]
+Units = Literal["all", "heads", "neurons"]
+METHODS: tuple[str, ...] = get_args(Method)
+TARGETS: tuple[str, ...] = get_args(Target)
+QUADRATURES: tuple[str, ...] = get_args(Quadrature)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregate)
 DATA_FREE = ("magnitude", "random")
+DEFAULT_BASELINE = 0.5  # where the IG path starts (gate value); chosen by measurement, see the module docstring
 # batch keys that are not model inputs
 NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
 
-Method = Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"]
 TargetFn = Callable[[object, dict], Tensor]  # (model outputs, batch) -> per-sample scalar [batch]
+
+
+def _choice(name: str, value, allowed: tuple[str, ...], hint: str = "") -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}{hint}")
+
+
+def _positive_int(name: str, value, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How units are scored: one object for :class:`Attributor`, the Lightning module and the callback."""
+
+    method: Method = "ig"
+    """Scoring method: ig (integrated gradients over the unit gates), grad_x_gate, fisher, activation, magnitude
+    (data-free), random (data-free, seeded)."""
+    target: Target = "label"
+    """What the attribution explains: label (log-probability of the gold label), pseudo (of the dense model's own
+    prediction: unsupervised), neg_loss (the negative per-sample loss). From Python also a callable
+    (outputs, batch) -> [batch]."""
+    units: Units = "all"
+    """Unit kinds scored and pruned: all, heads or neurons."""
+    steps: int = 4
+    """IG quadrature nodes (ig only): m nodes cost m forward+backward passes per batch."""
+    quadrature: Quadrature = "riemann_middle"
+    """IG quadrature rule (ig only)."""
+    baseline: float = DEFAULT_BASELINE
+    """Gate value where the IG path starts, in [0, 1) (ig only): 0.5 by measurement; 0 is the paper's all-off path."""
+    alpha_batch: int = 1
+    """IG nodes that share one forward pass (the batch is repeated): memory grows with alpha_batch x batch size."""
+    aggregate: Aggregate = "abs"
+    """Mean of |per-sample attribution| (abs) or of signed attributions (signed); ig and grad_x_gate."""
+    seed: int = 0
+    """Seed of the random method."""
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        if not callable(self.target):
+            _choice("target", self.target, TARGETS, " or a callable (outputs, batch) -> [B]")
+        check_units(self.units)
+        _choice("quadrature", self.quadrature, QUADRATURES)
+        _positive_int("steps", self.steps)
+        if self.method == "ig" and self.quadrature == "trapezoid" and self.steps < 2:
+            raise ValueError("the trapezoid rule needs steps >= 2 (nodes at 0 and 1); use riemann_right for 1 step")
+        _positive_int("alpha_batch", self.alpha_batch)
+        _choice("aggregate", self.aggregate, AGGREGATIONS)
+        if isinstance(self.baseline, bool) or not isinstance(self.baseline, (int, float)) \
+                or not 0.0 <= self.baseline < 1.0:
+            raise ValueError(f"baseline={self.baseline!r}: the gate value where the IG path starts must be in [0, 1) "
+                             "(0 = all units off, the paper's baseline; 0.5 = a path from half-on gates)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def data_free(self) -> bool:
+        """Whether the method reads no data (``magnitude``, ``random``)."""
+        return self.method in DATA_FREE
+
+    @property
+    def target_name(self) -> str:
+        return self.target if isinstance(self.target, str) else getattr(self.target, "__name__", "custom")
+
+    def to_dict(self) -> dict:
+        """Plain fields (a callable target by its name): for hyperparameters, checkpoints and YAML."""
+        return {**asdict(self), "target": self.target_name,
+                "units": self.units if isinstance(self.units, str) else list(self.units)}
+
+    @classmethod
+    def of(cls, value: AttributionConfig | dict | None) -> AttributionConfig:
+        """``value`` as a config: a config, a dict of its fields (e.g. checkpoint hyperparameters) or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown attribution option(s) {unknown}; allowed: {list(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise TypeError(f"attribution must be an AttributionConfig or a dict of its fields, got {type(value).__name__}")
 
 
 def quadrature(kind: str, steps: int) -> tuple[Tensor, Tensor]:
@@ -176,68 +266,54 @@ def _repeat(batch: dict, k: int, n: int) -> dict:
 class Attributor:
     """Scores units of one model with one method; call :meth:`batch_sums` per batch, or use :func:`score_units`.
 
-    Args:
-        model: a transformers model or a module that contains one (e.g. a multi-task wrapper).
-        method: one of :data:`METHODS`.
-        target: one of :data:`TARGETS` or a callable ``(outputs, batch) -> [batch]``.
-        units: ``"all"``, ``"heads"``, ``"neurons"``.
-        steps: IG quadrature nodes (``ig`` only).
-        quadrature: IG quadrature rule.
-        baseline: gate value where the IG path starts, in ``[0, 1)`` (``ig`` only; 0.5 by measurement; 0 = the paper's
-            all-off baseline).
-        alpha_batch: how many IG nodes share one forward pass (memory ∝ ``alpha_batch × batch``).
-        aggregate: ``"abs"`` (mean of |per-sample attribution|) or ``"signed"`` (mean of signed attributions); used
-            by ``ig`` and ``grad_x_gate``.
-        forward: ``fn(model, batch) -> outputs``; default calls ``model(**inputs)``.
-        seed: for ``random``.
+    ``Attributor(model, AttributionConfig(steps=8))``, or the shorthand ``Attributor(model, "ig", steps=8)`` (a
+    method name and :class:`AttributionConfig`'s other fields as keywords). ``forward``: ``fn(model, batch) ->
+    outputs``; default calls ``model(**inputs)``. ``model`` is a transformers model or a module that contains one
+    (e.g. a multi-task wrapper).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        method: Method = "ig",
+        method: Method | AttributionConfig = "ig",
         target: str | TargetFn = "label",
         units: str | Sequence[str] = "all",
         *,
-        steps: int = 4,
-        quadrature: str = "riemann_middle",
-        alpha_batch: int = 1,
-        baseline: float = DEFAULT_BASELINE,
-        aggregate: Literal["abs", "signed"] = "abs",
         forward: Callable | None = None,
-        seed: int = 0,
+        **options,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
-        if aggregate not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregate {aggregate!r}; allowed: {list(AGGREGATIONS)}")
-        if not isinstance(alpha_batch, int) or alpha_batch < 1:
-            raise ValueError(f"alpha_batch must be a positive integer, got {alpha_batch!r}")
-        if not isinstance(baseline, (int, float)) or not 0.0 <= baseline < 1.0:
-            raise ValueError(f"baseline={baseline!r}: the gate value where the IG path starts must be in [0, 1) "
-                             "(0 = all units off, the paper's baseline; 0.5 = a path from half-on gates)")
-        self.nodes, self.weights = globals()["quadrature"](quadrature, steps) if method == "ig" else (None, None)
-        if method == "ig" and baseline:  # the path b -> 1: nodes b + α(1 - b), weights scaled by the length 1 - b
-            self.nodes, self.weights = baseline + self.nodes * (1 - baseline), self.weights * (1 - baseline)
+        if isinstance(method, AttributionConfig):
+            if options or target != "label" or units != "all":
+                raise ValueError("pass either an AttributionConfig or a method name and options, not both")
+            config = method
+        else:
+            config = AttributionConfig(method, target, units, **options)
+        self.config = config
         self.model = model
-        self.method = method
-        self.units = check_units(units)
-        self.target_name = target if isinstance(target, str) else getattr(target, "__name__", "custom")
-        self.target = make_target(target, model)
-        self.forward = forward or default_forward
-        self.alpha_batch = min(alpha_batch, steps) if method == "ig" else 1
-        self.aggregate = aggregate
-        self.seed = seed
+        self.method = config.method
+        self.units = check_units(config.units)
         self.gates = Gates(model, self.units)
+        self.target_name = config.target_name
+        self.target = make_target(config.target, model)
+        self.forward = forward or default_forward
+        self.nodes = self.weights = None
+        if config.method == "ig":
+            b = config.baseline
+            nodes, weights = quadrature(config.quadrature, config.steps)
+            # the path b -> 1: nodes b + α(1 - b), weights scaled by the length 1 - b
+            self.nodes, self.weights = (b + nodes * (1 - b), weights * (1 - b)) if b else (nodes, weights)
+        self.alpha_batch = min(config.alpha_batch, config.steps) if config.method == "ig" else 1
+        self.aggregate = config.aggregate
+        self.seed = config.seed
         self.options = {
-            "target": self.target_name, "units": list(self.units), "aggregate": aggregate, "seed": seed,
-            **({"steps": steps, "quadrature": quadrature, "alpha_batch": self.alpha_batch, "baseline": float(baseline)}
-               if method == "ig" else {}),
+            "target": self.target_name, "units": list(self.units), "aggregate": config.aggregate, "seed": config.seed,
+            **({"steps": config.steps, "quadrature": config.quadrature, "alpha_batch": self.alpha_batch,
+                "baseline": float(config.baseline)} if config.method == "ig" else {}),
         }
 
     @property
     def data_free(self) -> bool:
-        return self.method in DATA_FREE
+        return self.config.data_free
 
     def empty(self) -> UnitScores:
         fp = self.gates.arch.fingerprint()
@@ -249,6 +325,13 @@ class Attributor:
         s.sums = {k: {n: v.clone() for n, v in blocks.items()} for k, blocks in self.gates.split(flat.double()).items()}
         s.count = count
         return s
+
+    def result(self, sums: Tensor | None = None, count: float = 0.0) -> UnitScores:
+        """Scores from calibration sums (``[n_units]``, summed over processes) and their sample weight; a data-free
+        method ignores both and computes its scores here (count 0)."""
+        if self.data_free:
+            return self.to_scores(self.data_free_sums(), 0)
+        return self.to_scores(sums, int(round(float(count))))
 
     # ------------------------------------------------------------------ data-free
     def data_free_sums(self) -> Tensor:
@@ -377,33 +460,31 @@ def _in_major(module: nn.Module) -> Tensor:
 def score_units(
     model: nn.Module,
     batches: Iterable[dict] | None = None,
-    method: Method = "ig",
+    method: Method | AttributionConfig = "ig",
     target: str | TargetFn = "label",
     units: str | Sequence[str] = "all",
     **options,
 ) -> UnitScores:
     """Score every structured unit of ``model`` on ``batches`` (dicts of tensors; ``labels`` for supervised targets).
 
-    Returns running sums and the sample count; ``.mean()`` gives per-unit scores. Data-free methods
-    (``magnitude``, ``random``) ignore ``batches``. See :class:`Attributor` for the options.
+    ``method`` is a method name followed by the other options as keywords, or an :class:`AttributionConfig` (as for
+    :class:`Attributor`; ``forward=`` either way). A ``DataLoader`` with a ``DistributedSampler`` has its padding
+    dropped.
+    Returns running sums and the sample count; ``.mean()`` gives per-unit scores. Data-free methods (``magnitude``,
+    ``random``) ignore ``batches``.
     """
     att = Attributor(model, method, target, units, **options)
     if att.data_free:
-        return att.to_scores(att.data_free_sums(), 0)
+        return att.result()
     if batches is None:
-        raise ValueError(f"method {method!r} needs calibration batches; pass batches=... (an iterable of dicts)")
-    total = torch.zeros(att.gates.n_units, dtype=torch.float64)
-    count, n_batches = 0.0, 0
-    for batch in batches:
-        sums, w = att.batch_sums(batch)
-        total += sums
-        count += w
-        n_batches += 1
+        raise ValueError(f"method {att.method!r} needs calibration batches; pass batches=... (an iterable of dicts)")
+    total, count, n_batches = calibrate(att, batches, loader=batches)
     if n_batches == 0:
         raise ValueError("no calibration batches: the data loader is empty; give at least one sample")
     if count != math.floor(count):
         log.info("sample weights are fractional; count=%s", count)
-    return att.to_scores(total, int(round(count)))
+    return att.result(total, count)
 
 
-__all__ = ["Attributor", "score_units", "quadrature", "make_target", "METHODS", "QUADRATURES", "in_features"]
+__all__ = ["AttributionConfig", "Attributor", "score_units", "quadrature", "make_target", "METHODS", "QUADRATURES",
+           "in_features"]

@@ -4,7 +4,10 @@ Protocol for any LightningModule (``AttributionModule`` implements it; so can yo
 
 - ``pruning_model`` (required): the ``nn.Module`` that holds the transformers model to prune.
 - ``unit_scores() -> UnitScores`` (optional): scores summed over all processes. Without it, the callback calibrates
-  by itself at the end of ``fit``: it scores up to ``calib_batches`` batches of the train dataloader with ``method``.
+  by itself at the end of ``fit``: it scores up to ``calib_batches`` batches of the train dataloader with its
+  ``attribution`` config, through the same loop as the module (:mod:`taskprune.calibration`).
+- ``attribution`` (optional, with ``unit_scores()``): the module's :class:`~taskprune.attribution.AttributionConfig`.
+  It is the one source of truth: a callback ``attribution`` that differs from it is refused, not ignored.
 - ``pruning_batch(batch) -> dict`` (optional): turns one of your batches into the model's keyword arguments plus
   ``labels``; without it, batches must already be such dicts.
 - ``keep_dense_copy()``, ``spec`` and ``spec_mode`` (optional): for side-by-side evaluation and checkpoints.
@@ -19,25 +22,23 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import torch
-from torch.utils.data import DistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 
-from taskprune.attribution import AGGREGATIONS, METHODS, Attributor
-from taskprune.selection import select_units
+from taskprune.attribution import AttributionConfig, Attributor
+from taskprune.calibration import calibrate, loader_batches
+from taskprune.selection import Budget, check_budget, select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import apply_mask, shrink_
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
 
-BUDGET_KINDS = ("macs", "params", "sparsity", "heads", "neurons")
-APPLY = ("mask", "shrink", "none")
-SCOPES = ("per_kind", "global", "layerwise")
-NORMALIZE = ("none", "l1", "l2", "max")
+Apply = Literal["shrink", "mask", "none"]
+APPLY: tuple[str, ...] = get_args(Apply)
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -57,21 +58,17 @@ class TaskPruning(L.Callback):
     """Select and apply a structured pruning spec from attribution scores.
 
     Args:
-        budget: fraction to remove, in [0, 1), of what ``budget_kind`` names.
-        budget_kind: ``macs`` (prunable MACs at ``seq_len``), ``params``, ``sparsity`` (fraction of heads and of
-            neurons), ``heads`` or ``neurons``.
-        scope: ``per_kind`` (default: the same share of attention and of FFN cost, units ranked across layers within
-            a kind), ``global`` (heads and neurons pooled by score per MAC) or ``layerwise`` (same fraction per block).
-        normalize: per-block score normalisation before a global ranking: ``none``, ``l1``, ``l2``, ``max``.
-        units: ``all``, ``heads`` or ``neurons``: the kinds that may be removed.
+        budget: what to remove and how units are chosen (:class:`~taskprune.selection.Budget`: amount, kind, scope,
+            normalize, min_heads, min_neurons, seq_len).
+        attribution: how units are scored (:class:`~taskprune.attribution.AttributionConfig`). A module with
+            ``unit_scores()`` scores with its own config: leave this out (the CLI links it to the module's); a
+            different one is refused. Otherwise the callback calibrates with it (default ``AttributionConfig()``).
+            Its ``units`` also names the kinds that may be removed.
         apply: ``shrink`` (physical removal: real speed), ``mask`` (soft gates: reversible, no speed), ``none``.
         output_dir: where ``spec.json`` and ``scores.safetensors`` go.
         spec_path: an existing spec to apply at test/validate/predict (default: ``output_dir/spec.json``).
-        seq_len: sequence length at which MACs are counted.
-        min_heads: attention units kept per block, at least 1.
-        min_neurons: FFN neurons kept per block.
         overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused).
-        method, target, steps, aggregate, calib_batches: used only when the module has no ``unit_scores()``.
+        calib_batches: batches the callback's own calibration reads (modules without ``unit_scores()``); all if None.
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
             so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
@@ -86,64 +83,44 @@ class TaskPruning(L.Callback):
 
     def __init__(
         self,
-        budget: float = 0.4,
-        budget_kind: Literal["macs", "params", "sparsity", "heads", "neurons"] = "macs",
-        scope: Literal["per_kind", "global", "layerwise"] = "per_kind",
-        normalize: Literal["none", "l1", "l2", "max"] = "l1",
-        units: Literal["all", "heads", "neurons"] = "all",
-        apply: Literal["mask", "shrink", "none"] = "shrink",
+        budget: Budget = Budget(),
+        attribution: AttributionConfig | None = None,
+        apply: Apply = "shrink",
         output_dir: str = "runs/taskprune",
         spec_path: str | None = None,
-        seq_len: int = 128,
-        min_heads: int = 1,
-        min_neurons: int = 1,
         overwrite: bool = False,
-        method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
-        target: Literal["label", "pseudo", "neg_loss"] = "label",
-        steps: int = 4,
-        aggregate: Literal["abs", "signed"] = "abs",
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
-        export_dir: str | None = None,
         reconstruct: Literal["none", "bias", "scale", "lstsq"] = "none",
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
-            raise ValueError(f"budget must be a fraction in [0, 1), got {budget!r}; e.g. budget=0.4 removes 40% "
-                             f"of the {budget_kind}")
-        for name, value, allowed in (("budget_kind", budget_kind, BUDGET_KINDS), ("apply", apply, APPLY),
-                                     ("scope", scope, SCOPES), ("normalize", normalize, NORMALIZE),
-                                     ("units", units, ("all", "heads", "neurons")), ("method", method, METHODS),
-                                     ("aggregate", aggregate, AGGREGATIONS)):
+        from taskprune.reconstruct import METHODS as RECONSTRUCT
+
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a taskprune.selection.Budget, got {budget!r}; e.g. "
+                            "Budget(amount=0.4, kind='macs') removes 40% of the prunable MACs")
+        if attribution is not None and not isinstance(attribution, AttributionConfig):
+            raise TypeError(f"attribution must be an AttributionConfig or None, got {type(attribution).__name__}")
+        for name, value, allowed in (("apply", apply, APPLY), ("reconstruct", reconstruct, RECONSTRUCT)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-        if not isinstance(min_heads, int) or min_heads < 1:
-            raise ValueError(f"min_heads must be an integer >= 1 (a layer keeps at least one head), got {min_heads!r}")
         for name, value in (("calib_batches", calib_batches), ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if export_dir is not None and apply != "shrink":
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
-        self.export_dir = Path(export_dir) if export_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        from taskprune.reconstruct import METHODS as RECONSTRUCT
-
-        if reconstruct not in RECONSTRUCT:
-            raise ValueError(f"unknown reconstruct {reconstruct!r}; allowed: {list(RECONSTRUCT)}")
         if reconstruct != "none" and apply == "none":
             raise ValueError("reconstruct needs a spec to apply: set apply='shrink' (or 'mask'), or reconstruct='none'")
-        self.reconstruct = reconstruct
-        self.budget, self.budget_kind, self.scope, self.normalize = float(budget), budget_kind, scope, normalize
-        self.units, self.apply, self.seq_len = units, apply, seq_len
-        self.min_heads, self.min_neurons, self.overwrite = min_heads, min_neurons, overwrite
+        self.budget, self.attribution, self.apply = budget, attribution, apply
         self.output_dir = Path(output_dir)
         self.spec_path = Path(spec_path) if spec_path else None
-        self.method, self.target, self.steps, self.aggregate = method, target, steps, aggregate
-        self.calib_batches = calib_batches
+        self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
+        self.reconstruct = reconstruct
+        self.export_dir = Path(export_dir) if export_dir is not None else None
         self.spec: PruneSpec | None = None
         self.applied: str | None = None
+        self._config: AttributionConfig | None = None  # the one in force, resolved in setup
 
     # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -156,11 +133,25 @@ class TaskPruning(L.Callback):
             )
         return model
 
+    def _resolve_attribution(self, pl_module) -> AttributionConfig:
+        """The one attribution config: the module's when it scores (``unit_scores()``), else the callback's."""
+        if not hasattr(pl_module, "unit_scores"):
+            return self.attribution or AttributionConfig()
+        own = getattr(pl_module, "attribution", None)
+        own = own if isinstance(own, AttributionConfig) else None
+        if self.attribution is not None and self.attribution != own:
+            raise ValueError(
+                f"TaskPruning(attribution={self.attribution}) differs from the attribution of "
+                f"{type(pl_module).__name__} ({own}), which computes the scores (unit_scores()); the callback's "
+                "would be ignored. Set it on the module (--model.attribution.*) and leave the callback's out"
+            )
+        return own or AttributionConfig()
+
     def _select(self, scores: UnitScores) -> PruneSpec:
-        kwargs = {self.budget_kind: self.budget}
-        spec = select_units(scores, seq_len=self.seq_len, scope=self.scope, normalize=self.normalize,
-                            min_heads=self.min_heads, min_neurons=self.min_neurons, units=self.units, **kwargs)
-        return spec
+        return select_units(scores, self.budget, units=self._units())
+
+    def _units(self) -> str:
+        return (self._config or self.attribution or AttributionConfig()).units
 
     def _spec_file(self) -> Path:
         return self.spec_path or self.output_dir / "spec.json"
@@ -175,19 +166,11 @@ class TaskPruning(L.Callback):
             _check_writable(self.output_dir, "output_dir")
             if self.export_dir is not None:
                 _check_writable(self.export_dir.parent, "export_dir's parent")
-            # fail before any work when the budget is unreachable for this model
+            self._config = self._resolve_attribution(pl_module)
             from taskprune.arch import get_architecture
-            from taskprune.unitscores import empty_scores
 
-            fp = get_architecture(model).fingerprint()
-            kinds = ("heads", "neurons") if self.units == "all" else (self.units,)
-            selection_log = logging.getLogger("taskprune.selection")
-            level = selection_log.level
-            selection_log.setLevel(logging.WARNING)  # a probe: its selection means nothing, do not report it
-            try:
-                self._select(empty_scores(fp, kinds, "probe"))
-            finally:
-                selection_log.setLevel(level)
+            # fail before any work when the budget is unreachable for this model
+            check_budget(get_architecture(model).fingerprint(), self.budget, units=self._units())
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None)
 
@@ -283,15 +266,12 @@ class TaskPruning(L.Callback):
         return path
 
     def _batches(self, trainer: L.Trainer, pl_module):
-        """The calibration batches (converted by ``pruning_batch`` and moved to the module's device)."""
+        """``(loader, batches)``: the first ``calib_batches`` train batches, converted by the module's
+        ``pruning_batch`` and moved to its device."""
         loaders = trainer.train_dataloader
         loader = loaders if not isinstance(loaders, (list, tuple)) else loaders[0]
         convert = getattr(pl_module, "pruning_batch", None)
-        for i, batch in enumerate(loader):
-            if self.calib_batches is not None and i >= self.calib_batches:
-                break
-            batch = convert(batch) if convert else batch
-            yield {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return loader, loader_batches(loader, self.calib_batches, convert, pl_module.device)
 
     def _reconstruct(self, trainer: L.Trainer, pl_module, model) -> None:
         from taskprune.reconstruct import reconstruct_
@@ -301,36 +281,21 @@ class TaskPruning(L.Callback):
                              "across processes yet); calibrate with several, then reconstruct with devices=1")
         if hasattr(pl_module, "keep_dense_copy"):
             pl_module.keep_dense_copy()  # the dense reference must not carry the compensation
-        reconstruct_(model, self.spec, self._batches(trainer, pl_module), self.reconstruct,
+        reconstruct_(model, self.spec, self._batches(trainer, pl_module)[1], self.reconstruct,
                      forward=getattr(pl_module, "forward_fn", None))
         rank_zero_info(f"taskprune: reconstruction {self.reconstruct!r} applied to the kept units")
 
     def _calibrate(self, trainer: L.Trainer, pl_module, model) -> UnitScores:
         """Score units on the train dataloader (for modules without ``unit_scores()``), summed over ranks."""
-        att = Attributor(model, self.method, self.target, self.units, steps=self.steps, aggregate=self.aggregate)
+        att = Attributor(model, self._config or self._resolve_attribution(pl_module),
+                         forward=getattr(pl_module, "forward_fn", None))
         if att.data_free:
-            return att.to_scores(att.data_free_sums(), 0)
-        total = torch.zeros(att.gates.n_units, dtype=torch.float64)
-        count = 0.0
-        loaders = trainer.train_dataloader
-        loader = loaders if not isinstance(loaders, (list, tuple)) else loaders[0]
-        convert = getattr(pl_module, "pruning_batch", None)
-        world, rank = trainer.world_size, trainer.global_rank
-        for i, batch in enumerate(loader):
-            if self.calib_batches is not None and i >= self.calib_batches:
-                break
-            batch = convert(batch) if convert else batch
-            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            sampler = getattr(loader, "sampler", None)
-            if world > 1 and isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-                local = i * loader.batch_size + torch.arange(len(next(iter(batch.values()))))
-                batch["sample_weight"] = (rank + local * world < len(loader.dataset)).double()  # drop padding
-            sums, w = att.batch_sums(batch)
-            total += sums
-            count += w
+            return att.result()
+        loader, batches = self._batches(trainer, pl_module)
+        total, count, _ = calibrate(att, batches, loader)
         total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
         count = float(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
-        return att.to_scores(total, int(round(count)))
+        return att.result(total, count)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:

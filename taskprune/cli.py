@@ -3,6 +3,13 @@
 ``fit`` calibrates (attribution passes, no weight update) and the ``pruning`` callback writes and applies the spec;
 ``test`` applies the spec from ``pruning.output_dir`` and reports dense vs pruned metrics in-domain and out-of-domain,
 with parameters, MACs and measured throughput, as a rich table.
+
+Groups: ``model`` (:class:`~taskprune.module.AttributionModule`, with ``model.attribution``: an
+:class:`~taskprune.attribution.AttributionConfig`), ``data`` (:class:`~taskprune.data.TaskDataModule`) and
+``pruning`` (:class:`~taskprune.callback.TaskPruning`, with ``pruning.budget``: a :class:`~taskprune.selection.Budget`).
+Values that must agree are linked, not repeated: ``model.task`` -> ``data.task``, ``model.attribution`` ->
+``pruning.attribution`` (method, units...: one source of truth) and ``data.max_length`` -> ``pruning.budget.seq_len``.
+Field docstrings of the config dataclasses are the ``--help`` text.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class TaskPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(TaskPruning, "pruning")
         parser.link_arguments("model.task", "data.task")
+        parser.link_arguments("model.attribution", "pruning.attribution")
+        parser.link_arguments("data.max_length", "pruning.budget.seq_len")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -61,8 +70,19 @@ class TaskPruneCLI(LightningCLI):
         print_table(comparison_table(module.results, size, title=title))
 
 
+def _help_from_field_docstrings() -> None:
+    """Let jsonargparse read the attribute docstrings of the config dataclasses as ``--help`` text."""
+    import jsonargparse
+
+    if hasattr(jsonargparse, "set_parsing_settings"):
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:  # jsonargparse < 4.35
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
 def main(args=None) -> TaskPruneCLI:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _help_from_field_docstrings()
     return TaskPruneCLI(
         AttributionModule,
         TaskDataModule,

@@ -365,6 +365,36 @@ class TaskDataModule(L.LightningDataModule):
         self._tokenizer = tokenizer
         self._collator = None
 
+    def fit_to(self, model, tokenizer: str | None = None) -> None:
+        """Fit the data to ``model`` before any work (called by ``AttributionModule.setup``).
+
+        ``tokenizer``: the model's own tokenizer folder, used unless a tokenizer is already loaded. Then refuse a
+        tokenizer whose vocabulary is larger than the model's input embedding (a tokenizer of another model), and
+        lower ``max_length`` (with a warning) to the model's position limit.
+        """
+        from taskprune.models import max_positions, vocab_rows
+
+        if tokenizer is not None and self._tokenizer is None:
+            self.set_tokenizer(load_tokenizer(tokenizer))
+        try:
+            tok = self.tokenizer
+        except ValueError:
+            tok = None  # no tokenizer (yet): the dataloaders raise their own error when they need one
+        n_rows = vocab_rows(model)
+        if hasattr(tok, "__len__") and n_rows is not None and len(tok) > n_rows:
+            name = getattr(tok, "name_or_path", "") or type(tok).__name__
+            raise ValueError(
+                f"the tokenizer {name!r} has a vocabulary of {len(tok)} tokens but the model's input embedding has "
+                f"{n_rows} rows: token ids >= {n_rows} would index past it. The tokenizer belongs to another model; "
+                "pass the model's own tokenizer (data.tokenizer, or the tokenizer saved with the model)"
+            )
+        limit = max_positions(model)
+        if limit is not None and self.max_length > limit:
+            log.warning("max_length=%d is longer than the model's %d positions; inputs are truncated to %d tokens",
+                        self.max_length, limit, limit)
+            self.max_length = limit
+            self._collator = None  # rebuilt with the new length
+
     def setup(self, stage: str | None = None) -> None:
         if self.calib_set is None:
             train = load_split(self.task, "train", self.data_dir)

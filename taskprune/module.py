@@ -9,24 +9,25 @@ Distributed calibration. Under ``strategy="ddp"`` Lightning wraps the module in 
 frozen and asks autograd only for the gradient of the *gates* (:func:`torch.autograd.grad`), so DDP's gradient hooks
 never fire and nothing is averaged: each process sums the attributions of its own samples and the metric adds the
 processes' sums at the end. ``DistributedSampler`` pads the last round with duplicates of the first samples; those
-get weight 0 (see :meth:`AttributionModule._real`), so 1 and N processes give the same sums.
+get weight 0 (:mod:`taskprune.calibration`, the loop the callback and ``score_units`` share), so 1 and N processes
+give the same sums. Model loading lives in :mod:`taskprune.models`; evaluation results are
+:class:`~taskprune.evaluation.Evaluation` rows.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
-from typing import Literal
 
 import lightning as L
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
+from torch import nn
 
-from taskprune.attribution import (AGGREGATIONS, DEFAULT_BASELINE, METHODS, QUADRATURES, TARGETS, Attributor,
-                                   default_forward)
+from taskprune.attribution import AttributionConfig, Attributor
+from taskprune.calibration import calibration_step, real_samples
+from taskprune.evaluation import Evaluation, MetricRow, Stopwatch
+from taskprune.models import head_size, load_task_model
 from taskprune.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
@@ -35,86 +36,7 @@ log = logging.getLogger(__name__)
 SPEC_KEY = "taskprune_spec"
 CALIB_KEY = "taskprune_calibration"
 # settings a resumed calibration must share with the run that wrote its checkpoint (the sums would mix otherwise)
-RESUME_HPARAMS = ("task", "method", "target", "units", "steps", "quadrature", "baseline", "aggregate", "seed")
-
-
-def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
-    """``(model, tokenizer_path)`` for a task: a taskprune multi-task model (name or folder) picks the task's head;
-    any other folder or hub id is loaded as ``AutoModelForSequenceClassification`` (local files work offline)."""
-    from pathlib import Path
-
-    from taskprune import zoo
-
-    folder = Path(name_or_path)
-    if name_or_path in zoo.RECIPES or (folder / "tasks.json").is_file():
-        multitask = zoo.ensure_multitask(name_or_path) if name_or_path in zoo.RECIPES else \
-            zoo.load_multitask(name_or_path)
-        return multitask.for_task(task), str(multitask.tokenizer_path)
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ValueError(
-            f"cannot load model {name_or_path!r}: {e}. Pass a local folder (config.json + safetensors), a "
-            f"taskprune multi-task model ({sorted(zoo.RECIPES)}), or a hub id when online."
-        ) from e
-    return model, name_or_path
-
-
-def head_size(model: nn.Module) -> int | None:
-    """Number of outputs of the model's task head, when it can be read without running the model."""
-    for attr in ("num_labels",):
-        n = getattr(model, attr, None)
-        if isinstance(n, int):
-            return n
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "num_labels", None)
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """Longest input (tokens) the model's position embeddings take, or ``None`` when unbounded (relative positions).
-
-    RoBERTa-style embeddings number positions from ``padding_idx + 1``, so they take ``padding_idx + 1`` fewer.
-    """
-    from taskprune.arch import find_base
-
-    base = find_base(model)[0]
-    n = getattr(base.config, "max_position_embeddings", None)
-    if not isinstance(n, int):
-        return None
-    offset = getattr(getattr(base, "embeddings", None), "padding_idx", None)
-    return n - (offset + 1) if isinstance(offset, int) else n
-
-
-def check_data_fits_model(dm, model: nn.Module) -> None:
-    """Before any work: refuse a tokenizer whose vocabulary is larger than the model's embedding (a tokenizer of
-    another model), and lower ``dm.max_length`` (with a warning) to the model's position limit."""
-    from taskprune.arch import find_base
-
-    try:
-        tokenizer = dm.tokenizer
-    except (ValueError, AttributeError):
-        return  # no tokenizer (yet): the datamodule raises its own error when it needs one
-    if not hasattr(tokenizer, "__len__"):
-        return
-    try:
-        n_rows = getattr(find_base(model)[0].get_input_embeddings(), "num_embeddings", None)
-    except (NotImplementedError, AttributeError):
-        n_rows = None
-    if isinstance(n_rows, int) and len(tokenizer) > n_rows:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"the tokenizer {name!r} has a vocabulary of {len(tokenizer)} tokens but the model's input embedding has "
-            f"{n_rows} rows: token ids >= {n_rows} would index past it. The tokenizer belongs to another model; "
-            "pass the model's own tokenizer (data.tokenizer, or the tokenizer saved with the model)"
-        )
-    limit = max_positions(model)
-    if limit is not None and isinstance(dm.max_length, int) and dm.max_length > limit:
-        log.warning("max_length=%d is longer than the model's %d positions; inputs are truncated to %d tokens",
-                    dm.max_length, limit, limit)
-        dm.max_length = limit
-        dm._collator = None  # rebuilt with the new length
+RESUME_KEYS = ("method", "target", "units", "steps", "quadrature", "baseline", "aggregate", "seed")
 
 
 class AttributionModule(L.LightningModule):
@@ -124,34 +46,17 @@ class AttributionModule(L.LightningModule):
         model: a taskprune multi-task model name (``minilm-glue``) or folder, a local HF sequence-classification
             folder, or an ``nn.Module`` (Python use).
         task: the task name (its head, labels and metrics; see :mod:`taskprune.tasks`).
-        method: attribution method (``ig``, ``grad_x_gate``, ``fisher``, ``activation``, ``magnitude``, ``random``).
-        target: ``label`` (gold labels), ``pseudo`` (the dense model's predictions: unsupervised), ``neg_loss``.
-        units: ``all``, ``heads`` or ``neurons``.
-        steps: IG quadrature nodes.
-        quadrature: IG quadrature rule.
-        alpha_batch: IG nodes per forward pass (memory ∝ alpha_batch × batch size).
-        baseline: gate value where the IG path starts, in [0, 1) (default 0.5, measured; 0: all units off, the
-            paper's path).
-        aggregate: ``abs`` or ``signed`` mean of per-sample attributions.
-        seed: seed of the ``random`` method.
+        attribution: how units are scored (method, target, units, IG steps...); a dict of its fields works too.
         compare_dense: evaluate the dense model beside the pruned one in ``test`` / ``validate`` (keeps a copy).
         trust_remote_code: passed to transformers when loading a model by name; off unless you turn it on.
+        forward: ``fn(model, batch) -> outputs`` (Python use); default calls ``model(**inputs)``.
     """
 
     def __init__(
         self,
         model: str | nn.Module = "minilm-glue",
         task: str = "sst2",
-        method: Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"] = "ig",
-        target: Literal["label", "pseudo", "neg_loss"] = "label",
-        units: Literal["all", "heads", "neurons"] = "all",
-        steps: int = 4,
-        quadrature: Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid",
-                            "gauss_legendre"] = "riemann_middle",
-        alpha_batch: int = 1,
-        baseline: float = DEFAULT_BASELINE,
-        aggregate: Literal["abs", "signed"] = "abs",
-        seed: int = 0,
+        attribution: AttributionConfig = AttributionConfig(),
         compare_dense: bool = True,
         trust_remote_code: bool = False,
         forward: Callable | None = None,
@@ -159,12 +64,11 @@ class AttributionModule(L.LightningModule):
         super().__init__()
         from taskprune.tasks import get_task
 
-        for name, value, allowed in (("method", method, METHODS), ("target", target, TARGETS),
-                                     ("quadrature", quadrature, QUADRATURES), ("aggregate", aggregate, AGGREGATIONS)):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
+        self.attribution = AttributionConfig.of(attribution)
         self.task = get_task(task)
-        self.save_hyperparameters(ignore=["model", "forward"])
+        # plain values only, so checkpoints load with weights_only and hand them back to __init__
+        self.save_hyperparameters({"task": task, "attribution": self.attribution.to_dict(),
+                                   "compare_dense": compare_dense, "trust_remote_code": trust_remote_code})
         if isinstance(model, nn.Module):
             self.model, self.tokenizer_path = model, None
         else:
@@ -175,17 +79,15 @@ class AttributionModule(L.LightningModule):
                 f"the model's head has {n_out} outputs but task {self.task.name!r} has {self.task.n_labels} "
                 f"labels {list(self.task.label_names)}; load the head trained for this task"
             )
-        self.attributor = Attributor(self.model, method, target, units, steps=steps, quadrature=quadrature,
-                                     alpha_batch=alpha_batch, baseline=baseline, aggregate=aggregate, seed=seed,
-                                     forward=forward)
-        self.forward_fn = forward or default_forward
+        self.attributor = Attributor(self.model, self.attribution, forward=forward)
+        self.forward_fn = self.attributor.forward
         self.scores = UnitScoreMetric(self.attributor.gates.n_units)
         self.compare_dense = compare_dense
         self.dense_model: nn.Module | None = None
         self.spec = None  # set by TaskPruning when a spec is applied
         self.spec_mode: str | None = None
         self.eval_names: list[str] = [self.task.name]
-        self.results: list[dict] = []
+        self.evaluation: Evaluation | None = None
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------------------------------ protocol
@@ -197,8 +99,7 @@ class AttributionModule(L.LightningModule):
     def unit_scores(self) -> UnitScores:
         """Scores summed over all processes (protocol): collective, call on every rank."""
         sums, count = self.scores.compute()
-        self.scores._computed = None
-        scores = self.attributor.to_scores(sums.cpu(), int(round(float(count))))
+        scores = self.attributor.result(sums.cpu(), float(count))
         scores.options["batches"] = int(self.scores.batches.item())
         return scores
 
@@ -221,54 +122,38 @@ class AttributionModule(L.LightningModule):
         if dm is not None:
             if hasattr(dm, "eval_names"):
                 self.eval_names = list(dm.eval_names)
-            if self.tokenizer_path is not None and hasattr(dm, "set_tokenizer") and dm._tokenizer is None:
-                from taskprune.data import load_tokenizer
-
-                dm.set_tokenizer(load_tokenizer(self.tokenizer_path))
-            if hasattr(dm, "set_tokenizer") and hasattr(dm, "max_length"):
-                check_data_fits_model(dm, self.model)
-
-    def _real(self, batch: dict, batch_idx: int, loader) -> Tensor:
-        """Weights 1 for real samples, 0 for the duplicates that ``DistributedSampler`` pads the last round with.
-
-        The sampler gives rank ``r`` the global positions ``r, r + W, r + 2W, ...`` of its (possibly shuffled,
-        padded) index list; positions ``>= len(dataset)`` are padding. A batch's local positions follow from
-        ``batch_idx`` and the loader's batch size (Lightning keeps ``batch_idx`` across a resume).
-        """
-        n = next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
-        ones = torch.ones(n, dtype=torch.float64)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        sampler = getattr(loader, "sampler", None)
-        if world == 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-            return ones
-        local = batch_idx * loader.batch_size + torch.arange(n)
-        return (sampler.rank + local * sampler.num_replicas < len(loader.dataset)).double()
+            if hasattr(dm, "fit_to"):
+                dm.fit_to(self.model, self.tokenizer_path)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        if self.attributor.data_free:
-            self.scores.update(torch.zeros(self.scores.n_units, dtype=torch.float64), 0.0)
-            return None
-        batch = {**batch, "sample_weight": self._real(batch, batch_idx, self.trainer.train_dataloader)}
-        if self.attributor.target_name == "label" and "labels" not in batch:
-            raise ValueError("target='label' needs labelled batches (batch['labels']); use target='pseudo' for "
-                             "unlabelled calibration data")
-        sums, count = self.attributor.batch_sums(batch)
-        self.scores.update(sums.detach(), count)
-        self.log("calib/samples", float(self.scores.count), prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=1)
         loader = self.trainer.train_dataloader if self._trainer is not None else None
+        sums, count = calibration_step(self.attributor, batch, batch_idx, loader)
+        self.scores.update(sums, count)
+        if not self.attributor.data_free:
+            self.log("calib/samples", float(self.scores.count), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=1)
         if hasattr(loader, "mark_done"):
             loader.mark_done()
         return None
 
     # ------------------------------------------------------------------------------------------ evaluation
+    @property
+    def results(self) -> list[dict]:
+        """The last evaluation's rows as dicts (see :class:`~taskprune.evaluation.MetricRow`); ``[]`` before one."""
+        return self.evaluation.as_rows() if self.evaluation is not None else []
+
+    @property
+    def throughput(self) -> dict[str, float | None]:
+        """Samples per second of the last evaluation per variant (``"pruned"``, ``"dense"``)."""
+        return dict(self.evaluation.throughput) if self.evaluation is not None else {}
+
     def _setup_eval(self) -> None:
         names = self.eval_names
         variants = ["pruned", "dense"] if self.dense_model is not None else ["pruned"]
         self.eval_metrics = nn.ModuleDict({
             v: nn.ModuleList([self.task.make_metrics() for _ in names]) for v in variants
         }).to(self.device)
-        self._timing = {v: [0.0, 0] for v in variants}
+        self._stopwatch = Stopwatch(variants)
 
     def on_test_epoch_start(self) -> None:
         self._setup_eval()
@@ -280,15 +165,11 @@ class AttributionModule(L.LightningModule):
         labels = batch["labels"]
         loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        keep = self._real(batch, batch_idx, loader).bool().to(labels.device)
+        keep = real_samples(batch, batch_idx, loader).to(labels.device)
         models = {"pruned": self.model, "dense": self.dense_model}
         for variant, metrics in self.eval_metrics.items():
-            model = models[variant]
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = self.forward_fn(model, batch)
-            self._timing[variant][0] += time.perf_counter() - start
-            self._timing[variant][1] += int(labels.shape[0])
+            with self._stopwatch.time(variant, labels.shape[0], self.device), torch.inference_mode():
+                out = self.forward_fn(models[variant], batch)
             logits = out.logits if hasattr(out, "logits") else out
             metrics[dataloader_idx].update(self.task.predictions(logits)[keep], labels[keep])
 
@@ -308,13 +189,12 @@ class AttributionModule(L.LightningModule):
                 self.log(f"{prefix}/{metric}", pruned, sync_dist=False, add_dataloader_idx=False)
                 if dense is not None:
                     self.log(f"{prefix}/{metric}_dense", dense, sync_dist=False, add_dataloader_idx=False)
-                rows.append({"set": name, "kind": "in-domain" if i == 0 else "ood", "metric": metric,
-                             "dense": dense, "pruned": pruned})
-        for variant, (seconds, n) in self._timing.items():
-            if seconds > 0:
-                self.log(f"speed/{variant}_samples_per_s", n / seconds, add_dataloader_idx=False)
-        self.results = rows
-        self.throughput = {v: (n / s if s > 0 else None) for v, (s, n) in self._timing.items()}
+                rows.append(MetricRow(name, "in-domain" if i == 0 else "ood", metric, pruned, dense))
+        throughput = self._stopwatch.throughput()
+        for variant, rate in throughput.items():
+            if rate is not None:
+                self.log(f"speed/{variant}_samples_per_s", rate, add_dataloader_idx=False)
+        self.evaluation = Evaluation(tuple(rows), throughput)
 
     def on_test_epoch_end(self) -> None:
         self._end_eval()
@@ -335,7 +215,8 @@ class AttributionModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         calib = getattr(dm, "calib_set", None)
         return {
-            **{k: self.hparams.get(k) for k in RESUME_HPARAMS},
+            "task": self.task.name,
+            **{k: v for k, v in self.attribution.to_dict().items() if k in RESUME_KEYS},
             "world_size": self.trainer.world_size,
             "batch_size": getattr(loader, "batch_size", None) if loader is not None else getattr(dm, "batch_size", None),
             "samples": len(loader.dataset) if hasattr(loader, "dataset") else (len(calib) if calib is not None else None),

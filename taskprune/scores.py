@@ -11,7 +11,8 @@ class UnitScoreMetric(Metric):
     """Accumulates ``[n_units]`` float64 attribution sums and the number of real samples behind them.
 
     States are reduced with ``sum`` once, at :meth:`compute`, and are persistent, so they travel in Lightning
-    checkpoints (resuming calibration continues the sums). Only detached tensors are accepted.
+    checkpoints (resuming calibration continues the sums). Only detached tensors are accepted. :meth:`compute` is not
+    cached (``compute_with_cache=False``): scores asked for twice include the updates in between.
     """
 
     full_state_update = False
@@ -19,6 +20,7 @@ class UnitScoreMetric(Metric):
     higher_is_better = None
 
     def __init__(self, n_units: int, **kwargs) -> None:
+        kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         if n_units < 1:
             raise ValueError(f"n_units must be >= 1, got {n_units}")

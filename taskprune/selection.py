@@ -54,7 +54,8 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -67,51 +68,83 @@ from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["select_units", "BUDGETS", "SCOPES", "NORMALIZATIONS"]
+__all__ = ["Budget", "select_units", "check_budget", "BUDGETS", "SCOPES", "NORMALIZATIONS"]
 
-BUDGETS = ("sparsity", "heads", "neurons", "macs", "params")
-SCOPES = ("global", "layerwise", "per_kind")
-NORMALIZATIONS = ("none", "l1", "l2", "max")
-
+# every option is a Literal written once here; the tuples of allowed values derive from it
+BudgetKind = Literal["sparsity", "heads", "neurons", "macs", "params"]
 Scope = Literal["global", "layerwise", "per_kind"]
 Normalize = Literal["none", "l1", "l2", "max"]
+BUDGETS: tuple[str, ...] = get_args(BudgetKind)
+SCOPES: tuple[str, ...] = get_args(Scope)
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
+_OPTIONS = ("scope", "normalize", "min_heads", "min_neurons", "seq_len")  # Budget fields besides kind and amount
 
 _EPS = 1e-9  # absorbs float error in fraction * count (0.3 * 10 == 3.0000000000000004)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What to remove and how the units are chosen: one object for :func:`select_units`, the callback and YAML."""
+
+    amount: float = 0.4
+    """Fraction to remove, in [0, 1), of what kind names (0.4 removes 40 %)."""
+    kind: BudgetKind = "macs"
+    """What the amount is a fraction of: macs (prunable MACs at seq_len), params (prunable weights), sparsity (of the
+    heads and of the neurons), heads or neurons."""
+    scope: Scope = "per_kind"
+    """per_kind (the same share of attention and of FFN cost, units ranked across layers within a kind), global
+    (heads and neurons pooled by score per cost) or layerwise (the same fraction in every block)."""
+    normalize: Normalize = "l1"
+    """Per-block score normalisation before a ranking across blocks: l1 (measured best), none, l2, max."""
+    min_heads: int = 1
+    """Attention units every block keeps, at least 1 (a block cannot lose all its heads)."""
+    min_neurons: int = 1
+    """FFN neurons every block keeps."""
+    seq_len: int = 128
+    """Sequence length at which MACs are counted (the CLI links it to data.max_length)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGETS:
+            raise ValueError(f"unknown budget kind {self.kind!r}; allowed: {list(BUDGETS)}")
+        _check_fraction(self.kind, self.amount)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is not allowed; use one of {list(SCOPES)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r} is not allowed; use one of {list(NORMALIZATIONS)}")
+        _check_floor("min_heads", self.min_heads, 1)
+        _check_floor("min_neurons", self.min_neurons, 0)
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
+
+    @property
+    def request(self) -> dict[str, float]:
+        """``{kind: amount}``, as recorded in ``spec.budget["request"]``."""
+        return {self.kind: float(self.amount)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def select_units(
     scores: UnitScores | dict,
+    budget: Budget | None = None,
     *,
-    sparsity: float | None = None,
-    heads: float | None = None,
-    neurons: float | None = None,
-    macs: float | None = None,
-    params: float | None = None,
-    seq_len: int = 128,
-    scope: Scope = "per_kind",
-    normalize: Normalize = "l1",
-    min_heads: int = 1,
-    min_neurons: int = 1,
     units: str | Sequence[str] = "all",
     fingerprint: dict | None = None,
     method: str = "",
+    **shorthand,
 ) -> PruneSpec:
     """Choose the units to remove under a budget; return the :class:`PruneSpec` of the units kept.
 
     Args:
         scores: a :class:`UnitScores` (its per-unit :meth:`~UnitScores.mean`, fingerprint and method are used), or
             per-unit values ``{"heads"|"neurons": {block_name: [n_units]}}`` together with ``fingerprint``.
-        sparsity, heads, neurons, macs, params: the budget, a fraction in ``[0, 1)`` to remove (see the module doc).
-        seq_len: sequence length at which MACs are counted (``macs`` budget and the achieved MAC cut).
-        scope: ``"global"`` (rank across blocks), ``"per_kind"`` (the same fraction of attention and of FFN cost,
-            ranked across blocks within each kind) or ``"layerwise"`` (same fraction in every block).
-        normalize: per-block score normalization before a global ranking: ``"l1"`` (default: each block's scores sum to
-            one, so blocks and unit kinds compare; chosen by benchmarks/quality.py), ``"none"``, ``"l2"``, ``"max"``.
-        min_heads: units every attention block keeps (at least 1: the surgery cannot remove a whole attention block).
-        min_neurons: units every FFN block keeps.
+        budget: a :class:`Budget` (amount, kind, scope, normalize, floors, seq_len).
         units: kinds that may be pruned: ``"all"``, ``"heads"``, ``"neurons"`` (kinds without scores are left whole).
         fingerprint: the model's fingerprint, only when ``scores`` is a plain dict.
         method: the scoring method's name, only when ``scores`` is a plain dict.
+        **shorthand: instead of ``budget``, the amount as ``<kind>=fraction`` (``macs=0.4``; ``heads`` and
+            ``neurons`` may be given together) plus any other :class:`Budget` field (``scope="global"``...).
 
     Returns:
         a spec that lists every block of the model; ``spec.budget`` records the request (``"request"`` and the
@@ -120,22 +153,31 @@ def select_units(
     """
     scores = _as_unit_scores(scores, fingerprint, method)
     scores.check_finite()
+    budget, request = _budget(budget, shorthand)
+    if budget.normalize != "none" and budget.scope == "layerwise":
+        log.info("normalize=%r has no effect with scope='layerwise' (units are only compared within a block)",
+                 budget.normalize)
+    spec = _select(scores, budget, request, units)
+    removed, achieved = spec.budget["removed"], spec.budget["achieved"]
+    log.info("selected %s: removed %d heads, %d neurons (%.1f%% of prunable MACs at seq_len=%d)",
+             request, removed["heads"], removed["neurons"], 100 * achieved["macs"], budget.seq_len)
+    return spec
+
+
+def check_budget(fingerprint: dict, budget: Budget, units: str | Sequence[str] = "all") -> None:
+    """Raise the error :func:`select_units` would when ``budget`` cannot be reached on a model of this fingerprint
+    whatever the scores (floors, kinds); for failing before any work. Logs nothing."""
+    from taskprune.unitscores import empty_scores
+
+    _select(empty_scores(fingerprint, check_units(units), "probe"), budget, budget.request, units)
+
+
+def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units) -> PruneSpec:
     fp = fingerprint_of(scores.fingerprint)
     values = scores.mean()
-
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not allowed; use one of {list(SCOPES)}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not allowed; use one of {list(NORMALIZATIONS)}")
-    if normalize != "none" and scope == "layerwise":
-        log.info("normalize=%r has no effect with scope='layerwise' (units are only compared within a block)",
-                 normalize)
-    _check_floor("min_heads", min_heads, 1)
-    _check_floor("min_neurons", min_neurons, 0)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    scope, normalize, seq_len = budget.scope, budget.normalize, budget.seq_len
+    min_heads, min_neurons = budget.min_heads, budget.min_neurons
     kinds = _prunable_kinds(units, values, fp)
-    request = _check_budget(sparsity=sparsity, heads=heads, neurons=neurons, macs=macs, params=params)
     for kind in ("heads", "neurons"):
         if kind in request and kind not in kinds:
             raise ValueError(
@@ -159,7 +201,7 @@ def select_units(
 
     keep = {k: {n: sorted(set(range(fp[k][n])) - set(drop[k][n])) for n in fp[k]} for k in UNIT_KINDS}
     achieved, removed = table.achieved(drop)
-    budget = {
+    record = {
         "request": request,
         "scope": scope,
         "normalize": normalize,
@@ -170,10 +212,35 @@ def select_units(
         "achieved": achieved,
         "removed": removed,
     }
-    log.info("selected %s: removed %d heads, %d neurons (%.1f%% of prunable MACs at seq_len=%d)",
-             request, removed["heads"], removed["neurons"], 100 * achieved["macs"], seq_len)
-    return PruneSpec(keep=keep, fingerprint=fp, method=scores.method, budget=budget,
+    return PruneSpec(keep=keep, fingerprint=fp, method=scores.method, budget=record,
                      meta={"n_samples": scores.count})
+
+
+def _budget(budget: Budget | None, shorthand: dict) -> tuple[Budget, dict[str, float]]:
+    """The validated budget and its request ``{kind: fraction}`` (two kinds only for ``heads`` + ``neurons``)."""
+    unknown = sorted(set(shorthand) - set(BUDGETS) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"select_units got unknown keyword(s) {unknown}; budget keywords are {list(BUDGETS)} and "
+                        f"{list(_OPTIONS)}, or pass budget=Budget(...)")
+    if budget is not None:
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a taskprune.selection.Budget, got {type(budget).__name__}; "
+                            "or give the shorthand keywords (macs=0.4, ...)")
+        if shorthand:
+            raise ValueError(f"pass either budget=Budget(...) or shorthand keywords, not both (got "
+                             f"{sorted(shorthand)})")
+        return budget, budget.request
+    request = {k: shorthand[k] for k in BUDGETS if shorthand.get(k) is not None}
+    if not request:
+        raise ValueError(f"no budget given; pass exactly one of {list(BUDGETS)} (or heads and neurons together)")
+    if len(request) > 1 and set(request) != {"heads", "neurons"}:
+        raise ValueError(
+            f"conflicting budgets {sorted(request)}; pass exactly one of {list(BUDGETS)} (only heads and neurons "
+            "may be combined)"
+        )
+    options = {k: shorthand[k] for k in _OPTIONS if k in shorthand}
+    budgets = [Budget(amount=v, kind=k, **options) for k, v in request.items()]  # each validated
+    return budgets[0], {b.kind: float(b.amount) for b in budgets}
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -230,21 +297,12 @@ def _prunable_kinds(units, values: dict[str, dict[str, Tensor]], fp: dict) -> tu
     return scored
 
 
-def _check_budget(**given) -> dict[str, float]:
-    request = {k: v for k, v in given.items() if v is not None}
-    if not request:
-        raise ValueError(f"no budget given; pass exactly one of {list(BUDGETS)} (or heads and neurons together)")
-    if len(request) > 1 and set(request) != {"heads", "neurons"}:
+def _check_fraction(kind: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(
-            f"conflicting budgets {sorted(request)}; pass exactly one of {list(BUDGETS)} (only heads and neurons "
-            "may be combined)"
+            f"budget must be a fraction in [0, 1), got {value!r}: {kind}={value!r} is not a fraction in [0, 1); it is "
+            "the fraction to remove (0.3 removes 30%)"
         )
-    for name, value in request.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-            raise ValueError(
-                f"{name}={value!r} is not a fraction in [0, 1): it is the fraction to remove (0.3 removes 30%)"
-            )
-    return {k: float(v) for k, v in request.items()}
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -18,9 +18,11 @@ import lightning as L
 import torch
 
 from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.attribution import AttributionConfig
 from taskprune.callback import TaskPruning
 from taskprune.data import TaskDataModule
 from taskprune.module import AttributionModule
+from taskprune.selection import Budget
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
@@ -68,9 +70,10 @@ def calibrate(out: str, devices: int = 1, n: int = 16, ckpt_every: int | None = 
     """One calibration ``fit`` of the tiny classifier on ``n`` SST-2 samples into ``out`` (overwrite on)."""
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=3)
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=3))
     dm = TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=n, batch_size=batch_size, ood=[])
-    pruning = TaskPruning(budget=0.3, output_dir=out, apply="none", overwrite=True, checkpoint_every=ckpt_every)
+    pruning = TaskPruning(budget=Budget(amount=0.3), output_dir=out, apply="none", overwrite=True,
+                          checkpoint_every=ckpt_every)
     callbacks = [pruning, RankReport(out, pruning)]
     if keep_checkpoints if keep_checkpoints is not None else bool(ckpt_every):
         callbacks.append(KeepCheckpoints(out))  # keep every calibration checkpoint, to resume from any of them

