@@ -12,6 +12,7 @@ absent from ``keep`` keeps all its units.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class PruneSpec:
         method: the scoring method that produced the spec (informative).
         budget: the budget it was selected under (informative, JSON-serialisable).
         meta: anything else worth keeping with it (task, calibration size...; JSON-serialisable).
+        scales: ``{kind: {block_name: [one float per kept unit, in keep order]}}``: real-valued unit scales (mask
+            tuning, :mod:`taskprune.tuning`); absent blocks have scale 1. :func:`taskprune.tuning.fold_scales_`
+            folds them into the weights, after which the spec needs none.
 
     Example::
 
@@ -52,6 +56,7 @@ class PruneSpec:
     method: str = ""
     budget: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    scales: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, dict):
@@ -72,6 +77,26 @@ class PruneSpec:
             if not isinstance(value, expected):
                 raise TypeError(f"{name} must be a {expected.__name__}, got {type(value).__name__}")
         self.keep = {kind: self._check_kind(kind, blocks) for kind, blocks in self.keep.items()}
+        self.scales = {kind: self._check_scales(kind, blocks) for kind, blocks in self.scales.items()}
+
+    def _check_scales(self, kind: str, blocks) -> dict[str, list[float]]:
+        if kind not in UNIT_KINDS or not isinstance(blocks, dict):
+            raise ValueError(f"scales must be {{kind: {{block: [floats]}}}} with kind in {list(UNIT_KINDS)}; got "
+                             f"kind {kind!r} -> {type(blocks).__name__}")
+        out = {}
+        for name, values in blocks.items():
+            n_kept = len(self.kept(kind, name))
+            values = [float(v) for v in values]
+            if len(values) != n_kept or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"scales[{kind!r}][{name!r}] has {len(values)} value(s) (finite: "
+                                 f"{all(math.isfinite(v) for v in values)}) for {n_kept} kept unit(s); give one finite "
+                                 "scale per kept unit, in keep order")
+            out[name] = values
+        return out
+
+    def scale_of(self, kind: str, name: str) -> list[float]:
+        """Scales of one block's kept units (all 1 when the spec has none for it)."""
+        return list(self.scales.get(kind, {}).get(name, [1.0] * len(self.kept(kind, name))))
 
     def _check_kind(self, kind: str, blocks) -> dict[str, list[int]]:
         if kind not in UNIT_KINDS:
@@ -164,8 +189,11 @@ class PruneSpec:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "keep": self.keep, "fingerprint": self.fingerprint, "method": self.method,
-                "budget": self.budget, "meta": self.meta}
+        d = {"format": FORMAT, "keep": self.keep, "fingerprint": self.fingerprint, "method": self.method,
+             "budget": self.budget, "meta": self.meta}
+        if self.scales:
+            d["scales"] = self.scales
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the given dict") -> PruneSpec:
@@ -180,7 +208,7 @@ class PruneSpec:
         if missing:
             raise ValueError(f"{source} lacks field(s) {missing}; a spec needs 'keep' and 'fingerprint'")
         return cls(keep=d["keep"], fingerprint=d["fingerprint"], method=d.get("method", ""),
-                   budget=d.get("budget", {}), meta=d.get("meta", {}))
+                   budget=d.get("budget", {}), meta=d.get("meta", {}), scales=d.get("scales", {}))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the spec as JSON (atomically: readers see the old file or the new one)."""

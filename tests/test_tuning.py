@@ -1,0 +1,221 @@
+"""Kwon et al.'s stages as taskprune stages: mask search (MAC budget met, never exceeded), rearrangement (counts kept,
+block cost never up), mask tuning (a block's error on its own calibration batches never up), scale folding (fold +
+shrink == masked with scales), scales in the spec's JSON."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import tiny_batch, tiny_model
+from torch import nn
+
+from taskprune.arch import find_base, get_architecture, unit_channels
+from taskprune.attribution import score_units
+from taskprune.flops import count_macs, unit_costs
+from taskprune.gates import Gates
+from taskprune.search import search_macs
+from taskprune.selection import select_units
+from taskprune.spec import PruneSpec
+from taskprune.surgery import shrink_
+from taskprune.tuning import (_capture, batch_gradients, fisher_scores, fold_scales_, gate_values, rearrange,
+                              scaled_mask, tune_masks)
+from taskprune.unitscores import UnitScores
+
+
+def wide_model(name: str) -> nn.Module:
+    """A tiny model whose units matter (BERT's 0.02-std init makes every unit negligible)."""
+    model = tiny_model(name, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.3, generator=g)
+    return model
+
+
+def labelled(name: str, n: int, seed: int = 0) -> list[dict]:
+    out = []
+    for i in range(n):
+        b = tiny_batch(name, batch_size=8, seq_len=12, seed=seed + i)
+        if name == "bert":
+            b["labels"] = torch.arange(8) % 3
+        else:
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        out.append(b)
+    return out
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> UnitScores:
+    fp = get_architecture(model).fingerprint()
+    g = torch.Generator().manual_seed(seed)
+    sums = {k: {n: torch.rand(w, generator=g, dtype=torch.float64) for n, w in fp[k].items()}
+            for k in ("heads", "neurons")}
+    return UnitScores(sums, 1, "random", fp)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa", "t5"])
+@pytest.mark.parametrize("macs", [0.0, 0.2, 0.45, 0.6])
+def test_search_meets_the_mac_budget_and_never_exceeds_it(name, macs):
+    model = tiny_model(name)
+    scores = random_scores(model, seed=3)
+    spec = search_macs(scores, macs, seq_len=16)
+    dense = count_macs(model, 16)
+    kept = count_macs(model, 16, spec)
+    budget = (1 - macs) * dense
+    assert kept <= budget
+    cheapest = min(c for blocks in unit_costs(spec.fingerprint, 16).values() for c, _ in blocks.values())
+    # "exactly": the search stops only when not even one more unit of the cheaper kind would fit
+    assert budget - kept < max(c for c, _ in unit_costs(spec.fingerprint, 16)["neurons"].values()) or \
+        spec.n_kept("neurons") == spec.n_total("neurons")
+    assert cheapest > 0
+
+
+def test_search_maximises_the_kept_score():
+    """Brute force over every head count on a tiny model gives the same total score."""
+    model = tiny_model("bert")
+    scores = random_scores(model, seed=5)
+    spec = search_macs(scores, 0.5, seq_len=16)
+    mean = scores.mean()
+
+    def total(sp):
+        return sum(float(mean[k][n][sp.kept(k, n)].sum()) for k in ("heads", "neurons") for n in mean[k])
+
+    costs = unit_costs(spec.fingerprint, 16)
+    budget = 0.5 * count_macs(model, 16)
+    heads = sorted(((float(v), n, i) for n, t in mean["heads"].items() for i, v in enumerate(t)), reverse=True)
+    neurons = sorted(((float(v), n, i) for n, t in mean["neurons"].items() for i, v in enumerate(t)), reverse=True)
+    floor = {n: int(t.argmax()) for n, t in mean["heads"].items()}
+    budget -= sum(costs["heads"][n][0] for n in floor)
+    base = sum(float(mean["heads"][n][i]) for n, i in floor.items())
+    heads = [x for x in heads if floor[x[1]] != x[2]]
+    best = -1.0
+    for h in range(len(heads) + 1):
+        spent = sum(costs["heads"][n][0] for _, n, _ in heads[:h])
+        if spent > budget:
+            break
+        tot, used = sum(v for v, _, _ in heads[:h]), spent
+        for v, n, _ in neurons:
+            if used + costs["neurons"][n][0] > budget:
+                break
+            used += costs["neurons"][n][0]
+            tot += v
+        best = max(best, tot + base)
+    assert total(spec) == pytest.approx(best, rel=1e-9)
+
+
+def test_search_refuses_a_bad_budget():
+    scores = random_scores(tiny_model("bert"))
+    with pytest.raises(ValueError, match=r"macs=1\.0.*\[0, 1\)"):
+        search_macs(scores, 1.0)
+
+
+def _block_cost(g: torch.Tensor, drop: list[int]) -> float:
+    return float(g[:, drop].sum(1).pow(2).sum()) if drop else 0.0
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_rearrange_keeps_counts_and_never_raises_the_block_cost(name):
+    model = wide_model(name)
+    grads, n = batch_gradients(model, labelled(name, 6))
+    assert n == 48
+    spec = search_macs(fisher_scores(grads, model, n), 0.5, seq_len=12)
+    new = rearrange(spec, grads)
+    for kind, blocks in grads.items():
+        for block, g in blocks.items():
+            assert len(new.kept(kind, block)) == len(spec.kept(kind, block))
+            assert _block_cost(g, new.drop(kind, block)) <= _block_cost(g, spec.drop(kind, block)) + 1e-12
+
+
+def test_batch_gradients_match_autograd_of_the_mean_loss():
+    model = wide_model("bert")
+    batch = labelled("bert", 1)[0]
+    grads, _ = batch_gradients(model, [batch])
+    with Gates(model) as gates:
+        g = torch.ones(gates.n_units, requires_grad=True)
+        gates.set(g)
+        loss = nn.functional.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                                           batch["labels"])
+        (ref,) = torch.autograd.grad(-loss, g)
+        flat = gates.flat({k: {n: v[0] for n, v in d.items()} for k, d in grads.items()})
+    torch.testing.assert_close(flat, ref.float(), rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _block_errors(model, spec, batches):
+    """Per block (forward order): the squared error of the student's block output against the dense teacher's,
+    with the student's earlier blocks as ``spec`` has them, at the block's own scales and at scale 1."""
+    base, _ = find_base(model)
+    out = {}
+    with Gates(model) as gates:
+        for s in gates.slots:
+            proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
+            ones = copy.deepcopy(spec)
+            ones.scales.get(s.kind, {}).pop(s.block.name, None)
+            err = {}
+            for label, sp in (("tuned", spec), ("ones", ones)):
+                e = 0.0
+                for b in batches:
+                    y = _capture(model, gates, None, proj, b, _fwd, "output")
+                    x = _capture(model, gates, gate_values(gates, sp), proj, b, _fwd, "output")
+                    m = b["attention_mask"].bool()
+                    e += float((x - y)[m].double().pow(2).sum())
+                err[label] = e
+            out[(s.kind, s.block.name)] = err
+    return out
+
+
+def _fwd(model, batch):
+    return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_tuning_never_increases_a_blocks_error_on_its_calibration_batches(name):
+    model = wide_model(name)
+    calib = labelled(name, 4)
+    spec = select_units(score_units(model, method="magnitude"), sparsity=0.5)
+    tuned = tune_masks(model, spec, calib, forward=_fwd)
+    assert tuned.scales and tuned.keep == spec.keep
+    errors = _block_errors(model, tuned, calib)
+    improved = 0
+    for key, e in errors.items():
+        assert e["tuned"] <= e["ones"] * (1 + 1e-6) + 1e-9, key
+        improved += e["tuned"] < 0.99 * e["ones"]
+    assert improved >= 1
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa", "gpt2", "t5"])
+def test_fold_then_shrink_equals_masked_with_scales(name):
+    model = tiny_model(name)
+    batch = tiny_batch(name)
+    spec = select_units(score_units(model, method="magnitude"), sparsity=0.4)
+    g = torch.Generator().manual_seed(0)
+    scales = {k: {n: (0.5 + torch.rand(len(spec.kept(k, n)), generator=g)).tolist() for n in spec.fingerprint[k]}
+              for k in ("heads", "neurons")}
+    spec = PruneSpec(keep=spec.keep, fingerprint=spec.fingerprint, scales=scales)
+    with torch.no_grad(), scaled_mask(model, spec):
+        ref = model(**batch).logits
+    folded = copy.deepcopy(model)
+    plain = fold_scales_(folded, spec)
+    assert plain.scales == {}
+    shrink_(folded, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**batch).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_round_trip_through_json_and_bad_scales_are_refused(tmp_path):
+    model = tiny_model("bert")
+    spec = select_units(score_units(model, method="magnitude"), sparsity=0.5)
+    block = next(iter(spec.fingerprint["neurons"]))
+    n = len(spec.kept("neurons", block))
+    with_scales = PruneSpec(keep=spec.keep, fingerprint=spec.fingerprint, scales={"neurons": {block: [2.0] * n}})
+    with_scales.save(tmp_path / "s.json")
+    back = PruneSpec.load(tmp_path / "s.json")
+    assert back.scales == with_scales.scales and back.scale_of("neurons", block) == [2.0] * n
+    with pytest.raises(ValueError, match=r"scales\['neurons'\].*one finite scale per kept unit"):
+        PruneSpec(keep=spec.keep, fingerprint=spec.fingerprint, scales={"neurons": {block: [1.0] * (n + 1)}})
+
+
+def test_unit_channels_used_by_folding_cover_each_kept_unit():
+    assert unit_channels([1, 3], 2).tolist() == [2, 3, 6, 7]
