@@ -1,7 +1,8 @@
 """taskprune: training-free, attribution-based structured pruning of multi-task language models for one task.
 
-The core (``arch``, ``gates``, ``attribution``, ``selection``, ``spec``, ``surgery``, ``flops``) needs only torch and
-transformers; the Lightning layer (``scores``, ``module``, ``callback``, ``data``, ``cli``) builds on it.
+The core (``arch``, ``gates``, ``attribution``, ``calibration``, ``selection``, ``spec``, ``surgery``, ``flops``,
+``models``, ``evaluation``) needs only torch and transformers; the Lightning layer (``scores``, ``module``,
+``callback``, ``data``, ``cli``) builds on it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ _EXPORTS = {
     "Gates": "taskprune.gates",
     "get_architecture": "taskprune.arch",
     "UnitScores": "taskprune.unitscores",
+    "AttributionConfig": "taskprune.attribution",
     "score_units": "taskprune.attribution",
+    "Budget": "taskprune.selection",
     "select_units": "taskprune.selection",
     "PruneSpec": "taskprune.spec",
     "apply_mask": "taskprune.surgery",

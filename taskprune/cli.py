@@ -80,7 +80,7 @@ def _help_from_field_docstrings() -> None:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
-def main(args=None) -> TaskPruneCLI:
+def main(args=None, run: bool = True) -> TaskPruneCLI:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _help_from_field_docstrings()
     return TaskPruneCLI(
@@ -90,6 +90,7 @@ def main(args=None) -> TaskPruneCLI:
         save_config_callback=None,
         seed_everything_default=0,
         args=args,
+        run=run,
     )
 
 

@@ -97,6 +97,23 @@ def test_devices_that_do_not_exist_refused(kw, match):
         trainer([], **kw)
 
 
+def test_cli_links_the_values_that_must_agree(model_dir, tmp_path):
+    run = main(["--model.model", str(model_dir), "--model.attribution.method", "magnitude",
+                "--model.attribution.units", "heads", "--data.max_length", "64", "--data.ood", "[]",
+                "--pruning.output_dir", str(tmp_path)], run=False)
+    pruning = next(cb for cb in run.trainer.callbacks if isinstance(cb, TaskPruning))
+    assert pruning.attribution == run.model.attribution == AttributionConfig("magnitude", units="heads")
+    assert pruning.budget.seq_len == run.datamodule.max_length == 64 and run.datamodule.task == run.model.task
+
+
+def test_callback_attribution_that_differs_from_the_modules_refused_before_work(tmp_path):
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1))
+    callback = TaskPruning(output_dir=str(tmp_path), attribution=AttributionConfig(steps=8))
+    with pytest.raises(ValueError, match=r"differs from the attribution of AttributionModule .*Set it on the module"):
+        trainer([callback]).fit(module, datamodule())
+    assert int(module.scores.batches) == 0 and not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------------------ model vs data
 def test_model_folder_that_does_not_exist(tmp_path):
     with pytest.raises(ValueError, match="cannot load model .*nope.*Pass a local folder"):

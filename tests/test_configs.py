@@ -25,6 +25,14 @@ def test_config_parses(path, capsys):
     assert 0 <= printed["pruning"]["budget"]["amount"] < 1
 
 
+def test_help_shows_the_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.attribution.steps STEPS IG quadrature nodes" in out
+    assert "--pruning.budget.amount AMOUNT Fraction to remove, in [0, 1)" in out
+
+
 def test_unknown_key_is_refused(cli_refusal):
     assert "stepz" in cli_refusal("model:\n  task: sst2\n  stepz: 8\n")
 
