@@ -111,6 +111,29 @@ def test_callback_works_with_a_users_own_module(tmp_path):
     assert sum(p.numel() for p in module.net.parameters()) < dense_params
 
 
+def test_callbacks_own_calibration_honours_every_attribution_option(tmp_path):
+    from taskprune.attribution import score_units
+
+    config = AttributionConfig("ig", steps=3, quadrature="trapezoid", baseline=0.0, alpha_batch=2, aggregate="signed")
+    module, dm = UserModule(), datamodule()
+    trainer([TaskPruning(output_dir=str(tmp_path), attribution=config, calib_batches=2, apply="none")]).fit(module, dm)
+    got = UnitScores.load(tmp_path / "scores.safetensors")
+    batches = [module.pruning_batch(b) for b, _ in zip(dm.train_dataloader(), range(2))]
+    expected = score_units(tiny_classifier(), batches, config)  # the SGD step has lr=0: the weights are the same
+    assert got.options == expected.options and got.options["quadrature"] == "trapezoid"
+    assert is_close(got, expected, rtol=1e-6)
+
+
+def test_data_free_method_through_the_module_gives_its_real_scores(tmp_path):
+    from taskprune.attribution import score_units
+
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
+        AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="magnitude")),
+        datamodule())
+    got = UnitScores.load(tmp_path / "scores.safetensors")
+    assert got.count == 0 and is_close(got, score_units(tiny_classifier(), None, "magnitude"), rtol=1e-12)
+
+
 def test_resumed_calibration_equals_uninterrupted(tmp_path):
     script = HERE / "ddp_calibrate.py"
     full = tmp_path / "full"
