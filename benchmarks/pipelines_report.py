@@ -1,0 +1,212 @@
+"""Tables and the machine-readable summary of :mod:`benchmarks.pipelines` raw files.
+
+Writes ``pipelines.md`` (dev tables) or ``pipelines_selection.md`` (the selection-split choice of the default) and,
+for dev files, ``quality_summary.json``: ``{"model", "dense": {task: metric}, "retained": {pipeline: {task:
+{"<cut>": percent}}}}`` with ``"default"`` (taskprune's default pipeline) and ``"kwon"`` (Kwon et al. 2022 in full).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.common import write_text
+from taskprune.io import atomic_write_json
+
+HEADLINE = ("sst2", "mrpc", "qnli", "mnli", "qqp", "stsb")
+MAIN_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}
+NAMES = {"sst2": "SST-2", "mrpc": "MRPC (F1)", "qnli": "QNLI", "mnli": "MNLI-m", "qqp": "QQP", "stsb": "STS-B (r)",
+         "rte": "RTE", "cola": "CoLA (MCC)"}
+ORDER = ("default", "kwon", "kwon_notune", "ig", "ig05", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+#: taskprune's default pipeline, chosen on the selection reserve (pipelines_selection.md); "default" in the tables
+DEFAULT = "ig_search_tune"
+
+
+def main_key(task: str) -> str:
+    return MAIN_METRIC.get(task, "accuracy")
+
+
+def merge(paths: list[str]) -> dict:
+    out: dict = {"_sources": []}
+    for p in paths:
+        raw = json.loads(Path(p).read_text())
+        out["_sources"].append({"file": Path(p).name, "settings": raw.get("_settings"), "cpu": raw.get("_cpu"),
+                                "commands": raw.get("_commands", [])})
+        for task, recs in raw.items():
+            if task.startswith("_"):
+                continue
+            out.setdefault(task, {}).update(recs)
+    return out
+
+
+def runs(raw: dict, task: str, split: str) -> dict[str, dict[float, list[dict]]]:
+    """``{pipeline: {cut: [records over seeds]}}`` for one task (``default`` = a copy of :data:`DEFAULT`)."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for key, rec in raw.get(task, {}).items():
+        if "|" not in key or split not in rec["metrics"]:
+            continue
+        out[rec["pipeline"]][rec["cut"]].append(rec)
+        if rec["pipeline"] == DEFAULT:
+            out["default"][rec["cut"]].append(rec)
+    return out
+
+
+def retained(rec: dict, dense: dict, task: str, split: str) -> float:
+    k = main_key(task)
+    return 100.0 * rec["metrics"][split][k] / dense[split][k]
+
+
+def cell(recs: list[dict], dense: dict, task: str, split: str) -> tuple[float, float, int]:
+    vals = [retained(r, dense, task, split) for r in recs]
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def _fmt(m: float, s: float, n: int) -> str:
+    return f"{m:.1f}" + (f" ± {s:.1f}" if n > 1 else "")
+
+
+def _pipelines(raw: dict, tasks: list[str], split: str) -> list[str]:
+    seen = {p for t in tasks for p in runs(raw, t, split)}
+    return [p for p in ORDER if p in seen] + sorted(seen - set(ORDER))
+
+
+def _cuts(raw: dict, tasks: list[str], split: str) -> list[float]:
+    return sorted({c for t in tasks for p in runs(raw, t, split).values() for c in p})
+
+
+def table(raw: dict, tasks: list[str], split: str) -> list[str]:
+    """% of dense kept, one row per pipeline, one column per task, cuts as ``a / b / c``; mean over tasks."""
+    cuts = _cuts(raw, tasks, split)
+    lines = [f"% of dense ({split}) kept at MAC cuts {' / '.join(f'{c:.0%}' for c in cuts)} (mean ± std over "
+             "calibration seeds where there are several):", "",
+             "| pipeline | " + " | ".join(f"{NAMES.get(t, t)} ({100 * raw[t]['dense'][split][main_key(t)]:.1f})"
+                                         for t in tasks) + " | mean |",
+             "|---" * (len(tasks) + 2) + "|"]
+    for p in _pipelines(raw, tasks, split):
+        cells, means = [], defaultdict(list)
+        for t in tasks:
+            r = runs(raw, t, split).get(p, {})
+            parts = []
+            for c in cuts:
+                if c in r:
+                    m, s, n = cell(r[c], raw[t]["dense"], t, split)
+                    parts.append(_fmt(m, s, n))
+                    means[c].append(m)
+                else:
+                    parts.append("–")
+            cells.append(" / ".join(parts))
+        mean = " / ".join(f"{statistics.mean(means[c]):.1f}" if len(means[c]) == len(tasks) else "–" for c in cuts)
+        label = f"**default** (= {DEFAULT})" if p == "default" else p
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    return lines + [""]
+
+
+def speed_table(raw: dict, tasks: list[str]) -> list[str]:
+    cuts = _cuts(raw, tasks, "dev")
+    lines = ["Measured speedup of the shrunk model at batch 32, seq 128 as a fraction of its MAC bound (median over "
+             "tasks; min in brackets):", "", "| pipeline | " + " | ".join(f"{c:.0%}" for c in cuts) + " |",
+             "|---" * (len(cuts) + 1) + "|"]
+    for p in _pipelines(raw, tasks, "dev"):
+        row = []
+        for c in cuts:
+            v = [r["speedup_of_bound"] for t in tasks for r in runs(raw, t, "dev").get(p, {}).get(c, [])
+                 if "speedup_of_bound" in r]
+            row.append(f"{statistics.median(v):.2f} ({min(v):.2f})" if v else "–")
+        lines.append(f"| {p} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def ood_table(raw: dict) -> list[str]:
+    lines = ["Unseen domains: % of dense kept on each set vs in-domain (dev), mean over seeds:", "",
+             "| task | pipeline | cut | in-domain | unseen domains |", "|---|---|---|---|---|"]
+    for t in ("sst2", "mnli", "qqp"):
+        if t not in raw:
+            continue
+        ood = [k for k in raw[t]["dense"] if k != "dev"]
+        for p, by_cut in sorted(runs(raw, t, "dev").items(), key=lambda x: _rank(x[0])):
+            for c, recs in sorted(by_cut.items()):
+                ind = cell(recs, raw[t]["dense"], t, "dev")[0]
+                parts = [f"{o} {cell(recs, raw[t]['dense'], t, o)[0]:.1f}" for o in ood if o in recs[0]["metrics"]]
+                lines.append(f"| {NAMES[t]} | {p} | {c:.0%} | {ind:.1f} | {', '.join(parts)} |")
+    return lines + [""]
+
+
+def _rank(p: str) -> int:
+    return ORDER.index(p) if p in ORDER else len(ORDER)
+
+
+def cost_table(raw: dict, tasks: list[str]) -> list[str]:
+    lines = ["Wall time per pipeline run (seconds, mean over tasks and cuts; scoring is shared by the cuts of one "
+             "task and counted once per run here):", "", "| pipeline | score | allocate | rearrange | tune | total |",
+             "|---|---|---|---|---|---|"]
+    for p in _pipelines(raw, tasks, "dev"):
+        recs = [r for t in tasks for rs in runs(raw, t, "dev").get(p, {}).values() for r in rs]
+        if not recs:
+            continue
+        mean = {k: statistics.mean(r["seconds"].get(k, 0.0) for r in recs)
+                for k in ("score", "allocate", "rearrange", "tune")}
+        lines.append(f"| {p} | " + " | ".join(f"{mean[k]:.1f}" for k in mean) + f" | {sum(mean.values()):.1f} |")
+    return lines + [""]
+
+
+def paired(raw: dict, tasks: list[str], a: str = "default", b: str = "kwon") -> list[str]:
+    """Per task and cut: mean retained of a and b over the seeds both have, the difference and the seed std."""
+    lines = [f"Paired: {a} (= {DEFAULT}) minus {b}, points of % of dense, per task and cut (same calibration samples "
+             "per seed):", "", "| task | cut | " + f"{a} | {b} | diff | seeds | beyond the seed std |",
+             "|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        r = runs(raw, t, "dev")
+        for c in sorted(set(r.get(a, {})) & set(r.get(b, {}))):
+            sa = {x["seed"]: retained(x, raw[t]["dense"], t, "dev") for x in r[a][c]}
+            sb = {x["seed"]: retained(x, raw[t]["dense"], t, "dev") for x in r[b][c]}
+            seeds = sorted(set(sa) & set(sb))
+            if not seeds:
+                continue
+            d = [sa[s] - sb[s] for s in seeds]
+            std = max(statistics.stdev(sa[s] for s in seeds) if len(seeds) > 1 else 0.0,
+                      statistics.stdev(sb[s] for s in seeds) if len(seeds) > 1 else 0.0)
+            md = statistics.mean(d)
+            verdict = "yes" if abs(md) > std and len(seeds) > 1 else ("n/a (1 seed)" if len(seeds) == 1 else "no")
+            lines.append(f"| {NAMES.get(t, t)} | {c:.0%} | {statistics.mean(sa[s] for s in seeds):.1f} | "
+                         f"{statistics.mean(sb[s] for s in seeds):.1f} | {md:+.1f} | {len(seeds)} | {verdict} |")
+    return lines + [""]
+
+
+def summary(raw: dict, tasks: list[str]) -> dict:
+    out = {"model": (raw["_sources"][0]["settings"] or {}).get("model"),
+           "dense": {t: raw[t]["dense"]["dev"][main_key(t)] for t in tasks if t in raw},
+           "main_metric": {t: main_key(t) for t in tasks if t in raw},
+           "default_pipeline": DEFAULT, "retained": {}}
+    for t in tasks:
+        for p, by_cut in runs(raw, t, "dev").items():
+            for c, recs in by_cut.items():
+                out["retained"].setdefault(p, {}).setdefault(t, {})[f"{c:g}"] = round(
+                    cell(recs, raw[t]["dense"], t, "dev")[0], 2)
+    return out
+
+
+def render_files(paths: list[str], out_dir: str, head: str) -> None:
+    raw = merge(paths)
+    split = "selection" if any((s["settings"] or {}).get("split") == "selection" for s in raw["_sources"]) else "dev"
+    tasks = [t for t in (*HEADLINE, "rte", "cola") if t in raw]
+    headline = [t for t in HEADLINE if t in raw]
+    md = [head, f"# Pruning pipelines on {(raw['_sources'][0]['settings'] or {}).get('model')} ({split} split)", "",
+          "Sources: " + "; ".join(f"`{s['file']}` ({s['cpu']})" for s in raw["_sources"]), "",
+          "Commands:", "", *[f"    {c}" for s in raw["_sources"] for c in s["commands"]], "",
+          "## Dense", "", "| task | metric | " + " | ".join(sorted({k for t in tasks for k in raw[t]["dense"]})) + " |",
+          "|---|---|" + "---|" * len({k for t in tasks for k in raw[t]["dense"]})]
+    for t in tasks:
+        sets = sorted({k for x in tasks for k in raw[x]["dense"]})
+        md.append(f"| {NAMES.get(t, t)} | {main_key(t)} | " + " | ".join(
+            f"{100 * raw[t]['dense'][s][main_key(t)]:.1f}" if s in raw[t]["dense"] else "" for s in sets) + " |")
+    md += ["", "## Retained", "", *table(raw, headline, split)]
+    extra = [t for t in tasks if t not in headline]
+    if extra:
+        md += table(raw, extra, split)
+    if split == "dev":
+        md += ["## Default vs Kwon et al.", "", *paired(raw, headline), "## Speed", "", *speed_table(raw, tasks),
+               "## Unseen domains", "", *ood_table(raw), "## Cost", "", *cost_table(raw, tasks)]
+        atomic_write_json(Path(out_dir) / "quality_summary.json", summary(raw, tasks))
+    write_text(Path(out_dir) / ("pipelines.md" if split == "dev" else "pipelines_selection.md"), "\n".join(md) + "\n")
