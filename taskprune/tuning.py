@@ -183,6 +183,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     tuned = replace(spec, scales={})
     with Gates(model) as gates:
         order = _forward_order(model, gates, batches[0], forward)
+        targets = _teacher_outputs(model, gates, gate_values(gates, teacher), order, batches, forward)
         for slot in order:
             kind, name = slot.kind, slot.block.name
             kept = spec.kept(kind, name)
@@ -194,11 +195,9 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
-            for batch in batches:
-                y = _capture(model, gates, gate_values(gates, teacher), proj, batch, forward, "output")
+            for batch, y in zip(batches, targets[name]):
                 x = _capture(model, gates, gate_values(gates, tuned, scaled=True), proj, batch, forward, "input")
-                tok = _real_tokens(batch, x)
-                x, y = x.double()[tok][:, cols], y.double()[tok]
+                x, y = x.double()[_real_tokens(batch, x)][:, cols], y.double()
                 if bias is not None:
                     y = y - bias
                 xx += x.t() @ x
@@ -241,6 +240,34 @@ def _real_tokens(batch: dict, x: Tensor) -> Tensor:
     if m is not None and x.dim() == 3 and tuple(m.shape) == tuple(x.shape[:2]):
         return m.to(x.device).bool()
     return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+
+
+def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dict], forward) -> dict[str, list]:
+    """Every block's output-projection output under the teacher's gates, over real tokens, one pass per batch
+    (float32 ``[n_real_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned)."""
+    base, _ = find_base(model)
+    out: dict[str, list] = {s.block.name: [] for s in order}
+    current: dict = {}
+    handles = []
+    for s in order:
+        proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
+
+        def hook(module, args, result, name=s.block.name):
+            current[name] = result.detach()
+
+        handles.append(proj.register_forward_hook(hook))
+    gates.set(values)
+    try:
+        for batch in batches:
+            current.clear()
+            forward(model, batch)
+            for name, y in current.items():
+                out[name].append(y[_real_tokens(batch, y)].float())
+    finally:
+        for h in handles:
+            h.remove()
+        gates.set(None)
+    return out
 
 
 def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward, what: str) -> Tensor:
