@@ -7,6 +7,7 @@ from torch import nn
 
 from taskprune.arch.base import Adapter, AttentionBlock, FFNBlock
 from taskprune.arch.layout import in_features, out_features
+from taskprune.arch.registry import register
 
 
 class BertAdapter(Adapter):
@@ -32,3 +33,6 @@ class BertAdapter(Adapter):
         n_heads = len(keep) * block.group_size
         attn.num_attention_heads = n_heads
         attn.all_head_size = n_heads * block.head_dim
+
+
+register(BertAdapter())

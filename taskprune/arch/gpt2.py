@@ -8,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from taskprune.arch.base import Adapter, AttentionBlock, FFNBlock
 from taskprune.arch.layout import LayerLayout, in_features, out_features
+from taskprune.arch.registry import register
 
 # Conv1D cannot run with 0 input features (its forward views the input as [-1, 0])
 CONV1D = LayerLayout(Conv1D, in_dim=0, in_attr="nx", out_attr="nf", empty_input=False)
@@ -38,3 +39,6 @@ class GPT2Adapter(Adapter):
         n_heads = len(keep) * block.group_size
         attn.num_heads = n_heads
         attn.split_size = n_heads * block.head_dim
+
+
+register(GPT2Adapter())

@@ -7,6 +7,7 @@ from torch import nn
 
 from taskprune.arch.base import Adapter, Architecture, AttentionBlock, FFNBlock
 from taskprune.arch.layout import in_features, out_features
+from taskprune.arch.registry import register
 
 
 class LlamaAdapter(Adapter):
@@ -60,3 +61,6 @@ class LlamaAdapter(Adapter):
 
     def bias_flag(self, kind: str) -> str | None:
         return {"heads": "attention_bias", "neurons": "mlp_bias"}.get(kind)
+
+
+register(LlamaAdapter())

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from taskprune.arch.base import Adapter, AttentionBlock, FFNBlock
 from taskprune.arch.layout import in_features, out_features
+from taskprune.arch.registry import register
 
 
 class T5Adapter(Adapter):
@@ -54,6 +55,9 @@ class T5Adapter(Adapter):
         attn.inner_dim = n_heads * block.head_dim
         T5BiasSlice(keep, block.n_heads).register(attn)
 
+
+
+register(T5Adapter())
 
 class T5BiasSlice:
     """Hooks that let a shrunk ``T5Attention`` take and hand on the stack's full-width position bias.
