@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name, git_commit, header, write_text
+from benchmarks.common import cpu_name, git_commit, header
 from taskprune.attribution import score_units
 from taskprune.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.flops import count_macs

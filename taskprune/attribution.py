@@ -35,7 +35,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from taskprune.arch import find_base, in_features
+from taskprune.arch import find_base, in_features, weight_in_out
 from taskprune.calibration import calibrate
 from taskprune.gates import Gates, check_units
 from taskprune.unitscores import UnitScores
@@ -343,13 +343,13 @@ class Attributor:
         base = self.gates.base
         for s in self.gates.slots:
             if s.kind == "heads":
-                w = _in_major(base.get_submodule(s.block.out))  # [in, out]
+                w = weight_in_out(base.get_submodule(s.block.out))  # [in, out]
                 norms = w.reshape(s.n_units, s.block.unit_width, -1).double().pow(2).sum((1, 2)).sqrt()
             else:
-                down = _in_major(base.get_submodule(s.block.down)).double()  # [n_neurons, d]
+                down = weight_in_out(base.get_submodule(s.block.down)).double()  # [n_neurons, d]
                 norms = down.norm(dim=1)
                 for up in s.block.up:
-                    norms = norms * _in_major(base.get_submodule(up)).double().t().norm(dim=1)
+                    norms = norms * weight_in_out(base.get_submodule(up)).double().t().norm(dim=1)
             out[s.offset : s.stop] = norms
         return out
 
@@ -449,12 +449,6 @@ class Attributor:
             for h in handles:
                 h.remove()
         return acts
-
-
-def _in_major(module: nn.Module) -> Tensor:
-    """Weight as ``[in, out]`` for ``nn.Linear`` (stored ``[out, in]``) and GPT-2 ``Conv1D`` (stored ``[in, out]``)."""
-    w = module.weight.detach()
-    return w if type(module).__name__ == "Conv1D" else w.t()
 
 
 def score_units(

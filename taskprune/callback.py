@@ -28,11 +28,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from taskprune.attribution import AttributionConfig, Attributor
+from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibrate, loader_batches
 from taskprune.selection import Budget, check_budget, select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import apply_mask, shrink_
+from taskprune.tuning import TuningConfig, finish_spec, fold_scales_
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class TaskPruning(L.Callback):
             unit least-squares rescaling of the kept units: a small gain at every MAC cut measured), ``bias``
             (FLAP-style mean compensation) or ``lstsq`` (both): larger gains at 40-50 % cuts, harmful at >= 60 %
             (benchmarks/results/reconstruction.md). Costs one more pass over the calibration data. One process only.
+        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`: Kwon et al.'s
+            mask rearrangement and mask tuning, on the calibration batches, rank zero; the spec gets per-unit scales,
+            folded into the weights when it is applied). Default: none.
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
@@ -92,6 +96,7 @@ class TaskPruning(L.Callback):
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
         reconstruct: Literal["none", "bias", "scale", "lstsq"] = "none",
+        tuning: TuningConfig = TuningConfig(),
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -100,6 +105,11 @@ class TaskPruning(L.Callback):
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a taskprune.selection.Budget, got {budget!r}; e.g. "
                             "Budget(amount=0.4, kind='macs') removes 40% of the prunable MACs")
+        if not isinstance(tuning, TuningConfig):
+            raise TypeError(f"tuning must be a taskprune.tuning.TuningConfig, got {tuning!r}; e.g. "
+                            "TuningConfig(tune='schedule')")
+        if tuning.active and apply == "none":
+            raise ValueError("tuning needs a spec to apply: set apply='shrink' (or 'mask'), or leave tuning off")
         if attribution is not None and not isinstance(attribution, AttributionConfig):
             raise TypeError(f"attribution must be an AttributionConfig or None, got {type(attribution).__name__}")
         for name, value, allowed in (("apply", apply, APPLY), ("reconstruct", reconstruct, RECONSTRUCT)):
@@ -116,7 +126,7 @@ class TaskPruning(L.Callback):
         self.output_dir = Path(output_dir)
         self.spec_path = Path(spec_path) if spec_path else None
         self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
-        self.reconstruct = reconstruct
+        self.reconstruct, self.tuning = reconstruct, tuning
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.spec: PruneSpec | None = None
         self.applied: str | None = None
@@ -204,10 +214,13 @@ class TaskPruning(L.Callback):
     def _apply(self, pl_module, model) -> None:
         if hasattr(pl_module, "keep_dense_copy"):
             pl_module.keep_dense_copy()
+        spec = self.spec
+        if spec.scales:  # tuned scales go into the kept units' weights: the applied model needs no scale hook
+            spec = fold_scales_(model, spec)
         if self.apply == "shrink":
-            shrink_(model, self.spec)
+            shrink_(model, spec)
         elif self.apply == "mask":
-            apply_mask(model, self.spec)
+            apply_mask(model, spec)
         self.applied = self.apply
         if hasattr(pl_module, "spec"):
             pl_module.spec, pl_module.spec_mode = self.spec, self.apply
@@ -224,6 +237,11 @@ class TaskPruning(L.Callback):
             raise ValueError("calibration saw no samples: the train dataloader was empty (check limit_train_batches "
                              "and the calibration set size)")
         spec = self._select(scores) if trainer.is_global_zero else None
+        if spec is not None and self.tuning.active:
+            spec = finish_spec(model, spec, scores, self.budget, list(self._batches(trainer, pl_module)[1]),
+                               self.tuning, target=(self._config or self._resolve_attribution(pl_module)).target,
+                               forward=getattr(pl_module, "forward_fn", None) or default_forward, units=self._units())
+            rank_zero_info(f"taskprune: tuning stages {self.tuning.to_dict()} done")
         spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
         self.spec = PruneSpec.from_dict(spec_dict)
         if trainer.is_global_zero:

@@ -21,7 +21,7 @@ from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
 
-def search_macs(scores: UnitScores, macs: float, seq_len: int = 128) -> PruneSpec:
+def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: int = 1) -> PruneSpec:
     """Keep the units of largest total score whose MACs (per ``seq_len``-token sequence) are at most
     ``(1 - macs)`` of the dense model's attention + FFN MACs.
 
@@ -40,15 +40,18 @@ def search_macs(scores: UnitScores, macs: float, seq_len: int = 128) -> PruneSpe
     costs = unit_costs(fp, seq_len)
     budget = (1.0 - macs) * count_macs(fp, seq_len)
     values = scores.mean()
-    floor = {name: [int(v.argmax())] for name, v in values["heads"].items() if v.numel()}
-    budget -= sum(costs["heads"][name][0] for name in floor)
+    if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
+        raise ValueError(f"min_heads={min_heads!r} must be an int >= 1 (a block cannot lose every head)")
+    floor = {name: sorted(torch.argsort(-v.double(), stable=True)[:min_heads].tolist())
+             for name, v in values["heads"].items() if v.numel()}
+    budget -= sum(costs["heads"][name][0] * len(idx) for name, idx in floor.items())
     if budget < 0:
-        raise ValueError(f"macs={macs!r} leaves less than one head per attention block; remove a smaller fraction")
+        raise ValueError(f"macs={macs!r} leaves less than min_heads={min_heads} head(s) per attention block; remove a smaller fraction")
     rest = {name: v.double().clone() for name, v in values["heads"].items()}
-    for name, (i,) in floor.items():
-        rest[name][i] = -float("inf")  # ranked last, never searched: kept anyway
+    for name, idx in floor.items():
+        rest[name][idx] = -float("inf")  # ranked last, never searched: kept anyway
     ranked = {"heads": _ranked(rest, costs["heads"]), "neurons": _ranked(values["neurons"], costs["neurons"])}
-    n_free = sum(v.numel() for v in values["heads"].values()) - len(floor)
+    n_free = sum(v.numel() for v in values["heads"].values()) - sum(len(i) for i in floor.values())
     ranked["heads"] = tuple(x[:n_free] for x in ranked["heads"])
     h_cost = torch.cumsum(ranked["heads"][1], 0)
     h_score = torch.cumsum(ranked["heads"][0], 0)

@@ -34,6 +34,10 @@ Scopes:
     i.e. the same fraction of attention MACs and of FFN MACs; within a kind, units are ranked across blocks as in
     ``"global"``. Scores of heads and of neurons are never compared with each other. Best of the selection rules on
     SST-2's selection split (benchmarks/results/quality.md); for count budgets it is the same as ``"global"``.
+``"search"``
+    Kwon et al. 2022's mask search (:func:`taskprune.search.search_macs`, ``macs`` budgets only): heads and
+    neurons are ranked model-wide by raw score (no normalisation), and the split of the budget between the kinds
+    is the one that keeps the largest total score; ``min_heads`` best heads per block are always kept.
 ``"layerwise"``
     every block loses the same fraction of its units (rounded up per block); for ``macs`` / ``params`` that fraction
     is the smallest that reaches the target. Within a block, units go lowest score first.
@@ -63,6 +67,7 @@ from torch import Tensor
 from taskprune.arch import UNIT_KINDS
 from taskprune.flops import fingerprint_of, unit_costs
 from taskprune.gates import check_units
+from taskprune.search import search_macs
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
@@ -72,7 +77,7 @@ __all__ = ["Budget", "select_units", "check_budget", "BUDGETS", "SCOPES", "NORMA
 
 # every option is a Literal written once here; the tuples of allowed values derive from it
 BudgetKind = Literal["sparsity", "heads", "neurons", "macs", "params"]
-Scope = Literal["global", "layerwise", "per_kind"]
+Scope = Literal["global", "layerwise", "per_kind", "search"]
 Normalize = Literal["none", "l1", "l2", "max"]
 BUDGETS: tuple[str, ...] = get_args(BudgetKind)
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -93,7 +98,8 @@ class Budget:
     heads and of the neurons), heads or neurons."""
     scope: Scope = "per_kind"
     """per_kind (the same share of attention and of FFN cost, units ranked across layers within a kind), global
-    (heads and neurons pooled by score per cost) or layerwise (the same fraction in every block)."""
+    (heads and neurons pooled by score per cost), search (Kwon et al.'s mask search: the split of a MAC budget
+    between heads and neurons that keeps the largest total score) or layerwise (the same fraction in every block)."""
     normalize: Normalize = "l1"
     """Per-block score normalisation before a ranking across blocks: l1 (measured best), none, l2, max."""
     min_heads: int = 1
@@ -111,6 +117,9 @@ class Budget:
             raise ValueError(f"scope={self.scope!r} is not allowed; use one of {list(SCOPES)}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r} is not allowed; use one of {list(NORMALIZATIONS)}")
+        if self.scope == "search" and self.kind != "macs":
+            raise ValueError(f"scope='search' searches under a MAC budget; got kind={self.kind!r}. Use kind='macs' "
+                             "or another scope")
         _check_floor("min_heads", self.min_heads, 1)
         _check_floor("min_neurons", self.min_neurons, 0)
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -190,7 +199,13 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
     options = f"min_heads={min_heads}, min_neurons={min_neurons}, scope={scope!r}"
 
     drop: dict[str, dict[str, list[int]]] = {k: {n: [] for n in fp[k]} for k in UNIT_KINDS}
-    if "macs" in request or "params" in request:
+    if scope == "search":
+        if set(kinds) != set(UNIT_KINDS):
+            raise ValueError(f"scope='search' chooses between heads and neurons; it needs both scored and pruned "
+                             f"(units={units!r}, scored kinds {list(scores.kinds)})")
+        found = search_macs(scores, request["macs"], seq_len, min_heads=min_heads)
+        drop = {k: {n: found.drop(k, n) for n in fp[k]} for k in UNIT_KINDS}
+    elif "macs" in request or "params" in request:
         name = "macs" if "macs" in request else "params"
         table.select_cost(name, request[name], scope, drop, options)
     else:

@@ -29,7 +29,8 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,78 @@ from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
+
+Tune = Literal["none", "dense", "schedule"]
+TUNES: tuple[str, ...] = get_args(Tune)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """The training-free stages after selection: one object for Python, the callback and YAML (``pruning.tuning``)."""
+
+    rearrange: bool = False
+    """Re-choose each block's kept units under the block-diagonal Fisher of the per-batch mask gradients (Kwon et
+    al.'s mask rearrangement); keeps every block's unit count."""
+    tune: Tune = "none"
+    """Fit real-valued scales of the kept units, block by block, to a teacher (Kwon et al.'s mask tuning): none,
+    dense (teacher = the dense model) or schedule (their teacher: the same selection at sqrt of the kept fraction).
+    The scales are folded into the weights before the spec is applied: the pruned model needs no mask."""
+    damping: float = 1.0
+    """Damping of the scales' least squares (their value, on sums over calibration tokens)."""
+    max_scale: float = 10.0
+    """A solve with a scale beyond +-max_scale stops the tuning there (their rule); later blocks keep scale 1."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rearrange, bool):
+            raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
+        if self.tune not in TUNES:
+            raise ValueError(f"tune={self.tune!r} is not allowed; use one of {list(TUNES)}")
+        for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+                raise ValueError(f"{name}={v!r} must be a finite number >= {low}")
+
+    @property
+    def active(self) -> bool:
+        return self.rearrange or self.tune != "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finish_spec(model: nn.Module, spec: PruneSpec, scores: UnitScores, budget, batches: list[dict],
+                config: TuningConfig, target="label", forward: Callable = default_forward,
+                units="all") -> PruneSpec:
+    """Run the stages of ``config`` on a selected ``spec``: rearrange, then tune (scales in the returned spec).
+
+    ``model`` is the dense model, ``scores`` and ``budget`` what ``spec`` was selected from (the teacher of
+    ``tune="schedule"`` is selected from them at ``sqrt`` of the kept fraction), ``batches`` the calibration
+    batches (labels as ``target`` needs them; ``"pseudo"`` labels are the dense model's predictions).
+    """
+    from taskprune.selection import select_units
+
+    if not config.active:
+        return spec
+    if target == "pseudo":
+        batches = [_with_predictions(model, b, forward) for b in batches]
+        target = "label"
+    if config.rearrange:
+        grads, _ = batch_gradients(model, batches, target, units, forward)
+        spec = rearrange(spec, grads)
+    if config.tune != "none":
+        teacher = None
+        if config.tune == "schedule":
+            amount = 1.0 - teacher_keep(1.0 - float(budget.amount))
+            teacher = select_units(scores, replace(budget, amount=amount), units=units)
+        spec = tune_masks(model, spec, batches, teacher, config.damping, config.max_scale, forward)
+    return replace(spec, meta={**spec.meta, "tuning": config.to_dict()})
+
+
+@torch.no_grad()
+def _with_predictions(model, batch: dict, forward) -> dict:
+    out = forward(model, {k: v for k, v in batch.items() if k != "labels"})
+    logits = out.logits if hasattr(out, "logits") else out
+    labels = logits.squeeze(-1).float() if logits.shape[-1] == 1 else logits.argmax(-1)
+    return {**batch, "labels": labels}
 
 BatchGrads = dict[str, dict[str, Tensor]]  # {kind: {block: [n_batches, n_units] float64}}
 

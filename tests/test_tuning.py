@@ -219,3 +219,61 @@ def test_scales_round_trip_through_json_and_bad_scales_are_refused(tmp_path):
 
 def test_unit_channels_used_by_folding_cover_each_kept_unit():
     assert unit_channels([1, 3], 2).tolist() == [2, 3, 6, 7]
+
+
+# ------------------------------------------------------------------------------------ through the callback
+def test_callback_runs_kwons_stages_and_the_applied_model_equals_the_scaled_mask(tmp_path):
+    """search -> rearrange -> tune (schedule) through TaskPruning: spec.json holds the scales, the shrunk model (scales
+    folded) equals the dense model masked with them, and a new run replays spec.json to the same model."""
+    import lightning as L
+    from lightning_tiny import TOKENIZER, tiny_classifier
+
+    from taskprune.attribution import AttributionConfig
+    from taskprune.callback import TaskPruning
+    from taskprune.data import TaskDataModule
+    from taskprune.module import AttributionModule
+    from taskprune.selection import Budget
+    from taskprune.tuning import TuningConfig
+
+    def trainer(cb):
+        return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         callbacks=[cb], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                         enable_model_summary=False)
+
+    def dm():
+        return TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=12, batch_size=4, eval_samples=8, ood=[])
+
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
+                               compare_dense=False)
+    cb = TaskPruning(budget=Budget(amount=0.4, scope="search"), output_dir=str(tmp_path), apply="shrink",
+                     tuning=TuningConfig(rearrange=True, tune="schedule"))
+    trainer(cb).fit(module, dm())
+    spec = PruneSpec.load(tmp_path / "spec.json")
+    assert spec.scales and spec.budget["scope"] == "search" and spec.meta["tuning"]["tune"] == "schedule"
+    assert spec.budget["achieved"]["macs"] >= 0.4
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    dense = tiny_classifier()
+    with torch.no_grad(), scaled_mask(dense, spec):
+        expected = dense(**batch).logits
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    fresh = AttributionModule(tiny_classifier(), task="sst2", compare_dense=False)
+    trainer(TaskPruning(output_dir=str(tmp_path), apply="shrink")).test(fresh, dm(), verbose=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tuning_config_refuses_bad_values():
+    from taskprune.tuning import TuningConfig
+
+    with pytest.raises(ValueError, match=r"tune='teacher' is not allowed; use one of \['none', 'dense', 'schedule'\]"):
+        TuningConfig(tune="teacher")
+    with pytest.raises(ValueError, match=r"damping=-1 must be a finite number >= 0"):
+        TuningConfig(damping=-1)
+
+
+def test_search_scope_needs_a_mac_budget():
+    from taskprune.selection import Budget
+
+    with pytest.raises(ValueError, match=r"scope='search' searches under a MAC budget; got kind='params'"):
+        Budget(kind="params", scope="search")
