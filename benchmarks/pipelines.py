@@ -83,6 +83,9 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "gxg_search_tune": ("grad_x_gate", "search", False, "schedule"),
     "gxg_tune": ("grad_x_gate", "per_kind", False, "schedule"),
     "ig0_search_tune": ("ig0", "search", False, "schedule"),
+    # iterative attribution: R rounds, each re-scoring the model masked by the previous round's spec
+    "gxg_iter3_search_tune": ("grad_x_gate@3", "search", False, "schedule"),
+    "ig_iter2_search_tune": ("ig@2", "search", False, "schedule"),
 }
 
 
@@ -138,11 +141,13 @@ class Scorer:
                 self.cache[method] = fisher_scores(grads, self.tm, n)
                 self.seconds[method] = self.seconds["grads"]
             else:
-                opts = {"ig": dict(method="ig", steps=self.steps), "ig0": dict(method="ig", steps=self.steps,
-                                                                                baseline=0.0)}.get(method, {"method": method})
-                self.cache[method] = score_units(self.tm, self.calib, **opts)
+                self.cache[method] = score_units(self.tm, self.calib, **self.options(method))
                 self.seconds[method] = time.perf_counter() - t0
         return self.cache[method]
+
+    def options(self, method: str) -> dict:
+        return {"ig": dict(method="ig", steps=self.steps),
+                "ig0": dict(method="ig", steps=self.steps, baseline=0.0)}.get(method, {"method": method})
 
     def grads(self):
         if "grads" not in self.cache:
@@ -158,15 +163,45 @@ def allocate(scores, how: str, cut: float):
     return select_units(scores, macs=cut, seq_len=SEQ)
 
 
+def iterative(scorer: Scorer, method: str, rounds: int, how: str, cut: float):
+    """Prune in ``rounds`` steps of equal kept-MAC ratio, re-scoring the model masked by the previous step's spec;
+    units removed once stay removed. Returns ``(scores of the last round, spec, seconds)``."""
+    from dataclasses import replace as dc_replace
+
+    from taskprune.surgery import apply_mask, remove_mask
+
+    t0 = time.perf_counter()
+    scores, spec = scorer(method), None
+    for r in range(1, rounds + 1):
+        if spec is not None:
+            apply_mask(scorer.tm, spec)
+            try:
+                fresh = score_units(scorer.tm, scorer.calib, **scorer.options(method))
+            finally:
+                remove_mask(scorer.tm)
+            sums = {k: {n: v.clone() for n, v in d.items()} for k, d in fresh.sums.items()}
+            for k, d in sums.items():
+                for n, v in d.items():
+                    v[spec.drop(k, n)] = -float("inf")  # removed units stay removed
+            scores = dc_replace(fresh, sums=sums)
+        spec = allocate(scores, how, 1.0 - (1.0 - cut) ** (r / rounds))
+    return scores, spec, time.perf_counter() - t0
+
+
 def run_pipeline(name: str, scorer: Scorer, cut: float):
     """The spec of pipeline ``name`` at a MAC cut, with scales folded later; ``(spec, seconds per stage)``."""
     score, how, rearr, tune = PIPELINES[name]
     sec = {}
-    scores = scorer(score)
-    sec["score"] = scorer.seconds.get(score, 0.0)
-    t0 = time.perf_counter()
-    spec = allocate(scores, how, cut)
-    sec["allocate"] = time.perf_counter() - t0
+    if "@" in score:
+        method, rounds = score.split("@")
+        scores, spec, sec["score"] = iterative(scorer, method, int(rounds), how, cut)
+        sec["allocate"] = 0.0
+    else:
+        scores = scorer(score)
+        sec["score"] = scorer.seconds.get(score, 0.0)
+        t0 = time.perf_counter()
+        spec = allocate(scores, how, cut)
+        sec["allocate"] = time.perf_counter() - t0
     if rearr:
         grads, _ = scorer.grads()
         sec["score"] += scorer.seconds["grads"] if score != "fisher_batch" else 0.0
