@@ -20,7 +20,8 @@ here when missing). For each task the shared encoder is pruned for that task's h
   the dense one at batch 32, seq 128 on the threads torch has, as a ratio to its MAC bound.
 
 Splits: ``--split dev`` reports the dev sets (QNLI and MNLI: seeded 2000-row subsets; QQP: its held-out sample) and
-the unseen domains (SST-2: IMDB, Yelp, Amazon; MNLI: SNLI, 2000 rows; QQP: MRPC); ``--split selection`` evaluates
+the unseen domains (SST-2: IMDB, Yelp, Amazon, 300 seeded rows each; MNLI: SNLI, 1000; QQP: MRPC, all 408);
+``--split selection`` evaluates
 on the rows the model's build set aside (``taskprune.zoo.selection_rows``), where defaults are chosen.
 
 Raw results are appended to ``--json`` under ``benchmarks/results/`` as the run goes (a rerun skips what is there).
@@ -61,7 +62,7 @@ TASKS = (*HEADLINE, "rte", "cola")
 CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SEQ = 128
 DEV_ROWS = {"qnli": 2000, "mnli": 2000}
-OOD_ROWS = 2000
+OOD_ROWS = {"imdb": 300, "yelp": 300, "amazon": 300, "snli": 1000}  # seeded subsets (long reviews are costly)
 
 #: name -> (score, allocation, rearrange, tune). Scores: taskprune methods; "ig0" is the paper's all-off IG path;
 #: "fisher_batch" Kwon's per-batch mask Fisher. Tune: "none", "dense" (teacher = dense) or "schedule" (Kwon's).
@@ -111,7 +112,7 @@ def eval_sets(task: str, data_dir: str, split: str) -> dict:
         return {"selection": selection_rows(MODEL, task, data_dir)}
     out = {"dev": random_subset(load_split(t, "dev", data_dir), DEV_ROWS.get(task, 10**9), seed=0)}
     for o in t.ood_names:
-        out[o] = random_subset(load_split(t, o, data_dir), OOD_ROWS, seed=0)
+        out[o] = random_subset(load_split(t, o, data_dir), OOD_ROWS.get(o, 10**9), seed=0)
     return out
 
 

@@ -1,0 +1,34 @@
+"""The pipeline report (benchmarks/pipelines_report.py) on small hand-made raw results: % of dense, the "default"
+alias, the paired rows and the machine-readable summary."""
+
+import json
+
+from benchmarks import pipelines_report as pr
+
+
+def rec(pipeline, seed, cut, dev, sel=None):
+    metrics = {"dev": {"accuracy": dev}}
+    return {"pipeline": pipeline, "seed": seed, "cut": cut, "seconds": {"score": 1.0, "tune": 2.0},
+            "macs_kept": 1 - cut, "metrics": metrics, "speedup": 1.5, "speedup_of_bound": 0.9}
+
+
+def raw_file(tmp_path):
+    raw = {"_settings": {"model": "m", "split": "dev"}, "_cpu": "cpu", "_commands": ["cmd"],
+           "sst2": {"dense": {"dev": {"accuracy": 0.8}}}}
+    for seed, (d, k) in enumerate([(0.78, 0.76), (0.76, 0.74)]):
+        raw["sst2"][f"{pr.DEFAULT}|{seed}|0.4"] = rec(pr.DEFAULT, seed, 0.4, d)
+        raw["sst2"][f"kwon|{seed}|0.4"] = rec("kwon", seed, 0.4, k)
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_summary_and_tables(tmp_path):
+    path = raw_file(tmp_path)
+    pr.render_files([str(path)], str(tmp_path), "header\n")
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    assert summary["model"] == "m" and summary["dense"] == {"sst2": 0.8}
+    assert summary["retained"]["default"]["sst2"]["0.4"] == summary["retained"][pr.DEFAULT]["sst2"]["0.4"] == 96.25
+    assert summary["retained"]["kwon"]["sst2"]["0.4"] == 93.75
+    md = (tmp_path / "pipelines.md").read_text()
+    assert "96.2 ± 1.8" in md and "| SST-2 | 40% | 96.2 | 93.8 | +2.5 | 2 | yes |" in md
