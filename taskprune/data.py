@@ -1,9 +1,12 @@
-"""Datasets from local files and the :class:`TaskDataModule` over them (offline; no hub needed).
+"""Datasets of a task's splits, read by ``datasets.load_dataset``, and the :class:`TaskDataModule` over them.
 
-Readers turn a GLUE TSV (``csv.QUOTE_NONE``, optional UTF-8 BOM, with or without a header) or a JSONL file into a
-:class:`datasets.Dataset` with the task's text columns (``sentence`` or ``sentence1``/``sentence2``), ``label``
-(task label index; float score for regression) and ``idx`` (row position in that dataset). A malformed row, an
-unknown label or a missing file raises ``ValueError`` naming the file and the line.
+A task definition (:mod:`taskprune.tasks`) names each split's files (csv, tsv, json/jsonl, parquet) or hub dataset,
+its text and label columns and its label map; :func:`load_split` reads the split with ``datasets.load_dataset``
+(cached as Arrow under ``<taskprune cache>/datasets``, memory-mapped; no network for local files) and returns a
+:class:`datasets.Dataset` with the columns ``sentence`` (or ``sentence1``/``sentence2``), ``label`` (label index,
+``int64``; ``float32`` score for regression) and ``idx`` (row number among the kept rows). A missing file or column,
+a label outside the map, a text column that is not text, a regression label that is not a number, an empty split or
+one whose map drops every row raise ``ValueError`` naming the file, column, row and value.
 
 Batches (dicts of tensors, padded to the longest row of the batch)::
 
@@ -16,8 +19,8 @@ Batches (dicts of tensors, padded to the longest row of the batch)::
 
 from __future__ import annotations
 
-import csv
-import json
+import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -30,166 +33,187 @@ import torch
 from torch.utils.data import DataLoader
 
 from taskprune.loader import CalibrationLoader
-
-from taskprune.tasks import DataFile, Task, get_task
+from taskprune.tasks import Source, Task, get_task, raw_key
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded"
 
-csv.field_size_limit(2**30)
+
+def datasets_cache_dir() -> Path:
+    """Where ``datasets`` keeps the Arrow copies of the files read: ``<taskprune cache>/datasets``."""
+    from taskprune.zoo.cache import cache_dir
+
+    return cache_dir() / "datasets"
 
 
-def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
-    return EMBEDDED_DATA_DIR if data_dir is None else Path(data_dir)
+# ----------------------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars while reading (many small files; the calibration loop has its own bar)."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
-# ----------------------------------------------------------------------------------------------------- readers
-def _check_exists(path: Path, what: str = "data file") -> None:
-    if not path.is_file():
-        hint = (
-            " The embedded demo data holds only small subsets (see taskprune/embedded/PROVENANCE.md);"
-            " pass data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. /work/shared/data."
-            if path.is_relative_to(EMBEDDED_DATA_DIR)
-            else " Check data_dir: it must hold <dataset>/<file> as in the GLUE layout (e.g. sst2/dev.tsv)."
-        )
-        raise ValueError(f"{what} {str(path)!r} not found.{hint}")
+def _config_fields(fmt: str) -> set[str]:
+    from datasets.packaged_modules.csv.csv import CsvConfig
+    from datasets.packaged_modules.json.json import JsonConfig
+    from datasets.packaged_modules.parquet.parquet import ParquetConfig
+
+    cls = {"csv": CsvConfig, "json": JsonConfig, "parquet": ParquetConfig}[fmt]
+    return {f.name for f in dataclasses.fields(cls)} - {"name", "version", "data_dir", "data_files", "description",
+                                                         "features"}
 
 
-def read_tsv(path: str | os.PathLike, header: bool = True) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
-    """Read a GLUE TSV: ``(header or None, [(line_number, fields), ...])``; line numbers are 1-based.
-
-    Uses ``quoting=csv.QUOTE_NONE`` (GLUE text has bare quotes) and strips a UTF-8 BOM (MRPC). Blank lines are
-    skipped.
-    """
-    path = Path(path)
-    _check_exists(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [(i, line.rstrip("\r\n").split("\t")) for i, line in enumerate(f, start=1) if line.strip()]
-    if header:
-        if not rows:
-            raise ValueError(f"{path}: empty file, expected a header line. Pass header=False for header-less TSV.")
-        return [c.strip() for c in rows[0][1]], rows[1:]
-    return None, rows
+def _files(source: Source, root: Path, where: str) -> list[str]:
+    paths = [Path(f) if Path(f).is_absolute() else root / f for f in source.files]
+    for p in paths:
+        if not p.is_file():
+            hint = (" The embedded demo data holds only small subsets (see taskprune/embedded/PROVENANCE.md); pass "
+                    "data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. /work/shared/data."
+                    if p.is_relative_to(EMBEDDED_DATA_DIR)
+                    else f" Paths start at {str(root)!r} (data_dir, else the task definition's data_dir or folder).")
+            raise ValueError(f"{where}: data file {str(p)!r} not found.{hint}")
+    return [str(p) for p in paths]
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """Read a JSONL file: ``[(line_number, object), ...]``; blank lines are skipped."""
-    path = Path(path)
-    _check_exists(path)
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line.") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}.")
-            out.append((i, obj))
-    return out
-
-
-def _parse_label(raw, spec: DataFile, regression: bool, where: str):
-    if raw is None:
-        raise ValueError(f"{where}: label is missing (column {spec.label_column!r}); every row needs a label.")
-    if regression:
+def _load(source: Source, root: Path, where: str) -> tuple[datasets.Dataset, str]:
+    """``(dataset of the raw columns, what to call it in messages)``."""
+    cache = str(datasets_cache_dir())
+    if source.hub is not None:
+        h = source.hub
         try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: label {raw!r} is not a number; a regression task needs float scores.") from None
-    key = str(raw).strip()
-    if isinstance(raw, float) and raw.is_integer():
-        key = str(int(raw))
-    labels = spec.label_dict
-    if key not in labels:
-        known = sorted(labels)
-        raise ValueError(f"{where}: unknown label {key!r}; expected one of {known}. Fix the row or the label map.")
-    return labels[key]
+            return datasets.load_dataset(h.name, h.config, split=h.split, cache_dir=cache), source.path
+        except Exception as e:  # hub unreachable, unknown name / config / split
+            raise ValueError(f"{where}: cannot load hub dataset {source.path!r}: {e}. Without network access it "
+                             "must already be in the datasets cache; or point `files:` at local copies.") from None
+    files = _files(source, root, where)
+    name = files[0] if len(files) == 1 else str(files)
+    opts = source.read_options
+    unknown = sorted(set(opts) - _config_fields(source.format))
+    if unknown:
+        raise ValueError(f"{where}: unknown read option(s) {unknown} for format {source.format!r}; allowed: "
+                         f"{sorted(_config_fields(source.format))} (keyword options of datasets.load_dataset)")
+    features = None
+    if source.format == "csv":
+        import pandas as pd
+        from datasets.packaged_modules.csv.csv import CsvConfig
+
+        opts = {"na_filter": False, **opts}  # "NA", "null", "" stay text
+        kwargs = {k: v for k, v in CsvConfig(**opts).pd_read_csv_kwargs.items() if k not in ("chunksize", "nrows")}
+        try:  # every column as text: "007" stays "007"; labels are parsed below, with the row named on error
+            columns = pd.read_csv(files[0], nrows=0, **kwargs).columns
+        except Exception as e:
+            raise ValueError(f"{where}: cannot read the header of {name!r}: {e}") from None
+        features = datasets.Features({str(c): datasets.Value("string") for c in columns})
+    try:
+        ds = datasets.load_dataset(source.format, data_files=files, split="train", features=features,
+                                   cache_dir=cache, **opts)
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"{where}: cannot read {name!r} as {source.format} with options {opts}: "
+                         f"{type(cause).__name__}: {cause}. Fix the file or the split's `read:` options.") from None
+    return ds, name
 
 
-def load_file(
-    spec: DataFile, text_fields: Sequence[str], data_dir: str | os.PathLike | None = None, regression: bool = False
-) -> datasets.Dataset:
-    """Read ``spec`` from ``data_dir`` into a Dataset with ``text_fields`` + ``label`` + ``idx`` columns.
+def _first(values: list, bad) -> int | None:
+    return next((i for i, v in enumerate(values) if bad(v)), None)
 
-    Rows whose raw label maps to ``None`` (e.g. 3-star reviews when binarising) are dropped.
+
+def read_source(source: Source, text_fields: Sequence[str], root: str | os.PathLike, regression: bool = False,
+                where: str = "split") -> datasets.Dataset:
+    """Read one split into a Dataset with ``text_fields`` + ``label`` + ``idx`` (see the module docstring).
+
+    Rows whose raw label the map drops are left out; ``idx`` numbers the kept rows 0..n-1 in file order.
     """
-    path = _resolve_dir(data_dir) / spec.path
-    if len(spec.text_columns) != len(text_fields):
-        raise ValueError(f"{spec.path}: {len(spec.text_columns)} text columns for {len(text_fields)} text fields")
-    texts: list[list[str]] = [[] for _ in text_fields]
-    labels: list = []
-    if spec.format == "tsv":
-        header, rows = read_tsv(path, header=spec.header)
-        cols = []
-        for c in (*spec.text_columns, spec.label_column):
-            if isinstance(c, int):
-                cols.append(c)
-            elif header is None or c not in header:
-                raise ValueError(f"{path}:1: column {c!r} not in header {header}; is this the right file?")
-            else:
-                cols.append(header.index(c))
-        need = max(cols) + 1
-        for line, fields in rows:
-            where = f"{path}:{line}"
-            if len(fields) < need:
-                raise ValueError(
-                    f"{where}: malformed row, {len(fields)} tab-separated field(s), expected at least {need}. "
-                    "Fix or remove the row (GLUE TSVs are read with quoting=csv.QUOTE_NONE)."
-                )
-            y = _parse_label(fields[cols[-1]], spec, regression, where)
-            if y is None:
-                continue
-            for t, c in zip(texts, cols[:-1]):
-                t.append(fields[c])
-            labels.append(y)
-    elif spec.format == "jsonl":
-        for line, obj in read_jsonl(path):
-            where = f"{path}:{line}"
-            missing = [c for c in spec.text_columns if not isinstance(obj.get(c), str)]
-            if missing:
-                raise ValueError(f"{where}: malformed row, text field(s) {missing} missing or not strings.")
-            y = _parse_label(obj.get(spec.label_column), spec, regression, where)
-            if y is None:
-                continue
-            for t, c in zip(texts, spec.text_columns):
-                t.append(obj[c])
-            labels.append(y)
+    with _quiet_datasets():
+        return _read_source(source, text_fields, Path(root), regression, where)
+
+
+def _read_source(source: Source, text_fields: Sequence[str], root: Path, regression: bool,
+                 where: str) -> datasets.Dataset:
+    ds, name = _load(source, root, where)
+    cols = list(ds.column_names)
+    for kind, c in [*(("text", t) for t in source.text), ("label", source.label)]:
+        if c not in cols:
+            raise ValueError(f"{where}: {name!r} has no column {c!r} (the split's {kind} column); its columns: "
+                             f"{cols}. Fix `{kind}:` in the task definition or the file's header.")
+    if len(ds) == 0:
+        raise ValueError(f"{where}: {name!r} has no rows; an empty split cannot be calibrated on or evaluated.")
+    for c in source.text:
+        feature = ds.features[c]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"{where}: text column {c!r} of {name!r} holds {feature}, not text; point `text:` at "
+                             "columns of strings.")
+        row = _first(ds.data.column(c).to_pylist(), lambda v: v is None) if ds.data.column(c).null_count else None
+        if row is not None:
+            raise ValueError(f"{where}: {name!r}, row {row + 1}: text column {c!r} is empty (null); fill or remove "
+                             "the row.")
+    raw = ds.data.column(source.label).to_pylist()
+    row = _first(raw, lambda v: v is None)
+    if row is not None:
+        raise ValueError(f"{where}: {name!r}, row {row + 1}: label is missing (column {source.label!r}); every row "
+                         "needs a label.")
+    if regression:
+        labels = []
+        for i, v in enumerate(raw):
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                labels.append(float(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {name!r}, row {i + 1}: label {v!r} in column {source.label!r} is not a "
+                                 "number; a regression task needs numeric scores.") from None
+        keep = None
     else:
-        raise ValueError(f"unknown file format {spec.format!r}; allowed: 'tsv', 'jsonl'")
-    if not labels:
-        raise ValueError(f"{path}: no labelled rows; the file is empty or every label was dropped.")
-    features = datasets.Features(
-        {
-            **{f: datasets.Value("string") for f in text_fields},
-            "label": datasets.Value("float32" if regression else "int64"),
-            "idx": datasets.Value("int64"),
-        }
-    )
-    cols = dict(zip(text_fields, texts))
-    return datasets.Dataset.from_dict({**cols, "label": labels, "idx": list(range(len(labels)))}, features=features)
+        mapping = source.label_dict
+        mapped = []
+        for i, v in enumerate(raw):
+            key = raw_key(v)
+            if key not in mapping:
+                raise ValueError(f"{where}: {name!r}, row {i + 1}: label {key!r} in column {source.label!r} is not "
+                                 f"in the label map; mapped: {sorted(k for k, y in mapping.items() if y is not None)}"
+                                 f", dropped: {sorted(k for k, y in mapping.items() if y is None)}. Add it to "
+                                 "`label_map:` or `drop:`, or fix the row.")
+            mapped.append(mapping[key])
+        keep = [i for i, y in enumerate(mapped) if y is not None]
+        labels = [mapped[i] for i in keep]
+        if not keep:
+            raise ValueError(f"{where}: the label map drops every row of {name!r} ({len(raw)} rows, raw labels "
+                             f"{sorted({raw_key(v) for v in raw})}); map some of them to label names.")
+        if len(keep) == len(mapped):
+            keep = None
+    out = ds.select_columns(list(source.text))
+    out = out.rename_columns({c: f"__text{i}" for i, c in enumerate(source.text)})  # a text column may be "label"
+    out = out.rename_columns({f"__text{i}": f for i, f in enumerate(text_fields)})
+    if keep is not None:
+        out = out.select(keep)
+    out = out.add_column("label", labels).add_column("idx", list(range(len(labels))))
+    features = datasets.Features({**{f: datasets.Value("string") for f in text_fields},
+                                  "label": datasets.Value("float32" if regression else "int64"),
+                                  "idx": datasets.Value("int64")})
+    return out.cast(features) if out.features != features else out
 
 
-def load_split(task: str | Task, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-    """``split``: ``"train"``, ``"dev"`` or the name of one of the task's out-of-domain sets."""
+def load_split(task: str | dict | Task, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """``split``: ``"train"``, ``"eval"`` (or ``"dev"``) or the name of one of the task's out-of-domain sets.
+
+    Relative paths start at ``data_dir``, else at the task definition's data folder (the embedded subsets for the
+    shipped GLUE tasks)."""
     task = get_task(task)
-    if split == "train":
-        spec = task.train
-    elif split == "dev":
-        spec = task.dev
-    else:
-        spec = task.ood_set(split).file
-    return load_file(spec, task.text_fields, data_dir, task.regression)
+    where = f"task {task.name!r}, {'eval' if split == 'dev' else split}"
+    return read_source(task.source(split), task.text_fields, task.data_root(data_dir), task.regression, where)
 
 
 # ------------------------------------------------------------------------------------------------- subsetting
 def _reindex(ds: datasets.Dataset, rows: Sequence[int]) -> datasets.Dataset:
-    cols = ds.select(sorted(int(r) for r in rows)).to_dict()
-    cols["idx"] = list(range(len(cols["idx"])))
-    return datasets.Dataset.from_dict(cols, features=ds.features)
+    out = ds.select(sorted(int(r) for r in rows))
+    return out.remove_columns("idx").add_column("idx", list(range(len(out))))
 
 
 def random_subset(ds: datasets.Dataset, n: int, seed: int = 0) -> datasets.Dataset:
@@ -200,18 +224,23 @@ def random_subset(ds: datasets.Dataset, n: int, seed: int = 0) -> datasets.Datas
     return _reindex(ds, rows)
 
 
-def per_class_subset(ds: datasets.Dataset, k: int, seed: int = 0, n_labels: int | None = None) -> datasets.Dataset:
-    """``k`` rows of each class (seeded), in file order. A class with fewer than ``k`` rows gives all it has."""
+def per_class_subset(ds: datasets.Dataset, k: int, seed: int = 0, n_labels: int | None = None,
+                     label_names: Sequence[str] | None = None) -> datasets.Dataset:
+    """``k`` rows of each class (seeded), in file order. ``ValueError`` naming the class when one has fewer than
+    ``k`` rows (``label_names``, when given, name the classes in the message)."""
     labels = np.asarray(ds["label"])
+    if label_names is not None and n_labels is None:
+        n_labels = len(label_names)
     classes = range(n_labels) if n_labels is not None else sorted(set(labels.tolist()))
     rng = np.random.default_rng(seed)
     rows = []
     for c in classes:
         members = np.flatnonzero(labels == c)
-        if len(members) == 0:
-            raise ValueError(f"class {c} has no rows in the calibration split; cannot draw {k} per class.")
         if len(members) < k:
-            log.warning("class %s has only %d rows, fewer than calib_per_class=%d; using all", c, len(members), k)
+            name = f"{label_names[c]!r} (label {c})" if label_names is not None else f"label {c}"
+            raise ValueError(f"calib_per_class={k} is larger than class {name}, which has {len(members)} row(s) in "
+                             f"the calibration split ({len(ds)} rows); lower calib_per_class to at most "
+                             f"{len(members)} or add rows of that class.")
         rows.extend(rng.permutation(members)[:k].tolist())
     return _reindex(ds, rows)
 
@@ -266,9 +295,11 @@ class TaskDataModule(L.LightningDataModule):
     """Calibration (train split subset) and evaluation (dev + out-of-domain) data for one task.
 
     Args:
-        task: registered task name (``sst2``, ``mrpc``, ``qnli``, ``mnli``, ``qqp``, ``rte``, ``cola``, ``stsb``).
-        data_dir: folder with the GLUE layout (``<dataset>/<file>``, e.g. ``/work/shared/data``); ``None`` uses the
-            small subsets embedded in the package.
+        task: the task: a shipped name (``sst2``, ``mrpc``, ``qnli``, ``mnli``, ``qqp``, ``rte``, ``cola``,
+            ``stsb``), the path of a task definition file (``my_task.yaml``) or the definition inline (a mapping:
+            files, text and label columns, label map, labels, metrics, OOD sets; see :mod:`taskprune.tasks`).
+        data_dir: where the task's relative file paths start; ``None``: the definition's own data folder (for the
+            shipped GLUE tasks the small subsets embedded in the package; ``/work/shared/data`` has the full files).
         tokenizer: tokenizer folder or name; or call :meth:`set_tokenizer` before asking for dataloaders.
         max_length: longer inputs are truncated (warned once).
         batch_size: rows per batch, for calibration and evaluation.
@@ -285,7 +316,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str,
+        task: str | dict,
         data_dir: str | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
@@ -326,8 +357,8 @@ class TaskDataModule(L.LightningDataModule):
         if len(set(ood)) != len(ood):
             raise ValueError(f"ood has duplicates: {ood}")
         if data_dir is not None and not Path(data_dir).is_dir():
-            raise ValueError(f"data_dir {data_dir!r} is not a folder; pass a folder with the GLUE layout "
-                             "(e.g. /work/shared/data) or None for the embedded demo data.")
+            raise ValueError(f"data_dir {data_dir!r} is not a folder; pass the folder the task's file paths start "
+                             "at (for the GLUE tasks, e.g. /work/shared/data) or None for the definition's own.")
         self.data_dir = data_dir
         self.tokenizer_name = tokenizer
         self.max_length = max_length
@@ -398,8 +429,17 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.calib_set is None:
             train = load_split(self.task, "train", self.data_dir)
+            if not self.task.regression:
+                present = sorted(set(train["label"]))
+                if len(present) < 2:
+                    only = [self.task.label_names[i] for i in present]
+                    raise ValueError(
+                        f"task {self.task.name!r}: the calibration split ({self.task.train.path}) holds one class "
+                        f"{only} of {list(self.task.label_names)}; scores for a classifier need at least two. Check "
+                        "the split's file and label_map.")
             if self.calib_per_class is not None:
-                calib = per_class_subset(train, self.calib_per_class, self.calib_seed, self.task.n_labels)
+                calib = per_class_subset(train, self.calib_per_class, self.calib_seed,
+                                         label_names=self.task.label_names)
             elif self.calib_samples is not None:
                 calib = random_subset(train, self.calib_samples, self.calib_seed)
             else:

@@ -1,78 +1,168 @@
-"""Task registry: where each task's data lives, its text fields, label names and metrics.
+"""Tasks as data: a task definition (YAML) names its files, text and label columns, label names, metrics and
+out-of-domain sets; :mod:`taskprune.data` reads the files with ``datasets.load_dataset``.
 
-A :class:`Task` names files relative to a data folder laid out like ``/work/shared/data`` (and like the embedded
-``taskprune/embedded``): ``<dataset>/<file>``. GLUE TSVs keep their original columns; everything else is JSONL with
-``sentence`` or ``sentence1``/``sentence2`` and ``label``. Every file declares how its raw labels map onto the
-task's label indices, so an out-of-domain set (Yelp 5-star reviews for SST-2, SNLI for MNLI...) is evaluated in the
-task's own label space; raw labels mapped to ``None`` are dropped (the neutral 3-star reviews when binarised).
+The eight GLUE tasks taskprune ships (``sst2``, ``mrpc``, ``qnli``, ``mnli``, ``qqp``, ``rte``, ``cola``, ``stsb``)
+are definitions in this same format, one file each in this folder (``taskprune/tasks/<name>.yaml``). Your own task
+is a YAML file passed by path (``--data.task my_task.yaml``) or the same mapping inline under ``data.task``::
 
-Label order is the order of the model head's outputs. Metrics follow GLUE: accuracy; + F1 of the positive class
-for MRPC and QQP; Matthews correlation for CoLA; Pearson and Spearman for STS-B.
+    name: reviews                        # the task's name in metric keys (test/reviews/accuracy)
+    problem_type: single_label_classification   # or regression (one float label, metrics pearson / spearman / mse)
+    labels: [negative, positive]         # head output order; a model's own id2label is matched to these names
+    metrics: [accuracy, f1]              # torchmetrics by name: see METRICS
+    data_dir: .                          # optional: where relative file paths start (relative to this file)
+    train:                               # the calibration split
+      files: train.csv                   # one path or a list (csv, tsv, json, jsonl, parquet)
+      text: [review]                     # one or two text columns (pairs: premise, hypothesis)
+      label: stars                       # the label column
+      label_map: {"1": negative, "2": negative, "4": positive, "5": positive}   # raw value -> label name
+      drop: ["3"]                        # raw values whose rows are left out
+    eval:                                # the in-domain evaluation split (same keys)
+      files: dev.csv
+      ...
+    ood:                                 # optional: out-of-domain sets by name (ood/<name>/<metric>)
+      shop: {files: shop.csv, text: [text], label: label}
 
-    task = get_task("sst2")
+A split may also name ``format`` (``csv`` / ``json`` / ``parquet``; default from the file extension, ``.tsv`` = csv
+with a tab delimiter), ``read`` (keyword options of ``datasets.load_dataset`` for that format, e.g. GLUE's
+``{quoting: 3}`` for unquoted TSV, ``{encoding: utf-8-sig}`` for a byte-order mark, ``{column_names: [...]}`` for a
+file without a header), ``hub`` (``{name, config, split}``: a hub dataset instead of files), ``description`` (how
+reports call it) and ``note``. Without ``label_map`` the raw labels must be the label names themselves. Unknown keys
+are an error. Relative paths start at ``--data.data_dir`` when given, else at ``data_dir`` of the definition (relative
+to its file; the shipped GLUE definitions point at the embedded subsets), else at the definition file's folder
+(the working directory for an inline definition).
+
+    task = get_task("sst2")                                  # or get_task("path/to/task.yaml") or get_task({...})
     metrics = task.make_metrics()
-    metrics.update(task.predictions(logits), labels)   # logits [batch, n_labels] -> preds [batch]
+    metrics.update(task.predictions(logits), labels)         # logits [batch, n_labels] -> preds [batch]
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torchmetrics
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassMatthewsCorrCoef
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+import yaml
 
-FileFormat = Literal["tsv", "jsonl"]
-MetricName = Literal["accuracy", "f1", "matthews", "pearson", "spearman"]
-METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")
+ProblemType = Literal["single_label_classification", "regression"]
+PROBLEM_TYPES = ("single_label_classification", "regression")
+FORMATS = ("csv", "json", "parquet")
+EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SHIPPED_DIR = Path(__file__).resolve().parent
+
+
+def _metric_factories():
+    from torchmetrics import classification as c
+    from torchmetrics import regression as r
+
+    return {  # name -> (problem types, factory(n_labels))
+        "accuracy": ("classification", lambda n: c.MulticlassAccuracy(num_classes=n, average="micro")),
+        "f1": ("binary", lambda n: c.BinaryF1Score()),  # F1 of label index 1 (MRPC / QQP)
+        "macro_f1": ("classification", lambda n: c.MulticlassF1Score(num_classes=n, average="macro")),
+        "matthews": ("classification", lambda n: c.MulticlassMatthewsCorrCoef(num_classes=n)),
+        "pearson": ("regression", lambda n: r.PearsonCorrCoef()),
+        "spearman": ("regression", lambda n: r.SpearmanCorrCoef()),
+        "mse": ("regression", lambda n: r.MeanSquaredError()),
+        "mae": ("regression", lambda n: r.MeanAbsoluteError()),
+    }
+
+
+METRICS: tuple[str, ...] = tuple(_metric_factories())
+METRIC_NAMES = METRICS  # kept for callers of the earlier name
+
+
+# ----------------------------------------------------------------------------------------------- definitions
+@dataclass(frozen=True)
+class HubSource:
+    """A dataset on the Hugging Face hub: ``load_dataset(name, config, split=split)`` (needs the hub or its cache)."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
 
 
 @dataclass(frozen=True)
-class DataFile:
-    """One data file and how to read it.
+class Source:
+    """One split of a task: where its rows come from and how their columns become text and labels.
 
-    ``text_columns`` / ``label_column``: column names (TSV with a header, JSONL keys) or 0-based column indices
-    (TSV without a header, e.g. CoLA). ``label_map``: raw label (as a string) -> task label index, or ``None`` to drop
-    the row; empty for regression (the label is parsed as a float). ``split``: how reports should call this file
-    ("dev", "train sample", "held-out sample", "test sample").
+    ``files`` are relative to the data folder (see the module docstring) unless absolute; ``read`` holds keyword
+    options of ``datasets.load_dataset`` for ``format``; ``label_map`` maps a raw label (as a string) to a label
+    index, ``None`` dropping the row; it is empty for regression (labels are read as floats).
     """
 
-    path: str  # relative to the data folder: "<dataset>/<file>"
-    format: FileFormat
-    text_columns: tuple[str | int, ...]
-    label_column: str | int
-    split: str
-    header: bool = True
+    files: tuple[str, ...]
+    format: str
+    text: tuple[str, ...]
+    label: str
     label_map: tuple[tuple[str, int | None], ...] = ()
+    read: tuple[tuple[str, Any], ...] = ()
+    hub: HubSource | None = None
+    description: str = ""
     note: str = ""
+
+    @property
+    def path(self) -> str:
+        """The file (the first of several), or ``hub:<name>[/<config>]:<split>``: for reports and fingerprints."""
+        if self.hub is not None:
+            return f"hub:{self.hub.name}{'/' + self.hub.config if self.hub.config else ''}:{self.hub.split}"
+        return self.files[0]
+
+    @property
+    def split(self) -> str:
+        """How reports call this split ("dev", "train sample"...): :attr:`description` (the earlier name)."""
+        return self.description
 
     @property
     def label_dict(self) -> dict[str, int | None]:
         return dict(self.label_map)
 
+    @property
+    def read_options(self) -> dict[str, Any]:
+        """Keyword options of ``datasets.load_dataset`` (lists as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.read}
+
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A named evaluation set for a task: ``name`` is the key in metric names (``ood/<name>/accuracy``)."""
+    """A named evaluation set: ``name`` is the key in metric names (``ood/<name>/accuracy``)."""
 
     name: str
-    file: DataFile
+    file: Source
 
 
 @dataclass(frozen=True)
 class Task:
-    """One task: text fields, label names (head output order), metrics, train/dev files and out-of-domain sets."""
+    """One task: label names (head output order), problem type, metrics, its calibration / evaluation splits and
+    out-of-domain sets. Rows load as columns ``sentence`` (or ``sentence1`` / ``sentence2``), ``label``, ``idx``."""
 
     name: str
-    text_fields: tuple[str, ...]  # ("sentence",) or ("sentence1", "sentence2"): the columns of the loaded dataset
     label_names: tuple[str, ...]  # index order = head output order; ("score",) for regression
-    metrics: tuple[MetricName, ...]
-    train: DataFile
-    dev: DataFile
+    metrics: tuple[str, ...]
+    train: Source
+    eval: Source
     ood: tuple[EvalSet, ...] = field(default=())
-    regression: bool = False
+    problem_type: ProblemType = "single_label_classification"
+    root: Path | None = None  # where relative paths start when no data_dir is given (None: the working directory)
+    origin: str = "inline"  # the definition's file, or "inline"
+    definition: dict = field(default_factory=dict, compare=False, repr=False)  # the plain mapping it was read from
+
+    @property
+    def regression(self) -> bool:
+        return self.problem_type == "regression"
+
+    @property
+    def text_fields(self) -> tuple[str, ...]:
+        """Columns of the loaded rows: ``("sentence",)`` or ``("sentence1", "sentence2")``."""
+        return ("sentence",) if len(self.train.text) == 1 else ("sentence1", "sentence2")
+
+    @property
+    def dev(self) -> Source:
+        """The evaluation split (:attr:`eval`; the earlier name)."""
+        return self.eval
 
     @property
     def n_labels(self) -> int:
@@ -87,30 +177,27 @@ class Task:
     def ood_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.ood)
 
+    def source(self, split: str) -> Source:
+        """``split``: ``"train"``, ``"eval"`` (or ``"dev"``) or the name of an out-of-domain set."""
+        if split == "train":
+            return self.train
+        if split in ("eval", "dev"):
+            return self.eval
+        return self.ood_set(split).file
+
     def ood_set(self, name: str) -> EvalSet:
         for s in self.ood:
             if s.name == name:
                 return s
         raise ValueError(
             f"task {self.name!r} has no out-of-domain set {name!r}; known: {list(self.ood_names)}. "
-            "Pass ood=[] for none or a subset of the known names."
+            "Pass ood=[] for none or a subset of the known names, or add the set under `ood:` in the task definition."
         )
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
-        """Fresh metrics, keyed by ``accuracy`` / ``f1`` / ``matthews`` / ``pearson`` / ``spearman``.
-
-        ``update(preds, target)`` takes ``preds`` from :meth:`predictions` (class indices, or float scores for
-        regression) and integer (float for regression) targets.
-        """
-        n = self.n_labels
-        make = {
-            "accuracy": lambda: MulticlassAccuracy(num_classes=n, average="micro"),
-            "f1": lambda: BinaryF1Score(),
-            "matthews": lambda: MulticlassMatthewsCorrCoef(num_classes=n),
-            "pearson": lambda: PearsonCorrCoef(),
-            "spearman": lambda: SpearmanCorrCoef(),
-        }
-        return torchmetrics.MetricCollection({m: make[m]() for m in self.metrics})
+        """Fresh metrics keyed by name; ``update(preds, target)`` takes :meth:`predictions` and the labels."""
+        make = _metric_factories()
+        return torchmetrics.MetricCollection({m: make[m][1](self.n_labels) for m in self.metrics})
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [batch, n_labels]`` -> ``preds [batch]``: argmax (long) or the regression score (float)."""
@@ -124,91 +211,198 @@ class Task:
             return torch.nn.functional.mse_loss(logits.reshape(-1).float(), labels.float())
         return torch.nn.functional.cross_entropy(logits.float(), labels.long())
 
-
-def _identity(*names: str) -> tuple[tuple[str, int], ...]:
-    return tuple((n, i) for i, n in enumerate(names))
-
-
-_BIN01 = _identity("0", "1")
-# 5-star ratings 0..4 -> binary sentiment: 1-2 stars negative, 4-5 stars positive, 3 stars dropped.
-STARS_TO_BINARY: tuple[tuple[str, int | None], ...] = (("0", 0), ("1", 0), ("2", None), ("3", 1), ("4", 1))
-_NLI3 = _identity("entailment", "neutral", "contradiction")
-_NLI2 = _identity("entailment", "not_entailment")
-_S = ("sentence",)
-_S12 = ("sentence1", "sentence2")
+    def data_root(self, data_dir: str | os.PathLike | None = None) -> Path:
+        """Where relative file paths start: ``data_dir`` when given, else the definition's own folder."""
+        if data_dir is not None:
+            return Path(data_dir)
+        return self.root if self.root is not None else Path.cwd()
 
 
-def _jsonl(path: str, split: str, label_map=(), text=_S12, note: str = "") -> DataFile:
-    return DataFile(path, "jsonl", text, "label", split, label_map=label_map, note=note)
+# ---------------------------------------------------------------------------------------------- reading YAML
+TASK_KEYS = ("name", "problem_type", "labels", "metrics", "data_dir", "train", "eval", "ood", "description")
+SOURCE_KEYS = ("files", "format", "read", "hub", "text", "label", "label_map", "drop", "description", "note")
+HUB_KEYS = ("name", "config", "split")
 
 
-_MRPC_TEXT = ("#1 String", "#2 String")
-
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task(
-            "sst2", _S, ("negative", "positive"), ("accuracy",),
-            train=DataFile("sst2/train.tsv", "tsv", ("sentence",), "label", "train", label_map=_BIN01),
-            dev=DataFile("sst2/dev.tsv", "tsv", ("sentence",), "label", "dev", label_map=_BIN01),
-            ood=(
-                EvalSet("imdb", _jsonl("imdb/test_sample.jsonl", "test sample", _BIN01, _S)),
-                EvalSet("yelp", _jsonl("yelp_full/test_sample.jsonl", "test sample", STARS_TO_BINARY, _S,
-                                       "5-star ratings binarised: 1-2 stars negative, 4-5 positive, 3 dropped")),
-                EvalSet("amazon", _jsonl("amazon_full/test_sample.jsonl", "test sample", STARS_TO_BINARY, _S,
-                                         "5-star ratings binarised: 1-2 stars negative, 4-5 positive, 3 dropped")),
-            ),
-        ),
-        Task(
-            "mrpc", _S12, ("not_equivalent", "equivalent"), ("accuracy", "f1"),
-            train=DataFile("mrpc/train.tsv", "tsv", _MRPC_TEXT, "Quality", "train", label_map=_BIN01),
-            dev=DataFile("mrpc/dev.tsv", "tsv", _MRPC_TEXT, "Quality", "dev", label_map=_BIN01),
-            ood=(EvalSet("qqp", _jsonl("qqp/heldout_sample.jsonl", "held-out sample", _BIN01,
-                                       note="QQP duplicate (1) read as paraphrase (1)")),),
-        ),
-        Task(
-            "qnli", _S12, ("entailment", "not_entailment"), ("accuracy",),
-            train=_jsonl("qnli/train_sample.jsonl", "train sample", _NLI2),
-            dev=DataFile("qnli/dev.tsv", "tsv", ("question", "sentence"), "label", "dev", label_map=_NLI2),
-        ),
-        Task(
-            "mnli", _S12, ("entailment", "neutral", "contradiction"), ("accuracy",),
-            train=_jsonl("mnli/train_sample.jsonl", "train sample", _NLI3),
-            dev=_jsonl("mnli/dev_matched.jsonl", "dev (matched)", _NLI3),
-            ood=(EvalSet("snli", _jsonl("snli/dev.jsonl", "dev", _NLI3)),),
-        ),
-        Task(
-            "qqp", _S12, ("not_duplicate", "duplicate"), ("accuracy", "f1"),
-            train=_jsonl("qqp/train_sample.jsonl", "train sample", _BIN01),
-            dev=_jsonl("qqp/heldout_sample.jsonl", "held-out sample", _BIN01,
-                       note="1000 rows of QQP train disjoint from train_sample; NOT the GLUE dev set"),
-            ood=(EvalSet("mrpc", DataFile("mrpc/dev.tsv", "tsv", _MRPC_TEXT, "Quality", "dev", label_map=_BIN01,
-                                          note="MRPC paraphrase (1) read as duplicate (1)")),),
-        ),
-        Task(
-            "rte", _S12, ("entailment", "not_entailment"), ("accuracy",),
-            train=DataFile("rte/train.tsv", "tsv", _S12, "label", "train", label_map=_NLI2),
-            dev=DataFile("rte/dev.tsv", "tsv", _S12, "label", "dev", label_map=_NLI2),
-        ),
-        Task(
-            "cola", _S, ("unacceptable", "acceptable"), ("matthews", "accuracy"),
-            train=DataFile("cola/train.tsv", "tsv", (3,), 1, "train", header=False, label_map=_BIN01),
-            dev=DataFile("cola/dev.tsv", "tsv", (3,), 1, "dev", header=False, label_map=_BIN01),
-        ),
-        Task(
-            "stsb", _S12, ("score",), ("pearson", "spearman"),
-            train=DataFile("stsb/train.tsv", "tsv", _S12, "score", "train"),
-            dev=DataFile("stsb/dev.tsv", "tsv", _S12, "score", "dev"),
-            regression=True,
-        ),
-    )
-}
+def _check_keys(d: Any, allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping with keys {list(allowed)}, got {type(d).__name__} {d!r}")
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(allowed)}. Check the spelling.")
+    missing = [k for k in required if d.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing} (required: {list(required)}).")
+    return d
 
 
-def get_task(name: str | Task) -> Task:
-    """The registered task called ``name`` (a :class:`Task` passes through)."""
-    if isinstance(name, Task):
-        return name
-    if not isinstance(name, str) or name.lower() not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
-    return TASKS[name.lower()]
+def _str_list(value: Any, what: str, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x for x in items):
+        raise ValueError(f"{where}: {what} must be a name or a non-empty list of names, got {value!r}")
+    return tuple(items)
+
+
+def raw_key(raw: Any) -> str:
+    """A raw label as the key of a label map: ``1``, ``1.0`` and ``" 1 "`` are all ``"1"``; ``True`` is ``"true"``."""
+    if isinstance(raw, bool):
+        return str(raw).lower()
+    if isinstance(raw, float) and raw.is_integer():
+        return str(int(raw))
+    return str(raw).strip()
+
+
+def _source(d: Any, where: str, labels: tuple[str, ...], regression: bool, default_description: str) -> Source:
+    d = _check_keys(d, SOURCE_KEYS, ("text", "label"), where)
+    if (d.get("files") is None) == (d.get("hub") is None):
+        raise ValueError(f"{where}: give either `files` (local files) or `hub` (a hub dataset), not "
+                         f"{'both' if d.get('files') is not None else 'neither'}.")
+    hub, files = None, ()
+    if d.get("hub") is not None:
+        h = d["hub"] if isinstance(d["hub"], dict) else {"name": d["hub"]}
+        h = _check_keys(h, HUB_KEYS, ("name",), f"{where}.hub")
+        hub = HubSource(str(h["name"]), None if h.get("config") is None else str(h["config"]),
+                        str(h.get("split") or "train"))
+    else:
+        files = _str_list(d["files"], "files", where)
+    fmt = d.get("format")
+    if fmt is None and files:
+        kinds = {EXTENSIONS.get(Path(f).suffix.lower()) for f in files}
+        if None in kinds or len(kinds) > 1:
+            raise ValueError(f"{where}: cannot tell the format of {list(files)} from the extension(s) (known: "
+                             f"{sorted(EXTENSIONS)}); set `format:` to one of {list(FORMATS)}.")
+        fmt = kinds.pop()
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"{where}: unknown format {fmt!r}; allowed: {list(FORMATS)}")
+    read = d.get("read") or {}
+    if not isinstance(read, dict):
+        raise ValueError(f"{where}.read must be a mapping of datasets.load_dataset options, got {read!r}")
+    if files and fmt == "csv" and all(Path(f).suffix.lower() == ".tsv" for f in files):
+        read = {"delimiter": "\t", **read}
+    read = {str(k): tuple(v) if isinstance(v, list) else v for k, v in read.items()}  # hashable: Task is frozen
+    text = _str_list(d["text"], "text", where)
+    if len(text) not in (1, 2):
+        raise ValueError(f"{where}: text names {len(text)} columns {list(text)}; give one (a sentence) or two "
+                         "(a pair).")
+    if len(set(text)) != len(text):
+        raise ValueError(f"{where}: text names the same column twice {list(text)}; a pair needs two columns.")
+    if not isinstance(d["label"], str):
+        raise ValueError(f"{where}: label must be a column name, got {d['label']!r}")
+    label_map: dict[str, int | None] = {}
+    drop = d.get("drop") or []
+    if not isinstance(drop, list):
+        raise ValueError(f"{where}: drop must be a list of raw label values, got {drop!r}")
+    if regression:
+        if d.get("label_map") is not None or drop:
+            raise ValueError(f"{where}: label_map / drop are for classification; a regression task reads its label "
+                             "column as numbers. Remove them or set problem_type: single_label_classification.")
+    else:
+        raw_map = d.get("label_map")
+        if raw_map is None:
+            raw_map = {n: n for n in labels}
+        if not isinstance(raw_map, dict):
+            raise ValueError(f"{where}: label_map must map raw values to label names, got {raw_map!r}")
+        for raw, name in raw_map.items():
+            if name not in labels:
+                raise ValueError(f"{where}: label_map maps {raw!r} to {name!r}, which is not a label of the task; "
+                                 f"labels: {list(labels)} (list values to leave out under `drop:`).")
+            label_map[raw_key(raw)] = labels.index(name)
+        for raw in drop:
+            if raw_key(raw) in label_map:
+                raise ValueError(f"{where}: {raw!r} is both in label_map and in drop; keep one.")
+            label_map[raw_key(raw)] = None
+    return Source(files, fmt or "", text, d["label"], tuple(label_map.items()), tuple(read.items()), hub,
+                  str(d.get("description") or default_description), str(d.get("note") or ""))
+
+
+def task_from_dict(d: Any, root: str | os.PathLike | None = None, origin: str = "inline") -> Task:
+    """Build a :class:`Task` from a definition mapping (see the module docstring); ``ValueError`` naming the key
+    on any unknown or missing key or bad value. ``root``: the folder relative ``data_dir`` / paths start at."""
+    where = f"task definition {origin}" if origin != "inline" else "inline task definition"
+    d = _check_keys(d, TASK_KEYS, (), where)
+    regression = d.get("problem_type") == "regression"
+    _check_keys(d, TASK_KEYS, ("name", *(() if regression else ("labels",)), "metrics", "train", "eval"), where)
+    name = d["name"]
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise ValueError(f"{where}: name must be a word (it becomes a metric key), got {name!r}")
+    problem = d.get("problem_type", "single_label_classification")
+    if problem not in PROBLEM_TYPES:
+        raise ValueError(f"{where}: unknown problem_type {problem!r}; allowed: {list(PROBLEM_TYPES)}")
+    labels = _str_list(d.get("labels", ["score"] if regression else None), "labels", where)
+    if regression and len(labels) != 1:
+        raise ValueError(f"{where}: a regression task has one output; labels must be one name, got {list(labels)}")
+    if not regression and len(labels) < 2:
+        raise ValueError(f"{where}: a classification task needs at least two labels, got {list(labels)}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: labels {list(labels)} repeat a name")
+    metrics = _str_list(d["metrics"], "metrics", where)
+    factories = _metric_factories()
+    for m in metrics:
+        if m not in factories:
+            raise ValueError(f"{where}: unknown metric {m!r}; allowed: {list(factories)}")
+        kind = factories[m][0]
+        if (kind == "regression") != regression or (kind == "binary" and len(labels) != 2):
+            need = {"regression": "a regression task", "binary": "two labels", "classification": "classification"}
+            raise ValueError(f"{where}: metric {m!r} needs {need[kind]}; task {name!r} is {problem} with labels "
+                             f"{list(labels)}")
+    base = Path(root) if root is not None else None
+    if d.get("data_dir") is not None:
+        dd = Path(str(d["data_dir"]))
+        base = (dd if dd.is_absolute() or base is None else base / dd).resolve()
+    train = _source(d["train"], f"{where}: train", labels, regression, "train")
+    evals = _source(d["eval"], f"{where}: eval", labels, regression, "eval")
+    ood_map = d.get("ood") or {}
+    if not isinstance(ood_map, dict):
+        raise ValueError(f"{where}: ood must map set names to splits ({{name: {{files, text, label}}}}), got "
+                         f"{ood_map!r}")
+    ood = tuple(EvalSet(str(k), _source(v, f"{where}: ood.{k}", labels, regression, "out-of-domain"))
+                for k, v in ood_map.items())
+    for s in (evals, *(o.file for o in ood)):
+        if len(s.text) != len(train.text):
+            raise ValueError(f"{where}: train has {len(train.text)} text column(s) {list(train.text)} but another "
+                             f"split has {len(s.text)} {list(s.text)}; every split needs the same number.")
+    return Task(name, labels, metrics, train, evals, ood, problem, base, origin, copy.deepcopy(d))
+
+
+def load_task_file(path: str | os.PathLike) -> Task:
+    """Read one task definition file (YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task definition file {str(path)!r} not found; pass a shipped task name "
+                         f"({sorted(TASKS)}), a YAML file, or an inline mapping.")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"task definition file {str(path)!r} is not valid YAML: {e}") from None
+    return task_from_dict(d, root=path.resolve().parent, origin=str(path))
+
+
+def _shipped() -> dict[str, Task]:
+    tasks = {}
+    for f in sorted(SHIPPED_DIR.glob("*.yaml")):
+        t = load_task_file(f)
+        tasks[t.name] = t
+    return tasks
+
+
+TASKS: dict[str, Task] = {}
+TASKS.update(_shipped())
+
+
+def get_task(task: str | dict | Task) -> Task:
+    """A :class:`Task` from a shipped name (``sst2``...), a definition file (``*.yaml``) or an inline mapping."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, dict):
+        return task_from_dict(task)
+    if isinstance(task, str):
+        if task.lower() in TASKS:
+            return TASKS[task.lower()]
+        if task.endswith((".yaml", ".yml")) or os.sep in task or Path(task).is_file():
+            return load_task_file(task)
+    raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}. Your own task: pass the path of a "
+                     "task definition file (.yaml) or the definition inline (see taskprune.tasks).")
+
+
+__all__ = ["Task", "Source", "EvalSet", "HubSource", "TASKS", "METRICS", "get_task", "task_from_dict",
+           "load_task_file", "raw_key"]
