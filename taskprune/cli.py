@@ -1,13 +1,16 @@
 """LightningCLI for taskprune: ``python train.py fit|test|validate --config configs/<task>.yaml``.
 
 ``fit`` calibrates (attribution passes, no weight update) and the ``pruning`` callback writes and applies the spec;
-``test`` applies the spec from ``pruning.output_dir`` and reports dense vs pruned metrics in-domain and out-of-domain,
-with parameters, MACs and measured throughput, as a rich table.
+``test`` applies the spec from ``pruning.output_dir`` and reports dense vs pruned metrics in-domain and on every
+out-of-domain set, with parameters, MACs and measured throughput, as a rich table and as ``<stage>_report.json`` /
+``<stage>_report.csv`` in ``pruning.output_dir`` (written atomically, for scripts).
 
 Groups: ``model`` (:class:`~taskprune.module.AttributionModule`, with ``model.attribution``: an
 :class:`~taskprune.attribution.AttributionConfig`), ``data`` (:class:`~taskprune.data.TaskDataModule`) and
 ``pruning`` (:class:`~taskprune.callback.TaskPruning`, with ``pruning.budget``: a :class:`~taskprune.selection.Budget`).
-Values that must agree are linked, not repeated: ``model.task`` -> ``data.task``, ``model.attribution`` ->
+The task is data: ``data.task`` (a shipped name, a task definition file, or the definition inline; see
+:mod:`taskprune.tasks`). Values that must agree are linked, not repeated: ``data.task`` -> ``model.task``,
+``model.attribution`` ->
 ``pruning.attribution`` (method, units...: one source of truth) and ``data.max_length`` -> ``pruning.budget.seq_len``.
 Field docstrings of the config dataclasses are the ``--help`` text.
 """
@@ -37,7 +40,7 @@ TRAINER_DEFAULTS = {
 class TaskPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(TaskPruning, "pruning")
-        parser.link_arguments("model.task", "data.task")
+        parser.link_arguments("data.task", "model.task")
         parser.link_arguments("model.attribution", "pruning.attribution")
         parser.link_arguments("data.max_length", "pruning.budget.seq_len")
 
@@ -55,7 +58,7 @@ class TaskPruneCLI(LightningCLI):
 
     def _report(self, stage: str) -> None:
         from taskprune.flops import count_macs, count_params
-        from taskprune.report import comparison_table, print_table
+        from taskprune.report import comparison_table, print_table, write_report
 
         module = self.model
         if not self.trainer.is_global_zero or not module.results:
@@ -68,6 +71,12 @@ class TaskPruneCLI(LightningCLI):
         }
         title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"
         print_table(comparison_table(module.results, size, title=title))
+        pruning = next((c for c in self.trainer.callbacks if isinstance(c, TaskPruning)), None)
+        if pruning is not None:
+            meta = {"stage": stage, "task": module.task.name, "spec": module.spec_mode or "none (dense)",
+                    "eval_sets": list(module.eval_names)}
+            paths = write_report(module.results, size, pruning.output_dir, stage, meta)
+            logging.getLogger(__name__).info("taskprune: wrote %s", ", ".join(str(p) for p in paths))
 
 
 def _help_from_field_docstrings() -> None:

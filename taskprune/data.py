@@ -316,7 +316,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str | dict,
+        task: str | dict = "sst2",
         data_dir: str | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,

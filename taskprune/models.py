@@ -1,11 +1,14 @@
-"""Loading the model of one task and reading its limits (head size, position and vocabulary limits).
+"""Loading the model of one task, matching its labels to the task's, and reading its limits.
 
 ``load_task_model`` resolves a taskprune multi-task model (zoo name or folder: the task's head) or any local / hub
-sequence-classification model. The limits are read from the model's config and embeddings without running it.
+sequence-classification model. ``label_order`` matches the model's own label names (``config.id2label``) to the
+task's. The limits (head size, positions, vocabulary) are read from the config and embeddings without running it.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -65,4 +68,88 @@ def vocab_rows(model: nn.Module) -> int | None:
     return n if isinstance(n, int) else None
 
 
-__all__ = ["load_task_model", "head_size", "max_positions", "vocab_rows"]
+_GENERIC = re.compile(r"^label_?\d+$", re.IGNORECASE)  # transformers' default id2label: LABEL_0, LABEL_1...
+
+
+def model_label_names(model: nn.Module) -> list[str] | None:
+    """The model's own label names in output order (``config.id2label``, or a taskprune head's), or ``None`` when
+    it has none or only transformers' placeholders (``LABEL_0``...)."""
+    info = getattr(model, "info", None)
+    names = list(getattr(info, "label_names", ()) or ())
+    if not names:
+        id2label = getattr(getattr(model, "config", None), "id2label", None)
+        if isinstance(id2label, Mapping) and id2label:
+            try:
+                names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+            except (TypeError, ValueError):
+                return None
+    if not names or all(_GENERIC.match(n) for n in names):
+        return None
+    return names
+
+
+def label_order(model: nn.Module, labels: Sequence[str], label_map: Mapping[str, str | int] | None = None,
+                task: str = "the task") -> list[int] | None:
+    """For each of the task's ``labels`` (in order), the index of the model's output that predicts it; ``None``
+    when that is the identity (nothing to reorder).
+
+    ``label_map`` (task label name -> model label name or output index) decides when given. Otherwise the model's
+    own label names are matched to ``labels`` case-insensitively; a model without names (``LABEL_0``...) is taken in
+    the task's order. ``ValueError`` before any work when the names or counts do not match.
+    """
+    names = model_label_names(model)
+    n_out = head_size(model)
+    if n_out is None and names is not None:
+        n_out = len(names)
+    if label_map is not None:
+        if not isinstance(label_map, Mapping) or {str(k) for k in label_map} != set(labels):
+            raise ValueError(f"label_map must map each label of {task} {list(labels)} to a model label or output "
+                             f"index, got {dict(label_map) if isinstance(label_map, Mapping) else label_map!r}")
+        lower = [n.lower() for n in names] if names is not None else []
+        order = []
+        for lab in labels:
+            v = label_map[lab]
+            if isinstance(v, int) and not isinstance(v, bool):
+                i = v
+            elif isinstance(v, str) and v.lower() in lower:
+                i = lower.index(v.lower())
+            elif isinstance(v, str) and v.isdigit():
+                i = int(v)
+            else:
+                raise ValueError(f"label_map maps {lab!r} to {v!r}, which is neither a label of the model "
+                                 f"({names or 'it has no label names'}) nor an output index")
+            if n_out is not None and not 0 <= i < n_out:
+                raise ValueError(f"label_map maps {lab!r} to output {i}, but the model has {n_out} outputs")
+            order.append(i)
+        if len(set(order)) != len(order):
+            raise ValueError(f"label_map maps two labels to the same model output: {dict(label_map)}")
+        return None if order == list(range(n_out if n_out is not None else len(order))) else order
+    if names is None:
+        return None
+    lower = [n.lower() for n in names]
+    if len(names) != len(labels) or sorted(lower) != sorted(lab.lower() for lab in labels):
+        raise ValueError(
+            f"the model's labels {names} (config.id2label) do not match the labels of {task} {list(labels)}; "
+            "pass --model.label_map (task label -> model label or output index), e.g. "
+            + "{" + ", ".join(f"{lab}: {names[i] if i < len(names) else i}" for i, lab in enumerate(labels)) + "}"
+        )
+    order = [lower.index(lab.lower()) for lab in labels]
+    return None if order == list(range(len(names))) else order
+
+
+def reorder_logits(forward: Callable, order: Sequence[int]) -> Callable:
+    """``forward`` whose outputs' logits are ``logits[..., order]``: the model's outputs in the task's label order."""
+    index = list(order)
+
+    def forward_in_task_order(model: nn.Module, batch: dict):
+        out = forward(model, batch)
+        if hasattr(out, "logits"):
+            out.logits = out.logits[..., index]
+            return out
+        return out[..., index]
+
+    return forward_in_task_order
+
+
+__all__ = ["load_task_model", "head_size", "max_positions", "vocab_rows", "model_label_names", "label_order",
+           "reorder_logits"]

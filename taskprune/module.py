@@ -24,10 +24,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from taskprune.attribution import AttributionConfig, Attributor
+from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibration_step, real_samples
 from taskprune.evaluation import Evaluation, MetricRow, Stopwatch
-from taskprune.models import head_size, load_task_model
+from taskprune.models import head_size, label_order, load_task_model, reorder_logits
 from taskprune.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
@@ -45,7 +45,11 @@ class AttributionModule(L.LightningModule):
     Args:
         model: a taskprune multi-task model name (``minilm-glue``) or folder, a local HF sequence-classification
             folder, or an ``nn.Module`` (Python use).
-        task: the task name (its head, labels and metrics; see :mod:`taskprune.tasks`).
+        task: the task (its labels, problem type and metrics): a shipped name, a task definition file or an inline
+            definition (see :mod:`taskprune.tasks`). The CLI links it from ``data.task``.
+        label_map: task label name -> the model's label name or output index. Without it the model's own label
+            names (``config.id2label``) are matched to the task's case-insensitively (a model with only
+            ``LABEL_0``... names is taken in the task's order); a mismatch is an error before any work.
         attribution: how units are scored (method, target, units, IG steps...); a dict of its fields works too.
         compare_dense: evaluate the dense model beside the pruned one in ``test`` / ``validate`` (keeps a copy).
         trust_remote_code: passed to transformers when loading a model by name; off unless you turn it on.
@@ -55,7 +59,8 @@ class AttributionModule(L.LightningModule):
     def __init__(
         self,
         model: str | nn.Module = "minilm-glue",
-        task: str = "sst2",
+        task: str | dict = "sst2",
+        label_map: dict[str, str | int] | None = None,
         attribution: AttributionConfig = AttributionConfig(),
         compare_dense: bool = True,
         trust_remote_code: bool = False,
@@ -67,18 +72,26 @@ class AttributionModule(L.LightningModule):
         self.attribution = AttributionConfig.of(attribution)
         self.task = get_task(task)
         # plain values only, so checkpoints load with weights_only and hand them back to __init__
-        self.save_hyperparameters({"task": task, "attribution": self.attribution.to_dict(),
-                                   "compare_dense": compare_dense, "trust_remote_code": trust_remote_code})
+        plain_task = task if isinstance(task, (str, dict)) else (self.task.definition or self.task.name)
+        self.save_hyperparameters({"task": plain_task, "label_map": label_map,
+                                   "attribution": self.attribution.to_dict(), "compare_dense": compare_dense,
+                                   "trust_remote_code": trust_remote_code})
         if isinstance(model, nn.Module):
             self.model, self.tokenizer_path = model, None
         else:
             self.model, self.tokenizer_path = load_task_model(model, self.task.name, trust_remote_code)
         n_out = head_size(self.model)
-        if n_out is not None and n_out != self.task.n_labels:
+        if label_map is None and n_out is not None and n_out != self.task.n_labels:
             raise ValueError(
                 f"the model's head has {n_out} outputs but task {self.task.name!r} has {self.task.n_labels} "
-                f"labels {list(self.task.label_names)}; load the head trained for this task"
+                f"labels {list(self.task.label_names)}; load the head trained for this task, or pass "
+                "--model.label_map to pick the outputs that predict the task's labels"
             )
+        self.label_order = None if self.task.regression else \
+            label_order(self.model, self.task.label_names, label_map, f"task {self.task.name!r}")
+        if self.label_order is not None:
+            log.info("model outputs %s predict the task's labels %s", self.label_order, list(self.task.label_names))
+            forward = reorder_logits(forward or default_forward, self.label_order)
         self.attributor = Attributor(self.model, self.attribution, forward=forward)
         self.forward_fn = self.attributor.forward
         self.scores = UnitScoreMetric(self.attributor.gates.n_units)
@@ -90,11 +103,15 @@ class AttributionModule(L.LightningModule):
         self.evaluation: Evaluation | None = None
         self.automatic_optimization = False
 
-    # ------------------------------------------------------------------------------------------ protocol
+    # ------------------------------------------------------------------------ protocol (taskprune.protocol)
     @property
     def pruning_model(self) -> nn.Module:
         """The model that :class:`~taskprune.callback.TaskPruning` prunes (protocol)."""
         return self.model
+
+    def pruning_batch(self, batch: dict) -> dict:
+        """Batches are already the model's keyword arguments plus ``labels`` (protocol)."""
+        return batch
 
     def unit_scores(self) -> UnitScores:
         """Scores summed over all processes (protocol): collective, call on every rank."""

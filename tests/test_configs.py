@@ -21,7 +21,7 @@ def test_config_parses(path, capsys):
         main(["fit", "--config", str(path), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["task"] in {path.stem, "sst2"} and "task" not in printed["data"]  # linked from model
+    assert printed["data"]["task"] in {path.stem, "sst2"} and "task" not in printed["model"]  # linked from data
     assert 0 <= printed["pruning"]["budget"]["amount"] < 1
 
 
@@ -34,7 +34,7 @@ def test_help_shows_the_field_docstrings(capsys):
 
 
 def test_unknown_key_is_refused(cli_refusal):
-    assert "stepz" in cli_refusal("model:\n  task: sst2\n  stepz: 8\n")
+    assert "stepz" in cli_refusal("data:\n  task: sst2\nmodel:\n  stepz: 8\n")
 
 
 def test_wrong_type_is_refused(cli_refusal):
