@@ -116,6 +116,9 @@ def _load(source: Source, root: Path, where: str) -> tuple[datasets.Dataset, str
                                    cache_dir=cache, **opts)
     except Exception as e:
         cause = e.__cause__ or e
+        if "corresponds to no data" in str(cause):  # datasets' words for a file without rows
+            raise ValueError(f"{where}: {name!r} has no rows; an empty split cannot be calibrated on or "
+                             "evaluated.") from None
         raise ValueError(f"{where}: cannot read {name!r} as {source.format} with options {opts}: "
                          f"{type(cause).__name__}: {cause}. Fix the file or the split's `read:` options.") from None
     return ds, name

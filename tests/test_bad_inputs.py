@@ -325,3 +325,108 @@ def test_resume_with_other_settings_refused(tmp_path, change, match):
     with pytest.raises(ValueError, match="cannot resume calibration from this checkpoint: .*" + match):
         trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
             module, datamodule(n=change.get("n", 8)), ckpt_path=str(tmp_path / "calibration.ckpt"))
+
+
+# ------------------------------------------------------------------------------------- your own task (issue 13)
+def own_task(tmp_path: Path, **change) -> dict:
+    """A small review task on CSV files in ``tmp_path``; ``change`` replaces top-level keys or, as
+    ``train=dict(...)``, updates one split's keys."""
+    rows = "".join(f"good thing {i},5\nbad thing {i},1\n" for i in range(6))
+    (tmp_path / "train.csv").write_text("review,rating\n" + rows)
+    (tmp_path / "eval.csv").write_text("review,rating\n" + rows)
+    (tmp_path / "ood.csv").write_text("text,y\nlovely,pos\nawful,neg\n")
+    split = {"files": "train.csv", "text": ["review"], "label": "rating", "label_map": {1: "negative", 5: "positive"}}
+    d = {"name": "reviews", "labels": ["negative", "positive"], "metrics": ["accuracy"], "data_dir": str(tmp_path),
+         "train": dict(split), "eval": {**split, "files": "eval.csv"},
+         "ood": {"shop": {"files": "ood.csv", "text": ["text"], "label": "y",
+                          "label_map": {"pos": "positive", "neg": "negative"}}}}
+    for key, value in change.items():
+        if key in ("train", "eval") and isinstance(value, dict):
+            d[key] = {**d[key], **value}
+        elif key == "shop":
+            d["ood"]["shop"] = {**d["ood"]["shop"], **value}
+        else:
+            d[key] = value
+    return d
+
+
+def fit_own(tmp_path: Path, task: dict, **data) -> None:
+    """fit on ``task`` with a TaskPruning writing into ``tmp_path/out``; the caller expects it to raise."""
+    out = tmp_path / "out"
+    try:
+        n_out = 1 if task.get("problem_type") == "regression" else 2
+        module = AttributionModule(tiny_classifier(n_out), task=task, attribution=AttributionConfig(steps=1))
+        dm = TaskDataModule(task, tokenizer=TOKENIZER, batch_size=4, **{"calib_samples": 8, **data})
+        trainer([TaskPruning(output_dir=str(out))]).fit(module, dm)
+    finally:
+        assert not out.exists()  # refused before any work: nothing written
+
+
+def test_own_task_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"task 'reviews', train: data file '.*nope\.csv' not found"):
+        fit_own(tmp_path, own_task(tmp_path, train={"files": "nope.csv"}))
+
+
+def test_own_task_missing_column(tmp_path):
+    with pytest.raises(ValueError, match=r"eval: '.*eval\.csv' has no column 'stars' \(the split's label column\); "
+                                         r"its columns: \['review', 'rating'\]"):
+        fit_own(tmp_path, own_task(tmp_path, eval={"label": "stars"}))
+
+
+def test_own_task_label_value_not_in_the_map(tmp_path):
+    task = own_task(tmp_path)
+    (tmp_path / "train.csv").write_text("review,rating\nfine,5\nmeh,3\nbad,1\n")
+    with pytest.raises(ValueError, match=r"train\.csv', row 2: label '3' in column 'rating' is not in the label map; "
+                                         r"mapped: \['1', '5'\]"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_empty_split(tmp_path):
+    task = own_task(tmp_path)
+    (tmp_path / "eval.csv").write_text("review,rating\n")
+    with pytest.raises(ValueError, match=r"eval: '.*eval\.csv' has no rows"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_calib_per_class_larger_than_a_class(tmp_path):
+    with pytest.raises(ValueError, match=r"calib_per_class=7 is larger than class 'negative' \(label 0\), which has 6"):
+        fit_own(tmp_path, own_task(tmp_path), calib_samples=None, calib_per_class=7)
+
+
+def test_own_task_fewer_than_two_classes_to_calibrate_on(tmp_path):
+    task = own_task(tmp_path)
+    (tmp_path / "train.csv").write_text("review,rating\ngood,5\nfine,5\n")
+    with pytest.raises(ValueError, match=r"calibration split \(train\.csv\) holds one class \['positive'\]"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_text_field_that_is_not_text(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"review": 1, "rating": 5}\n{"review": 2, "rating": 1}\n')
+    task = own_task(tmp_path, train={"files": "train.jsonl"})
+    with pytest.raises(ValueError, match=r"text column 'review' of '.*train\.jsonl' holds .*int64.*, not text"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_regression_label_that_is_not_a_number(tmp_path):
+    task = own_task(tmp_path, problem_type="regression", labels=["score"], metrics=["pearson"], ood={})
+    for split in ("train", "eval"):
+        del task[split]["label_map"]
+    (tmp_path / "eval.csv").write_text("review,rating\nfine,4.5\nmeh,three\n")
+    with pytest.raises(ValueError, match=r"eval\.csv', row 2: label 'three' in column 'rating' is not a number"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_ood_set_whose_map_drops_every_row(tmp_path):
+    task = own_task(tmp_path, shop={"label_map": {}, "drop": ["pos", "neg"]})
+    with pytest.raises(ValueError, match=r"task 'reviews', shop: the label map drops every row of '.*ood\.csv' "
+                                         r"\(2 rows"):
+        fit_own(tmp_path, task)
+
+
+def test_own_task_definition_with_an_unknown_key(tmp_path):
+    with pytest.raises(ValueError, match=r"inline task definition: unknown key\(s\) \['label'\]; allowed: \['name'"):
+        fit_own(tmp_path, own_task(tmp_path, label=["negative", "positive"]))
+    (tmp_path / "task.yaml").write_text("name: x\nlabels: [a, b]\nmetrics: [accuracy]\ntrain: {files: t.csv, "
+                                        "text: [t], label: y, labelmap: {}}\neval: {files: t.csv, text: [t], label: y}\n")
+    with pytest.raises(ValueError, match=r"task\.yaml: train: unknown key\(s\) \['labelmap'\]"):
+        AttributionModule(tiny_classifier(), task=str(tmp_path / "task.yaml"))

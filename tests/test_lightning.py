@@ -166,6 +166,49 @@ def test_head_does_not_match_task_labels():
         AttributionModule(tiny_classifier(n_labels=3), task="sst2")
 
 
+def named(id2label: dict, n_labels: int = 2):
+    model = tiny_classifier(n_labels=n_labels)
+    model.config.id2label = id2label
+    model.config.label2id = {v: k for k, v in id2label.items()}
+    return model
+
+
+def test_model_label_names_that_do_not_match_the_task_refused_before_work():
+    with pytest.raises(ValueError, match=r"the model's labels \['NEG', 'POS'\] \(config.id2label\) do not match the "
+                                         r"labels of task 'sst2' \['negative', 'positive'\]; pass --model.label_map"):
+        AttributionModule(named({0: "NEG", 1: "POS"}), task="sst2")
+
+
+def test_model_label_names_matched_case_insensitively_and_reordered():
+    batch = {"input_ids": torch.tensor([[101, 2204, 102], [101, 2919, 102]]), "attention_mask": torch.ones(2, 3).long()}
+    same = AttributionModule(named({0: "Negative", 1: "POSITIVE"}), task="sst2")
+    assert same.label_order is None
+    swapped = AttributionModule(named({0: "positive", 1: "negative"}), task="sst2")
+    assert swapped.label_order == [1, 0]
+    raw = swapped.model(**batch).logits
+    assert torch.equal(swapped.forward_fn(swapped.model, batch).logits, raw[:, [1, 0]])
+
+
+def test_label_map_overrides_the_match():
+    mapped = AttributionModule(named({0: "NEG", 1: "POS"}), task="sst2",
+                               label_map={"negative": "neg", "positive": "pos"})
+    assert mapped.label_order is None
+    three = AttributionModule(named({0: "neg", 1: "neutral", 2: "pos"}, n_labels=3), task="sst2",
+                              label_map={"negative": "NEG", "positive": 2})
+    assert three.label_order == [0, 2]
+    with pytest.raises(ValueError, match=r"label_map maps 'positive' to 'great', which is neither a label"):
+        AttributionModule(named({0: "NEG", 1: "POS"}), task="sst2", label_map={"negative": "NEG", "positive": "great"})
+    with pytest.raises(ValueError, match=r"label_map must map each label of task 'sst2'"):
+        AttributionModule(named({0: "NEG", 1: "POS"}), task="sst2", label_map={"negative": "NEG"})
+
+
+def test_the_module_implements_the_pruning_protocol():
+    from taskprune.protocol import PruningModule
+
+    assert isinstance(AttributionModule(tiny_classifier(), task="sst2"), PruningModule)
+    assert not isinstance(nn.Linear(2, 2), PruningModule)
+
+
 def test_budget_outside_unit_interval():
     with pytest.raises(ValueError, match="budget must be a fraction in \\[0, 1\\), got 1.5"):
         TaskPruning(budget=Budget(amount=1.5))
