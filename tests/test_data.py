@@ -83,6 +83,15 @@ def test_unknown_label_names_file_row_and_value(tmp_path):
         load_split("rte", "dev", tmp_path)
 
 
+def test_malformed_rows_name_the_file_and_row(tmp_path):
+    write(tmp_path / "sst2" / "dev.tsv", "sentence\tlabel\ngood\t1\nno label here\n")
+    with pytest.raises(ValueError, match=r"sst2/dev\.tsv', row 2: label '' in column 'label' is not in the label map"):
+        load_split("sst2", "dev", tmp_path)
+    write(tmp_path / "sst2" / "dev.tsv", "sentence\tlabel\ngood\t1\nx\t1\textra\n")
+    with pytest.raises(ValueError, match=r"cannot read '.*sst2/dev\.tsv' as csv .*Expected 2 fields in line 3, saw 3"):
+        load_split("sst2", "dev", tmp_path)
+
+
 def test_bad_json_and_missing_label(tmp_path):
     write(tmp_path / "mnli" / "dev_matched.jsonl", '{"sentence1": "a", "sentence2": "b", "label": "neutral"}\n{oops\n')
     with pytest.raises(ValueError, match=r"cannot read '.*dev_matched\.jsonl' as json"):
