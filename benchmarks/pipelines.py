@@ -285,6 +285,7 @@ def run(args) -> None:
                     if key in t_raw:
                         continue
                     spec, sec = run_pipeline(name, scorer, cut)
+                    spec.save(spec_path(args, task, key))
                     tm = pruned_copy(model, task, spec)
                     rec = {"pipeline": name, "seed": seed, "cut": cut, "seconds": sec,
                            "macs_kept": count_macs(spec.fingerprint, SEQ, spec) / count_macs(spec.fingerprint, SEQ),
@@ -300,6 +301,36 @@ def run(args) -> None:
                     log.info("%s %s seed %d cut %.1f: %s (%.0f s) %s", task, name, seed, cut,
                              {k: round(v[main_key(task)], 4) for k, v in rec["metrics"].items()},
                              sum(sec.values()), f"speedup {rec.get('speedup', 0):.2f}" if "speedup" in rec else "")
+
+
+def spec_path(args, task: str, key: str) -> Path:
+    """Where a run's spec (with its scales) is kept for the speed pass: ``<spec-dir>/<json stem>/<task>/<key>.json``."""
+    folder = Path(args.spec_dir) / Path(args.json).stem / task
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / (key.replace("|", "_") + ".json")
+
+
+def speed_pass(args) -> None:
+    """Time every first-seed spec of ``--json`` that has no speed yet against the dense model (nothing else should
+    run: the ratio of two timings in one process, at batch 32, seq 128, on the threads torch has)."""
+    from taskprune.spec import PruneSpec
+
+    model = ensure_multitask(MODEL, data_dir=args.data_dir)
+    path = Path(args.out) / args.json
+    raw = json.loads(path.read_text())
+    raw.setdefault("_speed", f"batch 32, seq {SEQ}, {torch.get_num_threads()} threads, {cpu_name()}")
+    for task in [t for t in raw if not t.startswith("_")]:
+        dense = model.for_task(task).eval()
+        seeds = sorted({r["seed"] for k, r in raw[task].items() if "|" in k})
+        for key, rec in raw[task].items():
+            if "|" not in key or "speedup" in rec or rec["seed"] != seeds[0]:
+                continue
+            tm = pruned_copy(model, task, PruneSpec.load(spec_path(args, task, key)))
+            tt = time_forward({"dense": dense, "pruned": tm}, reps=5)
+            rec["speedup"] = tt["dense"] / tt["pruned"]
+            rec["speedup_of_bound"] = rec["speedup"] * rec["macs_kept"]
+            atomic_write_json(path, raw)
+            log.info("%s %s: speedup %.2f, %.2f of the MAC bound", task, key, rec["speedup"], rec["speedup_of_bound"])
 
 
 def main_key(task: str) -> str:
@@ -324,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=4, help="IG steps")
     p.add_argument("--split", choices=("dev", "selection"), default="dev")
     p.add_argument("--speed", action="store_true", help="time each pruned model against the dense one (seed 0)")
+    p.add_argument("--speed-only", action="store_true", help="only time the specs of --json that have no speed yet")
+    p.add_argument("--spec-dir", default="runs/pipelines", help="where each run's spec is kept (for --speed-only)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--json", default="pipelines_dev.json")
     p.add_argument("--render", nargs="+", default=None, help="raw files to render into tables and the summary")
@@ -332,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.render:
         render_files(args.render, args.out, header("pipelines", sys.argv[1:] if argv is None else argv))
+        return
+    if args.speed_only:
+        speed_pass(args)
         return
     run(args)
 
