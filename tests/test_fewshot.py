@@ -1,0 +1,203 @@
+"""The k-shot prompted classifier (taskprune.fewshot) on a tiny random LLaMA (GQA) with a word-level HF tokenizer:
+the prefix KV cache gives the scores of recomputing the prefix, padding changes nothing, attribution and shrinking
+go through it, the shrunk decoder exports, reloads and generates the same tokens, and the shipped SmolLM2 config
+runs fit + test through the CLI with the tiny LLaMA in place of SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+import yaml
+from tiny import tiny_model
+
+from taskprune.attribution import score_units
+from taskprune.export import load_pruned, save_pruned
+from taskprune.fewshot import FewShotTemplate, PromptedLM, TextCollator, draw_demos
+from taskprune.selection import select_units
+from taskprune.surgery import apply_mask, remove_mask, shrink_
+
+WORDS = ("<pad> <s> </s> <unk> review sentiment : positive negative good bad film great awful plot the is a movie "
+         "classify each as or n/a [mask] system user assistant <|im_start|> <|im_end|>").split()
+CHAT = ("{% for m in messages %}{{ '<|im_start|> ' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}")
+TEMPLATE = FewShotTemplate("classify each review as positive or negative", "review : {text} sentiment :",
+                           (("negative", "bad"), ("positive",)))
+TRAIN = [{"sentence": s, "label": y} for s, y in [("good film", 1), ("awful plot", 0), ("great movie", 1),
+                                                    ("bad bad film", 0), ("a great plot", 1), ("the awful movie", 0)]]
+ROWS = [{"sentence": s, "label": y, "idx": i} for i, (s, y) in enumerate([
+    ("good film", 1), ("awful plot awful film is bad", 0), ("great", 1), ("the movie is bad bad and the plot awful", 0),
+    ("", 1)])]
+
+
+def word_tokenizer(chat: bool = False) -> tf.PreTrainedTokenizerFast:
+    """A whitespace word-level fast tokenizer over :data:`WORDS` (saveable, loadable offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT
+    return tok
+
+
+def prompted(style: str = "plain", **kw) -> PromptedLM:
+    return PromptedLM(tiny_model("llama_gqa"), template=TEMPLATE, demos=draw_demos(TRAIN, 2, 2, seed=0),
+                      tokenizer=word_tokenizer(chat=style == "chat"), style=style, **kw)
+
+
+def batch(model, rows=ROWS):
+    return TextCollator(model, max_length=16)(rows)
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_prefix_cache_gives_the_scores_of_recomputing_the_prefix(style, calibrate):
+    cached = prompted(style, calibrate=calibrate)
+    recomputed = prompted(style, calibrate=calibrate, prefix_cache=False)
+    assert len(cached.prefix_ids) > 10
+    with torch.inference_mode():
+        a, b = cached(**batch(cached)), recomputed(**batch(recomputed))
+        again = cached(**batch(cached))  # the cache is reused, not consumed
+    assert a.shape == (5, 2) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, a, atol=0, rtol=0)
+
+
+def test_padding_does_not_change_scores():
+    m = prompted()
+    with torch.inference_mode():
+        together = m(**batch(m))
+        alone = torch.cat([m(**batch(m, [r])) for r in ROWS])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_removes_the_content_free_bias():
+    m, uncalibrated = prompted(), prompted(calibrate=False)
+    with torch.inference_mode():
+        raw = uncalibrated(**batch(m, [{"sentence": "n/a"}]))
+        calibrated = m(**batch(m, [{"sentence": "n/a"}]))
+    assert raw[0, 0] != raw[0, 1]
+    assert (calibrated[0, 0] - calibrated[0, 1]).abs() < (raw[0, 0] - raw[0, 1]).abs()
+
+
+def test_a_changed_model_recomputes_cache_and_bias():
+    m = prompted()
+    with torch.inference_mode():
+        before = m(**batch(m))
+    spec = select_units(score_units(m, [batch(m)], "magnitude"), macs=0.4, seq_len=32)
+    shrink_(m, spec)
+    with torch.inference_mode():
+        after = m(**batch(m))
+    fresh = copy.deepcopy(m)
+    fresh.prefix_cache = False
+    with torch.inference_mode():
+        expected = fresh(**batch(fresh))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attribution_with_the_cached_prefix_gates_the_rows_only():
+    full, rows_only = prompted(), prompted(attribute_prefix=False)
+    a = score_units(full, [batch(full)], "grad_x_gate").mean()
+    b = score_units(rows_only, [batch(rows_only)], "grad_x_gate").mean()
+    for kind in a:
+        for name in a[kind]:
+            assert torch.isfinite(b[kind][name]).all()
+    assert any(not torch.allclose(a[k][n], b[k][n]) for k in a for n in a[k])  # the prefix's share is left out
+
+
+@pytest.mark.parametrize("target", ["label", "pseudo"])
+def test_attribution_through_the_prompted_lm_and_masked_equals_shrunk(target):
+    m = prompted()
+    scores = score_units(m, [batch(m)], "ig", target, steps=2)
+    assert scores.count == 5
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for b in scores.mean().values() for v in b.values())
+    spec = select_units(scores, macs=0.5, seq_len=32)
+    apply_mask(m, spec)
+    with torch.inference_mode():
+        masked = m(**batch(m))
+    remove_mask(m)
+    shrink_(m, spec)
+    with torch.inference_mode():
+        shrunk = m(**batch(m))
+    torch.testing.assert_close(masked, shrunk, atol=1e-5, rtol=1e-5)
+
+
+def test_shrunk_decoder_exports_reloads_and_generates_the_same_tokens(tmp_path):
+    m = prompted()
+    spec = select_units(score_units(m, [batch(m)], "ig", steps=1), macs=0.4, seq_len=32)
+    shrink_(m, spec)
+    save_pruned(m, spec, tmp_path / "pruned", tokenizer=m.tokenizer)
+    reloaded = load_pruned(tmp_path / "pruned")
+    assert isinstance(reloaded, tf.LlamaForCausalLM)
+    ids = torch.tensor([m.prompt_ids("good film")])
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        ours = m.lm.generate(ids, **kw)
+        theirs = reloaded.generate(ids, **kw)
+    assert ours.shape[1] == ids.shape[1] + 6
+    assert torch.equal(ours, theirs)
+    again = PromptedLM(reloaded, template=TEMPLATE, demos=m.demos, tokenizer=m.tokenizer)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(**batch(again)), m(**batch(m)), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise():
+    tok, lm = word_tokenizer(), tiny_model("llama_gqa")
+    with pytest.raises(ValueError, match="unknown prompt style 'xml'"):
+        PromptedLM(lm, template=TEMPLATE, demos=[], tokenizer=tok, style="xml")
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
+        PromptedLM(lm, template=TEMPLATE, demos=[], tokenizer=tok, style="chat")
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        PromptedLM(lm, template=TEMPLATE, demos=[])
+    with pytest.raises(ValueError, match="no few-shot template for task 'qqp'"):
+        PromptedLM(lm, task="qqp", demos=[], tokenizer=tok)
+    with pytest.raises(ValueError, match="exactly one"):
+        FewShotTemplate("x", "no placeholder", (("a",), ("b",)))
+    with pytest.raises(ValueError, match="share a first token"):
+        PromptedLM(lm, template=FewShotTemplate("x", "{text}", (("good",), ("good",))), demos=[], tokenizer=tok)
+    with pytest.raises(ValueError, match="fewer than shots=5"):
+        draw_demos(TRAIN, 5, 2)
+    with pytest.raises(ValueError, match="neither 'smollm2-135m-instruct' nor a local folder"):
+        PromptedLM("no/such/folder", template=TEMPLATE, demos=[])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+CONFIG = Path(__file__).parent.parent / "configs" / "smollm2_sst2.yaml"
+
+
+def tiny_lm_folder(path: Path) -> Path:
+    lm = tiny_model("llama_gqa")
+    lm.config.vocab_size = 100
+    lm.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatch):
+    """configs/smollm2_sst2.yaml as shipped, with the tiny LLaMA as the LM, few rows and steps (offline, seconds)."""
+    from taskprune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    lm = tiny_lm_folder(tmp_path / "tiny-llama")
+    cfg = yaml.safe_load(CONFIG.read_text())
+    assert cfg["model"]["model"]["class_path"] == "taskprune.fewshot.PromptedLM"
+    cfg["model"]["model"]["init_args"]["lm"] = str(lm)
+    cfg["data"].pop("data_dir", None)  # the embedded SST-2 subset; tests never read ../shared
+    cfg["data"].update({"tokenizer": str(lm), "calib_samples": 8, "eval_samples": 8, "batch_size": 4})
+    cfg["pruning"].update({"output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "pruned")})
+    cfg["model"]["attribution"]["steps"] = 2
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp_path / "tiny.yaml")])
+    assert (tmp_path / "run" / "spec.json").is_file()
+    reloaded = load_pruned(tmp_path / "pruned")
+    assert isinstance(reloaded, tf.LlamaForCausalLM)
+    cli = main(["test", "--config", str(tmp_path / "tiny.yaml")])
+    names = {r["set"] for r in cli.model.results}
+    assert "sst2" in names and all(0 <= r["pruned"] <= 1 for r in cli.model.results)
