@@ -107,10 +107,15 @@ def calibration_rows(task: str, data_dir: str, reserve: list[int], n: int, seed:
 
 
 def eval_sets(task: str, data_dir: str, split: str) -> dict:
+    """``selection``: the build's reserve; ``dev``: dev + unseen domains; ``both``: all of them (one scoring and one
+    tuning per spec, evaluated on every set; defaults are chosen on the selection columns only)."""
     t = get_task(task)
+    out = {}
+    if split in ("selection", "both"):
+        out["selection"] = selection_rows(MODEL, task, data_dir)
     if split == "selection":
-        return {"selection": selection_rows(MODEL, task, data_dir)}
-    out = {"dev": random_subset(load_split(t, "dev", data_dir), DEV_ROWS.get(task, 10**9), seed=0)}
+        return out
+    out["dev"] = random_subset(load_split(t, "dev", data_dir), DEV_ROWS.get(task, 10**9), seed=0)
     for o in t.ood_names:
         out[o] = random_subset(load_split(t, o, data_dir), OOD_ROWS.get(o, 10**9), seed=0)
     return out
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--steps", type=int, default=4, help="IG steps")
-    p.add_argument("--split", choices=("dev", "selection"), default="dev")
+    p.add_argument("--split", choices=("dev", "selection", "both"), default="both")
     p.add_argument("--speed", action="store_true", help="time each pruned model against the dense one (seed 0)")
     p.add_argument("--speed-only", action="store_true", help="only time the specs of --json that have no speed yet")
     p.add_argument("--spec-dir", default="runs/pipelines", help="where each run's spec is kept (for --speed-only)")

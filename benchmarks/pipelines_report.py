@@ -187,18 +187,30 @@ def summary(raw: dict, tasks: list[str]) -> dict:
     return out
 
 
+def _sets(raw: dict, tasks: list[str], split: str) -> list[str]:
+    """The evaluation sets of a report: the selection reserve alone, or dev and the unseen domains."""
+    found = sorted({k for t in tasks for k in raw[t]["dense"] if k != "selection"})
+    return ["selection"] if split == "selection" else ["dev"] + [k for k in found if k != "dev"]
+
+
 def render_files(paths: list[str], out_dir: str, head: str) -> None:
     raw = merge(paths)
-    split = "selection" if any((s["settings"] or {}).get("split") == "selection" for s in raw["_sources"]) else "dev"
-    tasks = [t for t in (*HEADLINE, "rte", "cola") if t in raw]
-    headline = [t for t in HEADLINE if t in raw]
+    splits = {k for t, recs in raw.items() if not t.startswith("_") for k in recs.get("dense", {})}
+    for split in ("selection", "dev"):
+        if split in splits:
+            _render_split(raw, split, out_dir, head)
+
+
+def _render_split(raw: dict, split: str, out_dir: str, head: str) -> None:
+    tasks = [t for t in (*HEADLINE, "rte", "cola") if t in raw and split in raw[t]["dense"]]
+    headline = [t for t in HEADLINE if t in tasks]
     md = [head, f"# Pruning pipelines on {(raw['_sources'][0]['settings'] or {}).get('model')} ({split} split)", "",
           "Sources: " + "; ".join(f"`{s['file']}` ({s['cpu']})" for s in raw["_sources"]), "",
           "Commands:", "", *[f"    {c}" for s in raw["_sources"] for c in s["commands"]], "",
-          "## Dense", "", "| task | metric | " + " | ".join(sorted({k for t in tasks for k in raw[t]["dense"]})) + " |",
-          "|---|---|" + "---|" * len({k for t in tasks for k in raw[t]["dense"]})]
+          "## Dense", "", "| task | metric | " + " | ".join(_sets(raw, tasks, split)) + " |",
+          "|---|---|" + "---|" * len(_sets(raw, tasks, split))]
     for t in tasks:
-        sets = sorted({k for x in tasks for k in raw[x]["dense"]})
+        sets = _sets(raw, tasks, split)
         md.append(f"| {NAMES.get(t, t)} | {main_key(t)} | " + " | ".join(
             f"{100 * raw[t]['dense'][s][main_key(t)]:.1f}" if s in raw[t]["dense"] else "" for s in sets) + " |")
     md += ["", "## Retained", "", *table(raw, headline, split)]

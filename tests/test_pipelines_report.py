@@ -7,14 +7,14 @@ from benchmarks import pipelines_report as pr
 
 
 def rec(pipeline, seed, cut, dev, sel=None):
-    metrics = {"dev": {"accuracy": dev}}
+    metrics = {"dev": {"accuracy": dev}, "selection": {"accuracy": sel if sel is not None else dev - 0.1}}
     return {"pipeline": pipeline, "seed": seed, "cut": cut, "seconds": {"score": 1.0, "tune": 2.0},
             "macs_kept": 1 - cut, "metrics": metrics, "speedup": 1.5, "speedup_of_bound": 0.9}
 
 
 def raw_file(tmp_path):
     raw = {"_settings": {"model": "m", "split": "dev"}, "_cpu": "cpu", "_commands": ["cmd"],
-           "sst2": {"dense": {"dev": {"accuracy": 0.8}}}}
+           "sst2": {"dense": {"dev": {"accuracy": 0.8}, "selection": {"accuracy": 0.8}}}}
     for seed, (d, k) in enumerate([(0.78, 0.76), (0.76, 0.74)]):
         raw["sst2"][f"{pr.DEFAULT}|{seed}|0.4"] = rec(pr.DEFAULT, seed, 0.4, d)
         raw["sst2"][f"kwon|{seed}|0.4"] = rec("kwon", seed, 0.4, k)
@@ -32,3 +32,5 @@ def test_summary_and_tables(tmp_path):
     assert summary["retained"]["kwon"]["sst2"]["0.4"] == 93.75
     md = (tmp_path / "pipelines.md").read_text()
     assert "96.2 ± 1.8" in md and "| SST-2 | 40% | 96.2 | 93.8 | +2.5 | 2 | yes |" in md
+    sel = (tmp_path / "pipelines_selection.md").read_text()
+    assert "(selection split)" in sel and "83.8 ± 1.8" in sel and "Paired" not in sel
