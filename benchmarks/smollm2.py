@@ -156,21 +156,24 @@ def run_task(task: str, args, lm, tok) -> dict:
     log.info("%s dense: acc %.3f (chance %.3f) on %d rows, prompt %d tokens (%d prefix), %.0fs", task, dense_acc,
              chance, len(rows), seq_len, len(model.prefix_ids), dense_eval_s)
 
-    rss_before = peak_rss_gib()
+    prompts = [model.prompt_ids(r["sentence"]) for r in rows[: args.speed_prompts]]
+    out = {"task": task, "rows": len(rows), "chance": chance, "dense_accuracy": dense_acc, "shots_per_class": shots,
+           "prefix_tokens": len(model.prefix_ids), "prompt_tokens": seq_len, "n_calib": 0,
+           "calibration_seconds": None, "peak_rss_gib_after_calibration": None,
+           "peak_rss_gib_before_calibration": peak_rss_gib(), "dense_eval_seconds": dense_eval_s,
+           "params": count_params(model.lm), "macs": count_macs(model.lm, seq_len), "cuts": [],
+           "prefill_seconds": None, "decode_seconds_per_token": None}
+    if not args.cuts:  # dense accuracy only
+        out["task_seconds"] = time.perf_counter() - t_task
+        return out
     t = time.perf_counter()
     scores = score_units(model, batches(collate, calib, args.calib_batch), "ig", "label", steps=args.steps,
                          alpha_batch=args.alpha_batch)
-    calib_s = time.perf_counter() - t
-    calib_rss = peak_rss_gib()
-    log.info("%s: calibrated on %d rows in %.0fs, peak RSS %.2f GiB", task, len(calib), calib_s, calib_rss)
+    out.update({"n_calib": len(calib), "calibration_seconds": time.perf_counter() - t,
+                "peak_rss_gib_after_calibration": peak_rss_gib()})
+    log.info("%s: calibrated on %d rows in %.0fs, peak RSS %.2f GiB", task, len(calib), out["calibration_seconds"],
+             out["peak_rss_gib_after_calibration"])
 
-    prompts = [model.prompt_ids(r["sentence"]) for r in rows[: args.speed_prompts]]
-    dense_lm_params = count_params(model.lm)
-    out = {"task": task, "rows": len(rows), "chance": chance, "dense_accuracy": dense_acc, "shots_per_class": shots,
-           "prefix_tokens": len(model.prefix_ids), "prompt_tokens": seq_len, "n_calib": len(calib),
-           "calibration_seconds": calib_s, "peak_rss_gib_after_calibration": calib_rss,
-           "peak_rss_gib_before_calibration": rss_before, "dense_eval_seconds": dense_eval_s,
-           "params": dense_lm_params, "macs": count_macs(model.lm, seq_len), "cuts": []}
     variants = {"dense": model}
     for cut in args.cuts:
         spec = select_units(scores, macs=cut, seq_len=seq_len)
@@ -203,7 +206,9 @@ def run_task(task: str, args, lm, tok) -> dict:
 
 def render(results: list[dict], meta: dict, partial: bool) -> str:
     lines = [header("smollm2", meta["argv"]).rstrip(), ""]
-    if partial:
+    if not meta["args"]["cuts"]:
+        lines += ["**Dense accuracy only** (`--cuts` empty: no calibration, no pruning, no timing).", ""]
+    elif partial:
         missing = [t for t in TASKS if t not in {r["task"] for r in results}]
         lines += [f"**PARTIAL: {len(results)} of {len(TASKS)} tasks done; missing: {', '.join(missing)}.** Complete "
                   f"it with `python -m benchmarks.smollm2 {' '.join(meta['argv'])} --tasks {' '.join(missing)} "
@@ -223,10 +228,14 @@ def render(results: list[dict], meta: dict, partial: bool) -> str:
                          f"{'yes' if c['export_generate_equal'] else 'NO'} |")
     lines += ["", "| task | demos / class | prompt tokens (prefix) | calibration rows | calibration s | peak RSS after "
               "calibration (GiB) | dense prefill s | dense decode s/token |", "|---|---|---|---|---|---|---|---|"]
+    def num(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
     for r in results:
         lines.append(f"| {r['task']} | {r['shots_per_class']} | {r['prompt_tokens']} ({r['prefix_tokens']}) | "
-                     f"{r['n_calib']} | {r['calibration_seconds']:.0f} | {r['peak_rss_gib_after_calibration']:.2f} | "
-                     f"{r['prefill_seconds']:.3f} | {r['decode_seconds_per_token']:.4f} |")
+                     f"{r['n_calib']} | {num(r['calibration_seconds'], '.0f')} | "
+                     f"{num(r['peak_rss_gib_after_calibration'], '.2f')} | {num(r['prefill_seconds'], '.3f')} | "
+                     f"{num(r['decode_seconds_per_token'], '.4f')} |")
     a = meta["args"]
     lines += ["", f"Settings: IG {a['steps']} steps (path from gates = 0.5), target = gold label, calibration batch "
               f"{a['calib_batch']}, alpha_batch {a['alpha_batch']}, gates on the prefix too: {a['attribute_prefix']}; "
@@ -247,7 +256,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with the ../shared/data layout")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--cuts", nargs="+", type=float, default=[0.2, 0.4, 0.6], help="fractions of the decoder's MACs")
+    p.add_argument("--cuts", nargs="*", type=float, default=[0.2, 0.4, 0.6],
+                   help="fractions of the decoder's MACs; none = dense accuracy only (no calibration, no timing)")
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="IG quadrature nodes")
@@ -286,7 +296,7 @@ def main(argv=None) -> None:
     for task in args.tasks:
         results.append(run_task(task, args, lm, tok))
         meta["seconds"] = time.perf_counter() - t0
-        write(results, meta, out, partial=len(results) < len(TASKS))
+        write(results, meta, out, partial=len(results) < len(TASKS) or not args.cuts)
 
 
 if __name__ == "__main__":

