@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.common import cpu_name, header, write_text
 from taskprune.attribution import DEFAULT_BASELINE as IG_BASELINE
+from taskprune.attribution import METHODS as taskprune_methods
 from taskprune.attribution import score_units
 from taskprune.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
 from taskprune.io import atomic_write_json
@@ -45,7 +46,7 @@ from taskprune.zoo import ensure_multitask
 log = logging.getLogger("quality")
 
 TASKS = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
-METHODS = ("ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+METHODS = taskprune_methods  # every scoring method taskprune has (taskprune.attribution.METHODS)
 MAC_CUTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SWEEP = (0.3, 0.6)  # heads-only and neurons-only fractions
 
