@@ -410,6 +410,8 @@ class TaskDataModule(L.LightningDataModule):
 
         if tokenizer is not None and self._tokenizer is None:
             self.set_tokenizer(load_tokenizer(tokenizer))
+        elif self._tokenizer is None and getattr(model, "tokenizer", None) is not None:
+            self.set_tokenizer(model.tokenizer)  # a module that carries its tokenizer (taskprune.fewshot.PromptedLM)
         try:
             tok = self.tokenizer
         except ValueError:
