@@ -53,6 +53,27 @@ def _compare(a: Path, b: Path) -> list[str]:
     return out
 
 
+def _reserve_and_curve(info: dict) -> list[str]:
+    """Markdown lines: the selection reserve (rows kept out of training) and the per-epoch learning curve."""
+    out = []
+    if info.get("selection_reserve"):
+        out.append("* selection reserve (train rows never trained on; defaults are chosen on them): "
+                   + ", ".join(f"{t} {len(v)}" for t, v in info["selection_reserve"].items()))
+    curve = info.get("learning_curve") or []
+    if curve:
+        tasks = list(curve[-1]["dev"])
+        out += ["", "## Learning curve (build-time dev check after each epoch; main metric x100)", "",
+                "| epoch | wall s | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for c in curve:
+            cells = []
+            for t in tasks:
+                m = c["dev"].get(t, {})
+                key = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}.get(t, "accuracy")
+                cells.append(f"{100 * m[key]:.1f}" if key in m else "")
+            out.append(f"| {c['epoch']} | {c['seconds']:.0f} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -135,11 +156,14 @@ def main(argv: list[str] | None = None) -> None:
         f"loading), {info.get('torch_threads')} torch threads",
         f"* evaluation time for this table: {eval_s:.0f} s",
         *same,
+        *_reserve_and_curve(info),
         "",
         "## Reproduce",
         "",
         "```",
-        "python -m taskprune.zoo build minilm-glue   # the embedded data; --data-dir /work/shared/data: same rows, same hash",
+        f"python -m taskprune.zoo build {info.get('name', args.name)}"
+        + ("   # the embedded data; --data-dir /work/shared/data: same rows, same hash"
+           if info.get("name", args.name) == "minilm-glue" else " --data-dir ../shared/data"),
         " ".join(["python -m benchmarks.build_multitask", *(argv if argv is not None else sys.argv[1:])]),
         "```",
         "",
