@@ -324,11 +324,11 @@ def speed_pass(args) -> None:
     path = Path(args.out) / args.json
     raw = json.loads(path.read_text())
     raw.setdefault("_speed", f"batch 32, seq {SEQ}, {torch.get_num_threads()} threads, {cpu_name()}")
-    for task in [t for t in raw if not t.startswith("_")]:
+    for task in [t for t in raw if not t.startswith("_") and t in args.tasks]:
         dense = model.for_task(task).eval()
         seeds = sorted({r["seed"] for k, r in raw[task].items() if "|" in k})
         for key, rec in raw[task].items():
-            if "|" not in key or "speedup" in rec or rec["seed"] != seeds[0]:
+            if "|" not in key or "speedup" in rec or rec["seed"] != seeds[0] or rec["pipeline"] not in args.pipelines:
                 continue
             tm = pruned_copy(model, task, PruneSpec.load(spec_path(args, task, key)))
             tt = time_forward({"dense": dense, "pruned": tm}, reps=5)
