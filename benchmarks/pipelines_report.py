@@ -125,7 +125,7 @@ def ood_table(raw: dict) -> list[str]:
     for t in ("sst2", "mnli", "qqp"):
         if t not in raw:
             continue
-        ood = [k for k in raw[t]["dense"] if k != "dev"]
+        ood = [k for k in raw[t]["dense"] if k not in ("dev", "selection")]
         for p, by_cut in sorted(runs(raw, t, "dev").items(), key=lambda x: _rank(x[0])):
             for c, recs in sorted(by_cut.items()):
                 ind = cell(recs, raw[t]["dense"], t, "dev")[0]
