@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from taskprune.prompted import label_word_ids
+
 
 log = logging.getLogger(__name__)
 
@@ -231,22 +233,7 @@ class PromptedLM(nn.Module):
         return prefix, self._tok(a), self._tok(b), ""
 
     def _label_ids(self, lead: str) -> Tensor:
-        per_class = []
-        for words in self.template.label_words:
-            ids = []
-            for w in words:
-                t = self._tok(lead + w)
-                if not t:
-                    raise ValueError(f"label word {w!r} tokenizes to nothing")
-                if t[0] not in ids:
-                    ids.append(t[0])
-            per_class.append(ids)
-        flat = [i for ids in per_class for i in ids]
-        if len(flat) != len(set(flat)):
-            raise ValueError(f"label words {self.template.label_words} share a first token; choose words whose first "
-                             "tokens differ between classes")
-        width = max(len(ids) for ids in per_class)
-        return torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_class], dtype=torch.long)
+        return label_word_ids(self.template.label_words, lambda w: self._tok(lead + w))
 
     def prompt_ids(self, text: str) -> list[int]:
         """The whole prompt of one sample (prefix + row), e.g. for generation or length statistics."""

@@ -76,6 +76,30 @@ def get_prompt(name: str | Prompt) -> Prompt:
     return PROMPTS[name]
 
 
+def label_word_ids(label_words, tokenize) -> Tensor:
+    """``[n_classes, n_variants]`` first-token ids of each class's label words (``-1`` pads short rows).
+
+    ``tokenize(word) -> list[int]`` (with the prompt's leading space where it has one). A word that tokenizes to
+    nothing, or two classes sharing a first token, is a ``ValueError``.
+    """
+    per_class = []
+    for words in label_words:
+        ids = []
+        for w in words:
+            t = tokenize(w)
+            if not t:
+                raise ValueError(f"label word {w!r} tokenizes to nothing")
+            if t[0] not in ids:
+                ids.append(t[0])
+        per_class.append(ids)
+    flat = [i for ids in per_class for i in ids]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"label words {tuple(label_words)} share a first token; choose words whose first "
+                         "tokens differ between classes")
+    width = max(len(ids) for ids in per_class)
+    return torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_class], dtype=torch.long)
+
+
 class PromptCollator:
     """Rows ``{field: text, "label": int, "idx": int}`` -> a padded prompted batch (see the module doc).
 
@@ -113,22 +137,8 @@ class PromptCollator:
 
     def _label_ids(self) -> Tensor:
         lead = " " if self.style == "plain" else ""
-        per_class = []
-        for words in self.prompt.label_words:
-            ids = []
-            for w in words:
-                t = self.tokenizer(lead + w, add_special_tokens=False)["input_ids"]
-                if not t:
-                    raise ValueError(f"label word {w!r} tokenizes to nothing")
-                if t[0] not in ids:
-                    ids.append(t[0])
-            per_class.append(ids)
-        flat = [i for ids in per_class for i in ids]
-        if len(flat) != len(set(flat)):
-            raise ValueError(f"label words {self.prompt.label_words} share a first token; choose words whose first "
-                             "tokens differ between classes")
-        width = max(len(ids) for ids in per_class)
-        return torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_class], dtype=torch.long)
+        return label_word_ids(self.prompt.label_words,
+                              lambda w: self.tokenizer(lead + w, add_special_tokens=False)["input_ids"])
 
     def _text(self, fields: dict) -> str:
         body = self.prompt.instruction.format(**fields)

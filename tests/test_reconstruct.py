@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, widen_
 from torch import nn
 
 from taskprune.attribution import score_units
@@ -22,13 +22,7 @@ ARCHS = ("bert", "llama_gqa", "gpt2")
 
 def model_of(name: str) -> nn.Module:
     model = tiny_model(name, seed=0)
-    if name == "bert":  # BERT's 0.02-std init makes every unit negligible; widen it so pruning matters
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Linear):
-                    m.weight.normal_(0.0, 0.3, generator=g)
-    return model
+    return widen_(model) if name == "bert" else model  # BERT's 0.02-std init makes every unit negligible
 
 
 def batches(name: str, n: int, seed: int) -> list[dict]:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, widen_
 from torch import nn
 
 from taskprune.arch import find_base, get_architecture, unit_channels
@@ -26,13 +26,7 @@ from taskprune.unitscores import UnitScores
 
 def wide_model(name: str) -> nn.Module:
     """A tiny model whose units matter (BERT's 0.02-std init makes every unit negligible)."""
-    model = tiny_model(name, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, 0.3, generator=g)
-    return model
+    return widen_(tiny_model(name, seed=0))
 
 
 def labelled(name: str, n: int, seed: int = 0) -> list[dict]:

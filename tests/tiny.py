@@ -46,3 +46,14 @@ def tiny_batch(name: str, batch_size: int = 4, seq_len: int = 9, seed: int = 1) 
     if name.startswith("t5"):
         batch["decoder_input_ids"] = torch.randint(3, 100, (batch_size, 5), generator=g)
     return batch
+
+
+def widen_(model, std: float = 0.3, seed: int = 0):
+    """Redraw every ``nn.Linear`` weight with ``std`` (seeded), in place: at BERT's 0.02-std init every unit is
+    negligible, so pruning tests would measure nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, std, generator=g)
+    return model
