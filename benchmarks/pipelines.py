@@ -324,6 +324,8 @@ def speed_pass(args) -> None:
     path = Path(args.out) / args.json
     raw = json.loads(path.read_text())
     raw.setdefault("_speed", f"batch 32, seq {SEQ}, {torch.get_num_threads()} threads, {cpu_name()}")
+    raw.setdefault("_commands", []).append("python -m benchmarks.pipelines " + " ".join(sys.argv[1:])
+                                           + f"  # commit {git_commit()} on {cpu_name()}, speed pass")
     for task in [t for t in raw if not t.startswith("_") and t in args.tasks]:
         dense = model.for_task(task).eval()
         seeds = sorted({r["seed"] for k, r in raw[task].items() if "|" in k})
