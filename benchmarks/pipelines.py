@@ -65,7 +65,7 @@ DEV_ROWS = {"qnli": 2000, "mnli": 2000}
 OOD_ROWS = {"imdb": 300, "yelp": 300, "amazon": 300, "snli": 1000}  # seeded subsets (long reviews are costly)
 
 #: name -> (score, allocation, rearrange, tune). Scores: taskprune methods; "ig0" is the paper's all-off IG path;
-#: "fisher_batch" Kwon's per-batch mask Fisher. Tune: "none", "dense" (teacher = dense) or "schedule" (Kwon's).
+#: "fisher_batch" Kwon's per-batch mask Fisher; "igsq" / "ig0sq" IG with squared per-sample attributions. Tune: "none", "dense" (teacher = dense) or "schedule" (Kwon's).
 PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "kwon": ("fisher_batch", "search", True, "schedule"),
     "kwon_notune": ("fisher_batch", "search", True, "none"),
@@ -84,6 +84,11 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "gxg_search_tune": ("grad_x_gate", "search", False, "schedule"),
     "gxg_tune": ("grad_x_gate", "per_kind", False, "schedule"),
     "ig0_search_tune": ("ig0", "search", False, "schedule"),
+    # squared per-sample attributions (Fisher's scale: heads and neurons compare in the search)
+    "igsq_search_tune": ("igsq", "search", False, "schedule"),
+    "igsq_search_rearrange_tune": ("igsq", "search", True, "schedule"),
+    "ig0sq_search_tune": ("ig0sq", "search", False, "schedule"),
+    "fisher_search_tune": ("fisher", "search", False, "schedule"),
     # iterative attribution: R rounds, each re-scoring the model masked by the previous round's spec
     "gxg_iter3_search_tune": ("grad_x_gate@3", "search", False, "schedule"),
     "ig_iter2_search_tune": ("ig@2", "search", False, "schedule"),
@@ -153,7 +158,10 @@ class Scorer:
 
     def options(self, method: str) -> dict:
         return {"ig": dict(method="ig", steps=self.steps),
-                "ig0": dict(method="ig", steps=self.steps, baseline=0.0)}.get(method, {"method": method})
+                "ig0": dict(method="ig", steps=self.steps, baseline=0.0),
+                "igsq": dict(method="ig", steps=self.steps, aggregate="square"),
+                "ig0sq": dict(method="ig", steps=self.steps, baseline=0.0, aggregate="square"),
+                }.get(method, {"method": method})
 
     def grads(self):
         if "grads" not in self.cache:

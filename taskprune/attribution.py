@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Method = Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "random"]
 Target = Literal["label", "pseudo", "neg_loss"]
 Quadrature = Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre"]
-Aggregate = Literal["abs", "signed"]
+Aggregate = Literal["abs", "signed", "square"]
 Units = Literal["all", "heads", "neurons"]
 METHODS: tuple[str, ...] = get_args(Method)
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -92,7 +92,8 @@ class AttributionConfig:
     alpha_batch: int = 1
     """IG nodes that share one forward pass (the batch is repeated): memory grows with alpha_batch x batch size."""
     aggregate: Aggregate = "abs"
-    """Mean of |per-sample attribution| (abs) or of signed attributions (signed); ig and grad_x_gate."""
+    """Mean over samples of |attribution| (abs), of the signed attribution (signed) or of its square (square: on
+    the scale of a Fisher score, so that heads and neurons compare in a model-wide mask search); ig and grad_x_gate."""
     seed: int = 0
     """Seed of the random method."""
 
@@ -407,7 +408,9 @@ class Attributor:
         return grad
 
     def _agg(self, x: Tensor) -> Tensor:
-        return x.abs() if self.aggregate == "abs" else x
+        if self.aggregate == "abs":
+            return x.abs()
+        return x.pow(2) if self.aggregate == "square" else x
 
     def _ig(self, batch: dict, n: int) -> Tensor:
         total = torch.zeros(n, self.gates.n_units, dtype=torch.float64)

@@ -227,3 +227,14 @@ def test_unsupported_model_type():
     model = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=20))
     with pytest.raises(ValueError, match="unsupported model_type 'distilbert'; supported: .*bert"):
         Attributor(model, "ig")
+
+
+def test_square_aggregate_of_grad_x_gate_is_the_per_sample_fisher():
+    """Squared per-sample attributions put any score on Fisher's scale: at the end point they are Fisher itself."""
+    model, batch = tiny_model("bert"), labelled("bert")
+    sq = Attributor(model, "grad_x_gate", aggregate="square").batch_sums(batch)[0]
+    fisher = Attributor(model, "fisher").batch_sums(batch)[0]
+    assert torch.allclose(sq, fisher, rtol=1e-6, atol=1e-12)
+    ig_sq = Attributor(model, "ig", steps=3, aggregate="square").batch_sums(batch)[0]
+    assert not torch.allclose(ig_sq, fisher, rtol=1e-3)  # IG's path gradients are not the end point's
+    assert torch.all(ig_sq >= 0) and ig_sq.sum() > 0
