@@ -92,6 +92,8 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     # iterative attribution: R rounds, each re-scoring the model masked by the previous round's spec
     "gxg_iter3_search_tune": ("grad_x_gate@3", "search", False, "schedule"),
     "ig_iter2_search_tune": ("ig@2", "search", False, "schedule"),
+    "igsq_iter2_search_tune": ("igsq@2", "search", False, "schedule"),
+    "igsq_search_dense": ("igsq", "search", False, "dense"),
 }
 
 

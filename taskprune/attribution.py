@@ -16,7 +16,8 @@ batch whatever the number of layers. ``alpha_batch`` nodes share one forward (th
 for fewer, larger passes. Parameters never get gradients: they are frozen for the duration of the call.
 
 Baselines with the same interface: ``grad_x_gate`` (first-order Taylor, one step at α = 1), ``fisher`` (Σ of squared
-per-sample gradients at α = 1, as in Kwon et al. 2022), ``activation`` (mean |input| of the unit's channels into the
+gradients at α = 1, per sample; with ``per="batch"`` of the batch-mean gradient, Kwon et al. 2022's Fisher of the
+masks), ``activation`` (mean |input| of the unit's channels into the
 output projection over real tokens), ``magnitude`` (weight norms, data-free) and ``random`` (seeded, data-free).
 
 Scores are running sums over samples plus the number of samples (:class:`~taskprune.unitscores.UnitScores`), so batches
@@ -47,12 +48,15 @@ Method = Literal["ig", "grad_x_gate", "fisher", "activation", "magnitude", "rand
 Target = Literal["label", "pseudo", "neg_loss"]
 Quadrature = Literal["riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gauss_legendre"]
 Aggregate = Literal["abs", "signed", "square"]
+Per = Literal["sample", "batch"]
 Units = Literal["all", "heads", "neurons"]
 METHODS: tuple[str, ...] = get_args(Method)
 TARGETS: tuple[str, ...] = get_args(Target)
 QUADRATURES: tuple[str, ...] = get_args(Quadrature)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregate)
+PERS: tuple[str, ...] = get_args(Per)
 DATA_FREE = ("magnitude", "random")
+AGGREGATED = ("ig", "grad_x_gate", "fisher")  # methods whose signed attributions go through ``aggregate`` / ``per``
 DEFAULT_BASELINE = 0.5  # where the IG path starts (gate value); chosen by measurement, see the module docstring
 # batch keys that are not model inputs
 NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
@@ -94,6 +98,10 @@ class AttributionConfig:
     aggregate: Aggregate = "abs"
     """Mean over samples of |attribution| (abs), of the signed attribution (signed) or of its square (square: on
     the scale of a Fisher score, so that heads and neurons compare in a model-wide mask search); ig and grad_x_gate."""
+    per: Per = "sample"
+    """What ``aggregate`` is applied to (ig, grad_x_gate, fisher): each sample's attribution (sample) or each
+    calibration batch's mean attribution (batch, weighted by the batch's size). fisher with per=batch is Kwon et al.'s
+    Fisher of the masks (squared gradients of the batch-mean loss, summed over batches)."""
     seed: int = 0
     """Seed of the random method."""
 
@@ -108,6 +116,7 @@ class AttributionConfig:
             raise ValueError("the trapezoid rule needs steps >= 2 (nodes at 0 and 1); use riemann_right for 1 step")
         _positive_int("alpha_batch", self.alpha_batch)
         _choice("aggregate", self.aggregate, AGGREGATIONS)
+        _choice("per", self.per, PERS)
         if isinstance(self.baseline, bool) or not isinstance(self.baseline, (int, float)) \
                 or not 0.0 <= self.baseline < 1.0:
             raise ValueError(f"baseline={self.baseline!r}: the gate value where the IG path starts must be in [0, 1) "
@@ -308,6 +317,7 @@ class Attributor:
         self.seed = config.seed
         self.options = {
             "target": self.target_name, "units": list(self.units), "aggregate": config.aggregate, "seed": config.seed,
+            **({"per": config.per} if config.per != "sample" else {}),
             **({"steps": config.steps, "quadrature": config.quadrature, "alpha_batch": self.alpha_batch,
                 "baseline": float(config.baseline)} if config.method == "ig" else {}),
         }
@@ -377,7 +387,13 @@ class Attributor:
                 f"non-finite attributions (NaN/Inf) from method {self.method!r}: the model probably overflowed in "
                 "half precision; run attribution in float32, or use fewer IG steps / a smaller alpha_batch"
             )
-        return (weight[:, None] * per_sample).sum(0), float(weight.sum())
+        if self.method not in AGGREGATED:  # activation: already a per-sample score
+            return (weight[:, None] * per_sample).sum(0), float(weight.sum())
+        total = float(weight.sum())
+        if self.config.per == "batch":
+            mean = (weight[:, None] * per_sample).sum(0) / max(total, 1e-12)
+            return total * self._agg(mean), total
+        return (weight[:, None] * self._agg(per_sample)).sum(0), total
 
     def _with_pseudo_labels(self, batch: dict) -> dict:
         self.gates.set(None)
@@ -408,9 +424,10 @@ class Attributor:
         return grad
 
     def _agg(self, x: Tensor) -> Tensor:
-        if self.aggregate == "abs":
-            return x.abs()
-        return x.pow(2) if self.aggregate == "square" else x
+        """A signed attribution (per sample or batch mean) as a score: fisher always squares its gradients."""
+        if self.method == "fisher" or self.aggregate == "square":
+            return x.pow(2)
+        return x.abs() if self.aggregate == "abs" else x
 
     def _ig(self, batch: dict, n: int) -> Tensor:
         total = torch.zeros(n, self.gates.n_units, dtype=torch.float64)
@@ -420,13 +437,13 @@ class Attributor:
             rows = alphas.float().repeat_interleave(n)[:, None].expand(k * n, self.gates.n_units)
             grad = self._grads(_repeat(batch, k, n), rows).double().view(k, n, -1)
             total += (ws[:, None, None] * grad.cpu()).sum(0)
-        return self._agg(total)
+        return total
 
     def _grad_x_gate(self, batch: dict, n: int) -> Tensor:
-        return self._agg(self._grads(batch, torch.ones(n, self.gates.n_units)))
+        return self._grads(batch, torch.ones(n, self.gates.n_units))
 
     def _fisher(self, batch: dict, n: int) -> Tensor:
-        return self._grads(batch, torch.ones(n, self.gates.n_units)).double().pow(2)
+        return self._grads(batch, torch.ones(n, self.gates.n_units))  # squared by _agg
 
     def _activation(self, batch: dict, n: int) -> Tensor:
         acts = torch.zeros(n, self.gates.n_units, dtype=torch.float64)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SPEC_KEY = "taskprune_spec"
 CALIB_KEY = "taskprune_calibration"
 # settings a resumed calibration must share with the run that wrote its checkpoint (the sums would mix otherwise)
-RESUME_KEYS = ("method", "target", "units", "steps", "quadrature", "baseline", "aggregate", "seed")
+RESUME_KEYS = ("method", "target", "units", "steps", "quadrature", "baseline", "aggregate", "per", "seed")
 
 
 class AttributionModule(L.LightningModule):

@@ -238,3 +238,37 @@ def test_square_aggregate_of_grad_x_gate_is_the_per_sample_fisher():
     ig_sq = Attributor(model, "ig", steps=3, aggregate="square").batch_sums(batch)[0]
     assert not torch.allclose(ig_sq, fisher, rtol=1e-3)  # IG's path gradients are not the end point's
     assert torch.all(ig_sq >= 0) and ig_sq.sum() > 0
+
+
+def test_fisher_per_batch_is_kwons_fisher_of_the_masks():
+    """fisher with per='batch' ranks as taskprune.tuning.fisher_scores(batch_gradients(...)) (Kwon et al.'s)."""
+    from taskprune.tuning import batch_gradients, fisher_scores
+
+    model = tiny_model("bert")
+    batches = [labelled("bert", batch_size=4, seed=s) for s in (1, 2, 3)]
+    ours = score_units(model, batches, "fisher", per="batch")
+    grads, n = batch_gradients(model, batches)
+    kwon = fisher_scores(grads, model, n)
+    assert ours.count == 12 and ours.options["per"] == "batch"
+    for kind, blocks in kwon.sums.items():
+        for name, v in blocks.items():  # equal batches: Σ_b 4·ḡ_b² / 12 = Σ_b ḡ_b² / 3
+            torch.testing.assert_close(ours.mean()[kind][name], v / 3, rtol=1e-5, atol=1e-12)
+    per_sample = score_units(model, batches, "fisher")  # E[g²] >= E[g]² per batch: strictly, as samples differ
+    flat = {name: torch.cat([torch.cat(list(s.mean()[k].values())) for k in s.sums])
+            for name, s in (("sample", per_sample), ("batch", ours))}
+    assert torch.all(flat["sample"] >= flat["batch"] - 1e-12) and flat["sample"].sum() > 1.5 * flat["batch"].sum()
+
+
+def test_per_batch_ignores_zero_weight_samples():
+    model, batch = tiny_model("bert"), labelled("bert", batch_size=6)
+    padded = {**batch, "sample_weight": torch.tensor([1.0, 1, 1, 1, 0, 0])}
+    first4 = {k: v[:4] for k, v in batch.items()}
+    a, wa = Attributor(model, "grad_x_gate", aggregate="square", per="batch").batch_sums(padded)
+    b, wb = Attributor(model, "grad_x_gate", aggregate="square", per="batch").batch_sums(first4)
+    assert wa == wb == 4
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
+
+
+def test_bad_per():
+    with pytest.raises(ValueError, match="unknown per 'token'"):
+        Attributor(tiny_model("bert"), "ig", per="token")
