@@ -86,6 +86,7 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "ig0_search_tune": ("ig0", "search", False, "schedule"),
     # squared per-sample attributions (Fisher's scale: heads and neurons compare in the search)
     "igsq_search_tune": ("igsq", "search", False, "schedule"),
+    "igsq_search": ("igsq", "search", False, "none"),
     "igsq_search_rearrange_tune": ("igsq", "search", True, "schedule"),
     "ig0sq_search_tune": ("ig0sq", "search", False, "schedule"),
     "fisher_search_tune": ("fisher", "search", False, "schedule"),

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import write_text
+from benchmarks.quality_report import save_figure
 from taskprune.io import atomic_write_json
 
 HEADLINE = ("sst2", "mrpc", "qnli", "mnli", "qqp", "stsb")
@@ -21,8 +22,9 @@ NAMES = {"sst2": "SST-2", "mrpc": "MRPC (F1)", "qnli": "QNLI", "mnli": "MNLI-m",
          "rte": "RTE", "cola": "CoLA (MCC)"}
 ORDER = ("default", "kwon", "kwon_notune", "ig", "ig05", "grad_x_gate", "fisher", "activation", "magnitude", "random")
 #: taskprune's default pipeline: what AttributionConfig(), Budget() and TuningConfig() do (ig from gates = 0.5, 4 steps,
-#: per_kind selection, no tuning) = the benchmark's "ig05". "default" in the tables and in quality_summary.json.
-DEFAULT = "ig05"
+#: squared per-sample attributions, Kwon et al.'s mask search (scope auto), their mask tuning) = the benchmark's
+#: "igsq_search_tune". "default" in the tables and in quality_summary.json.
+DEFAULT = "igsq_search_tune"
 
 
 def main_key(task: str) -> str:
@@ -188,6 +190,51 @@ def summary(raw: dict, tasks: list[str]) -> dict:
     return out
 
 
+PLOTTED = ("default", "kwon", "kwon_notune", "ig", "grad_x_gate", "fisher", "activation", "magnitude", "random")
+
+
+def plot(raw: dict, tasks: list[str], split: str, out_dir: Path) -> list[str]:
+    """``pipelines_vs_macs.png``: % of dense kept vs MAC cut, one panel per task and one for the mean over tasks
+    (pipelines of :data:`PLOTTED` measured on every task; mean over seeds, std as error bars)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["", "(plot skipped: matplotlib is not installed; `pip install matplotlib`)", ""]
+    cols = 4
+    rows = -(-(len(tasks) + 2) // cols)  # task panels, the mean, the legend
+    fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    axes = [ax for row in grid for ax in row]
+    mean_ax, legend_ax = axes[len(tasks)], axes[len(tasks) + 1]
+    for p in PLOTTED:
+        style = dict(marker="o", ms=3, label=p, lw=2.2 if p in ("default", "kwon") else 1)
+        per_task = {t: runs(raw, t, split).get(p, {}) for t in tasks}
+        for ax, t in zip(axes, tasks):
+            cuts = sorted(per_task[t])
+            if cuts:
+                cells = [cell(per_task[t][c], raw[t]["dense"], t, split) for c in cuts]
+                ax.errorbar([100 * c for c in cuts], [m for m, _, _ in cells], yerr=[s for _, s, _ in cells],
+                            capsize=2, **style)
+        common = sorted(set.intersection(*(set(per_task[t]) for t in tasks))) if tasks else []
+        if common:
+            means = [statistics.mean(cell(per_task[t][c], raw[t]["dense"], t, split)[0] for t in tasks) for c in common]
+            mean_ax.plot([100 * c for c in common], means, **style)
+    for ax, title in zip(axes, [*(NAMES.get(t, t) for t in tasks), f"mean of {len(tasks)} tasks"]):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("MAC cut (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for row in grid:
+        row[0].set_ylabel(f"% of dense kept ({split})", fontsize=8)
+    handles = {h.get_label(): h for ax in axes[: len(tasks) + 1] for h in ax.get_legend_handles_labels()[0]}
+    legend_ax.legend(list(handles.values()), list(handles.keys()), loc="center", fontsize=8)
+    for ax in axes[len(tasks) + 1 :]:
+        ax.axis("off")
+    name = save_figure(plt, fig, out_dir / "pipelines_vs_macs.png")
+    return ["", f"Plot: [{name}]({name}) (default = {DEFAULT})", ""]
+
+
 def _sets(raw: dict, tasks: list[str], split: str) -> list[str]:
     """The evaluation sets of a report: the selection reserve alone, or dev and the unseen domains."""
     found = sorted({k for t in tasks for k in raw[t]["dense"] if k != "selection"})
@@ -222,4 +269,5 @@ def _render_split(raw: dict, split: str, out_dir: str, head: str) -> None:
         md += ["## Default vs Kwon et al.", "", *paired(raw, headline), "## Speed", "", *speed_table(raw, tasks),
                "## Unseen domains", "", *ood_table(raw), "## Cost", "", *cost_table(raw, tasks)]
         atomic_write_json(Path(out_dir) / "quality_summary.json", summary(raw, tasks))
+        md += plot(raw, headline, split, Path(out_dir))
     write_text(Path(out_dir) / ("pipelines.md" if split == "dev" else "pipelines_selection.md"), "\n".join(md) + "\n")

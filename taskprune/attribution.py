@@ -95,9 +95,10 @@ class AttributionConfig:
     """Gate value where the IG path starts, in [0, 1) (ig only): 0.5 by measurement; 0 is the paper's all-off path."""
     alpha_batch: int = 1
     """IG nodes that share one forward pass (the batch is repeated): memory grows with alpha_batch x batch size."""
-    aggregate: Aggregate = "abs"
-    """Mean over samples of |attribution| (abs), of the signed attribution (signed) or of its square (square: on
-    the scale of a Fisher score, so that heads and neurons compare in a model-wide mask search); ig and grad_x_gate."""
+    aggregate: Aggregate = "square"
+    """Mean over samples of the squared attribution (square: on a Fisher score's scale, so heads and neurons compare
+    in the model-wide mask search that Budget(scope='auto') then runs; chosen on the selection splits), of
+    |attribution| (abs) or of the signed attribution (signed); ig and grad_x_gate."""
     per: Per = "sample"
     """What ``aggregate`` is applied to (ig, grad_x_gate, fisher): each sample's attribution (sample) or each
     calibration batch's mean attribution (batch, weighted by the batch's size). fisher with per=batch is Kwon et al.'s

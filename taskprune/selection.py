@@ -23,6 +23,11 @@ one kind.
 
 Scopes:
 
+``"auto"`` (default)
+    ``"search"`` where the search is meaningful — a ``macs`` budget over both kinds with scores on one loss scale
+    (Fisher-like: ``fisher``, or ``aggregate="square"``, the default) — and ``"per_kind"`` otherwise (count or
+    parameter budgets, one kind, ``abs`` / ``signed`` attributions, weight norms, random). Chosen on the selection
+    splits (benchmarks/results/pipelines_selection.md); ``spec.budget["scope"]`` records what it resolved to.
 ``"global"``
     units of a kind are ranked across blocks, after per-block ``normalize`` (``"l1"``, ``"l2"``, ``"max"``: divide
     every block's scores by that norm of the block's scores, so that layers with large scores do not protect all
@@ -77,7 +82,7 @@ __all__ = ["Budget", "select_units", "check_budget", "BUDGETS", "SCOPES", "NORMA
 
 # every option is a Literal written once here; the tuples of allowed values derive from it
 BudgetKind = Literal["sparsity", "heads", "neurons", "macs", "params"]
-Scope = Literal["global", "layerwise", "per_kind", "search"]
+Scope = Literal["auto", "global", "layerwise", "per_kind", "search"]
 Normalize = Literal["none", "l1", "l2", "max"]
 BUDGETS: tuple[str, ...] = get_args(BudgetKind)
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -96,8 +101,9 @@ class Budget:
     kind: BudgetKind = "macs"
     """What the amount is a fraction of: macs (prunable MACs at seq_len), params (prunable weights), sparsity (of the
     heads and of the neurons), heads or neurons."""
-    scope: Scope = "per_kind"
-    """per_kind (the same share of attention and of FFN cost, units ranked across layers within a kind), global
+    scope: Scope = "auto"
+    """auto (search for a MAC budget over both kinds with Fisher-scale scores, e.g. the default squared IG; per_kind
+    otherwise), per_kind (the same share of attention and of FFN cost, units ranked across layers within a kind), global
     (heads and neurons pooled by score per cost), search (Kwon et al.'s mask search: the split of a MAC budget
     between heads and neurons that keeps the largest total score) or layerwise (the same fraction in every block)."""
     normalize: Normalize = "l1"
@@ -184,9 +190,10 @@ def check_budget(fingerprint: dict, budget: Budget, units: str | Sequence[str] =
 def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units) -> PruneSpec:
     fp = fingerprint_of(scores.fingerprint)
     values = scores.mean()
-    scope, normalize, seq_len = budget.scope, budget.normalize, budget.seq_len
+    normalize, seq_len = budget.normalize, budget.seq_len
     min_heads, min_neurons = budget.min_heads, budget.min_neurons
     kinds = _prunable_kinds(units, values, fp)
+    scope = resolve_scope(budget, request, kinds, scores)
     for kind in ("heads", "neurons"):
         if kind in request and kind not in kinds:
             raise ValueError(
@@ -229,6 +236,21 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
     }
     return PruneSpec(keep=keep, fingerprint=fp, method=scores.method, budget=record,
                      meta={"n_samples": scores.count})
+
+
+def on_loss_scale(scores: UnitScores) -> bool:
+    """Whether heads' and neurons' scores share one scale (squared gradients or attributions: Fisher-like), so that
+    the mask search may trade one kind for the other by their sums."""
+    return scores.method in ("fisher", "fisher_batch") or scores.options.get("aggregate") == "square"
+
+
+def resolve_scope(budget: Budget, request: dict[str, float], kinds, scores: UnitScores) -> str:
+    """The scope a budget's ``"auto"`` stands for with these scores (any other scope as given)."""
+    if budget.scope != "auto":
+        return budget.scope
+    if "macs" in request and set(kinds) == set(UNIT_KINDS) and on_loss_scale(scores):
+        return "search"
+    return "per_kind"
 
 
 def _budget(budget: Budget | None, shorthand: dict) -> tuple[Budget, dict[str, float]]:

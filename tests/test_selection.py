@@ -238,3 +238,29 @@ def test_per_kind_cuts_the_same_fraction_of_attention_and_ffn_macs():
 def test_bad_scope_names_per_kind():
     with pytest.raises(ValueError, match="per_kind"):
         select_units(_scores(), macs=0.4, scope="kindwise")
+
+
+def _squared(s: UnitScores) -> UnitScores:
+    s.options = {**s.options, "aggregate": "square"}
+    return s
+
+
+def test_auto_scope_searches_fisher_scale_scores_under_a_mac_budget():
+    """The default scope runs Kwon et al.'s search where heads and neurons share a scale, per_kind elsewhere."""
+    from taskprune.search import search_macs
+
+    fp = _fingerprint()
+    sq = _squared(_scores(fp, seed=4, scale=[1.0, 5.0, 0.2]))
+    spec = select_units(sq, macs=0.4, seq_len=SEQ)
+    assert spec.budget["scope"] == "search"
+    assert spec.keep == search_macs(sq, 0.4, seq_len=SEQ).keep
+    plain = _scores(fp, seed=4, scale=[1.0, 5.0, 0.2])  # abs/signed attributions: kinds are not on one scale
+    assert select_units(plain, macs=0.4, seq_len=SEQ).budget["scope"] == "per_kind"
+    assert select_units(plain, macs=0.4, seq_len=SEQ).keep == select_units(plain, macs=0.4, seq_len=SEQ,
+                                                                            scope="per_kind").keep
+    for budget in ({"params": 0.4}, {"heads": 0.5}, {"sparsity": 0.3}):  # not a MAC budget: per_kind
+        assert select_units(sq, seq_len=SEQ, **budget).budget["scope"] == "per_kind"
+    assert select_units(sq, macs=0.05, seq_len=SEQ, units="neurons").budget["scope"] == "per_kind"
+    fisher = _scores(fp, seed=4)
+    fisher.method = "fisher"
+    assert select_units(fisher, macs=0.4, seq_len=SEQ).budget["scope"] == "search"
