@@ -201,3 +201,21 @@ def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatc
     cli = main(["test", "--config", str(tmp_path / "tiny.yaml")])
     names = {r["set"] for r in cli.model.results}
     assert "sst2" in names and all(0 <= r["pruned"] <= 1 for r in cli.model.results)
+
+
+@pytest.mark.parametrize(("pipeline", "cut"), [("ig_rows", 0.4), ("igsq_search", 0.4), ("fisher_search_tune", 0.4),
+                                                   ("igsq_neurons", 0.2)])
+def test_benchmark_pipelines_run_through_the_prompted_lm(pipeline, cut):
+    """benchmarks/smollm2.py's pipelines on the tiny LLaMA: scores with gates on the prefix, allocation, mask tuning
+    (its forward leaves out the content-free rows, whose own pass would reach the tuned projections) and shrinking."""
+    from benchmarks.smollm2 import PIPELINES, Scorer, achieved_cut, prune
+
+    m = prompted()
+    pruned, spec, _ = prune(Scorer(m, [batch(m)], steps=1, alpha_batch=1), pipeline, cut, seq_len=32)
+    assert m.attribute_prefix  # restored after a rows-only scoring
+    assert cut - 1e-9 <= achieved_cut(m, pruned, 32) < cut + 0.15  # at least the cut asked for
+    if PIPELINES[pipeline][2] == "neurons":
+        assert spec.summary()["heads"]["kept"] == spec.summary()["heads"]["total"]
+    with torch.inference_mode():
+        out = pruned(**batch(pruned))
+    assert out.shape == (5, 2) and torch.isfinite(out).all()
