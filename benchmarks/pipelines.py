@@ -160,9 +160,12 @@ class Scorer:
         return self.cache[method]
 
     def options(self, method: str) -> dict:
-        return {"ig": dict(method="ig", steps=self.steps),
-                "ig0": dict(method="ig", steps=self.steps, baseline=0.0),
-                "igsq": dict(method="ig", steps=self.steps, aggregate="square"),
+        # every option pinned: the rows keep their meaning when the library's defaults move (|.| = the earlier
+        # default aggregation of ig and grad_x_gate; "igsq" / "ig0sq" the squared one)
+        return {"ig": dict(method="ig", steps=self.steps, baseline=0.5, aggregate="abs"),
+                "ig0": dict(method="ig", steps=self.steps, baseline=0.0, aggregate="abs"),
+                "grad_x_gate": dict(method="grad_x_gate", aggregate="abs"),
+                "igsq": dict(method="ig", steps=self.steps, baseline=0.5, aggregate="square"),
                 "ig0sq": dict(method="ig", steps=self.steps, baseline=0.0, aggregate="square"),
                 }.get(method, {"method": method})
 
@@ -177,7 +180,7 @@ class Scorer:
 def allocate(scores, how: str, cut: float):
     if how == "search":
         return search_macs(scores, cut, seq_len=SEQ)
-    return select_units(scores, macs=cut, seq_len=SEQ)
+    return select_units(scores, macs=cut, seq_len=SEQ, scope="per_kind", normalize="l1")
 
 
 def iterative(scorer: Scorer, method: str, rounds: int, how: str, cut: float):

@@ -241,7 +241,9 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
 def on_loss_scale(scores: UnitScores) -> bool:
     """Whether heads' and neurons' scores share one scale (squared gradients or attributions: Fisher-like), so that
     the mask search may trade one kind for the other by their sums."""
-    return scores.method in ("fisher", "fisher_batch") or scores.options.get("aggregate") == "square"
+    if scores.method in ("fisher", "fisher_batch"):
+        return True
+    return scores.method in ("ig", "grad_x_gate") and scores.options.get("aggregate") == "square"
 
 
 def resolve_scope(budget: Budget, request: dict[str, float], kinds, scores: UnitScores) -> str:

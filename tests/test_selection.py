@@ -264,3 +264,7 @@ def test_auto_scope_searches_fisher_scale_scores_under_a_mac_budget():
     fisher = _scores(fp, seed=4)
     fisher.method = "fisher"
     assert select_units(fisher, macs=0.4, seq_len=SEQ).budget["scope"] == "search"
+    for method in ("activation", "magnitude", "random"):  # their options carry aggregate too; they ignore it
+        other = _squared(_scores(fp, seed=4))
+        other.method = method
+        assert select_units(other, macs=0.4, seq_len=SEQ).budget["scope"] == "per_kind"
