@@ -1,6 +1,6 @@
 """Tables and the machine-readable summary of :mod:`benchmarks.pipelines` raw files.
 
-Writes ``pipelines.md`` (dev tables) or ``pipelines_selection.md`` (the selection-split choice of the default) and,
+Writes ``quality.md`` (dev tables) or ``quality_selection.md`` (the selection-split choice of the default) and,
 for dev files, ``quality_summary.json``: ``{"model", "dense": {task: metric}, "retained": {pipeline: {task:
 {"<cut>": percent}}}}`` with ``"default"`` (taskprune's default pipeline) and ``"kwon"`` (Kwon et al. 2022 in full).
 """
@@ -25,6 +25,8 @@ ORDER = ("default", "kwon", "kwon_notune", "ig", "ig05", "grad_x_gate", "fisher"
 #: squared per-sample attributions, Kwon et al.'s mask search through scope="auto", no tuning) = the benchmark's
 #: "igsq_search". "default" in the tables and in quality_summary.json.
 DEFAULT = "igsq_search"
+#: calibration samples of the headline rows; files made with another ``--calib`` give rows named ``<pipeline>@<n>``.
+CALIB = 512
 
 
 def main_key(task: str) -> str:
@@ -37,9 +39,13 @@ def merge(paths: list[str]) -> dict:
         raw = json.loads(Path(p).read_text())
         out["_sources"].append({"file": Path(p).name, "settings": raw.get("_settings"), "cpu": raw.get("_cpu"),
                                 "commands": raw.get("_commands", [])})
+        calib = (raw.get("_settings") or {}).get("calib", CALIB)
         for task, recs in raw.items():
             if task.startswith("_"):
                 continue
+            if calib != CALIB:  # another calibration size is another row, "<pipeline>@<calib>" (same dense model)
+                recs = {(f"{r['pipeline']}@{calib}|{k.split('|', 1)[1]}" if "|" in k else k):
+                        ({**r, "pipeline": f"{r['pipeline']}@{calib}"} if "|" in k else r) for k, r in recs.items()}
             out.setdefault(task, {}).update(recs)
     return out
 
@@ -194,7 +200,7 @@ PLOTTED = ("default", "kwon", "kwon_notune", "ig", "grad_x_gate", "fisher", "act
 
 
 def plot(raw: dict, tasks: list[str], split: str, out_dir: Path) -> list[str]:
-    """``pipelines_vs_macs.png``: % of dense kept vs MAC cut, one panel per task and one for the mean over tasks
+    """``quality_vs_macs.png``: % of dense kept vs MAC cut, one panel per task and one for the mean over tasks
     (pipelines of :data:`PLOTTED` measured on every task; mean over seeds, std as error bars)."""
     try:
         import matplotlib
@@ -231,7 +237,7 @@ def plot(raw: dict, tasks: list[str], split: str, out_dir: Path) -> list[str]:
     legend_ax.legend(list(handles.values()), list(handles.keys()), loc="center", fontsize=8)
     for ax in axes[len(tasks) + 1 :]:
         ax.axis("off")
-    name = save_figure(plt, fig, out_dir / "pipelines_vs_macs.png")
+    name = save_figure(plt, fig, out_dir / "quality_vs_macs.png")
     return ["", f"Plot: [{name}]({name}) (default = {DEFAULT})", ""]
 
 
@@ -270,4 +276,4 @@ def _render_split(raw: dict, split: str, out_dir: str, head: str) -> None:
                "## Unseen domains", "", *ood_table(raw), "## Cost", "", *cost_table(raw, tasks)]
         atomic_write_json(Path(out_dir) / "quality_summary.json", summary(raw, tasks))
         md += plot(raw, headline, split, Path(out_dir))
-    write_text(Path(out_dir) / ("pipelines.md" if split == "dev" else "pipelines_selection.md"), "\n".join(md) + "\n")
+    write_text(Path(out_dir) / ("quality.md" if split == "dev" else "quality_selection.md"), "\n".join(md) + "\n")

@@ -17,7 +17,7 @@ of a later session one method (ig, with its unsupervised run) on all six tasks t
 ``OMP_NUM_THREADS=1``; the IG ablation of one task 9 min (SST-2) to 29 min (QNLI).
 
 Results go to ``benchmarks/results/quality.json`` (raw, appended as the run goes: an interrupted run resumes where it
-stopped) and ``quality.md`` (tables) plus PNG plots when matplotlib is installed.
+stopped) and ``quality_demo_model.md`` (tables) plus PNG plots when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -245,12 +245,12 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="quality.json", help="raw results file under --out (parallel runs: one each)")
     p.add_argument("--phases", nargs="*", default=["methods", "ablation", "low_resource"])
     p.add_argument("--render", nargs="+", metavar="JSON", default=None,
-                   help="only merge these raw results files and write quality.md")
+                   help="only merge these raw results files and write quality_demo_model.md")
     args = p.parse_args(argv)
     if args.render:
         from benchmarks.quality_report import merge_raw, render
 
-        write_text(Path(args.out) / "quality.md", header("quality", argv) + render(merge_raw(args.render), args.out))
+        write_text(Path(args.out) / "quality_demo_model.md", header("quality", argv) + render(merge_raw(args.render), args.out))
         return
     if args.quick:
         args.calib, args.eval_rows, args.select_rows, args.ood_rows = 256, 300, 300, 200
@@ -280,7 +280,7 @@ def main(argv=None) -> None:
 
     results = dict(bench.results)
     results["_sources"] = [source(args.json, results)]
-    write_text(Path(args.out) / "quality.md", header("quality", argv) + render(results, args.out))
+    write_text(Path(args.out) / "quality_demo_model.md", header("quality", argv) + render(results, args.out))
 
 
 if __name__ == "__main__":

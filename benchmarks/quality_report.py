@@ -326,7 +326,7 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
                       for c in cuts]
                 ax.plot([float(c.split("=")[1]) * 100 for c in cuts], ys, marker="o", label=m)
             _style(ax, task, "encoder MAC cut (%)")
-        made.append(save_figure(plt, fig, out_dir / "quality_vs_macs.png"))
+        made.append(save_figure(plt, fig, out_dir / "demo_model_vs_macs.png"))
     heat = [(task, kind, [k / n for k, n in results[f"{task}/supervised/ig"]["budgets"]["macs=0.4"][f"kept_{kind}"]
                           .values()])
             for task in tasks if "macs=0.4" in results.get(f"{task}/supervised/ig", {}).get("budgets", {})
@@ -343,7 +343,7 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
         fig.colorbar(im, ax=ax)
-        made.append(save_figure(plt, fig, out_dir / "kept_per_layer.png"))
+        made.append(save_figure(plt, fig, out_dir / "demo_model_kept_per_layer.png"))
     low = _low_resource_rows(results)
     if low:
         panels = sorted({(t, b) for t, _, b, _ in low})
@@ -357,5 +357,5 @@ def _plots(results: dict, out_dir: Path, tasks: list[str]) -> list[str]:
                             label=method)
             ax.set_xscale("log", base=2)
             _style(ax, f"{task}, {b.replace('macs=', 'MAC cut ')}", "labelled samples per class")
-        made.append(save_figure(plt, fig, out_dir / "low_resource.png"))
+        made.append(save_figure(plt, fig, out_dir / "demo_model_low_resource.png"))
     return ["\nPlots: " + ", ".join(f"[{m}]({m})" for m in made)] if made else []

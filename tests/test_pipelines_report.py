@@ -30,7 +30,22 @@ def test_summary_and_tables(tmp_path):
     assert summary["model"] == "m" and summary["dense"] == {"sst2": 0.8}
     assert summary["retained"]["default"]["sst2"]["0.4"] == summary["retained"][pr.DEFAULT]["sst2"]["0.4"] == 96.25
     assert summary["retained"]["kwon"]["sst2"]["0.4"] == 93.75
-    md = (tmp_path / "pipelines.md").read_text()
+    md = (tmp_path / "quality.md").read_text()
     assert "96.2 ± 1.8" in md and "| SST-2 | 40% | 96.2 | 93.8 | +2.5 | 2 | yes |" in md
-    sel = (tmp_path / "pipelines_selection.md").read_text()
+    sel = (tmp_path / "quality_selection.md").read_text()
     assert "(selection split)" in sel and "83.8 ± 1.8" in sel and "Paired" not in sel
+
+
+def test_other_calibration_size_is_its_own_row(tmp_path):
+    """A file made with --calib 2048 adds rows "<pipeline>@2048"; it never overwrites the 512-sample rows."""
+    base = raw_file(tmp_path)
+    big = json.loads(base.read_text())
+    big["_settings"]["calib"] = 2048
+    for key in [k for k in big["sst2"] if "|" in k]:
+        big["sst2"][key]["metrics"]["dev"]["accuracy"] = 0.8
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    pr.render_files([str(base), str(tmp_path / "big.json")], str(tmp_path), "header\n")
+    retained = json.loads((tmp_path / "quality_summary.json").read_text())["retained"]
+    assert retained["kwon"]["sst2"]["0.4"] == 93.75 and retained["default"]["sst2"]["0.4"] == 96.25
+    assert retained["kwon@2048"]["sst2"]["0.4"] == retained[f"{pr.DEFAULT}@2048"]["sst2"]["0.4"] == 100.0
+    assert "| kwon@2048 |" in (tmp_path / "quality.md").read_text()
