@@ -12,7 +12,9 @@ here when missing). For each task the shared encoder is pruned for that task's h
 * scores: ``taskprune.attribution.score_units`` (ig, grad_x_gate, fisher, activation, magnitude, random) or Kwon's
   per-batch mask Fisher (``taskprune.tuning.batch_gradients`` + ``fisher_scores``), on ``--calib`` samples drawn
   (seeded per ``--seeds``) from the task's *training* rows (as Kwon et al. do), never from the selection reserve;
-* allocate: ``select_units`` (per_kind) or Kwon's mask search (``taskprune.search.search_macs``);
+* allocate: ``select_units`` (per_kind), Kwon's mask search (``taskprune.search.search_macs``), or "holdout": the
+  search at each of a few model-wide head counts (``taskprune.search.head_counts``), keeping the one whose masked
+  model has the lowest task loss on ``HOLDOUT`` further training rows (disjoint from calibration and the reserve);
 * rearrange: ``taskprune.tuning.rearrange`` (per-batch mask gradients, block-diagonal Fisher);
 * tune: ``taskprune.tuning.tune_masks`` against the dense model or Kwon's teacher (the same pipeline at
   ``sqrt`` of the kept MAC fraction), then ``fold_scales_``;
@@ -46,7 +48,7 @@ from taskprune.attribution import score_units
 from taskprune.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
-from taskprune.search import search_macs
+from taskprune.search import head_counts, search_macs
 from taskprune.selection import select_units
 from taskprune.surgery import shrink_
 from taskprune.tasks import get_task
@@ -90,12 +92,19 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "igsq_search_rearrange_tune": ("igsq", "search", True, "schedule"),
     "ig0sq_search_tune": ("ig0sq", "search", False, "schedule"),
     "fisher_search_tune": ("fisher", "search", False, "schedule"),
+    # heads / neurons split by held-out loss instead of the score sum
+    "igsq_holdout": ("igsq", "holdout", False, "none"),
+    "fisher_holdout": ("fisher_batch", "holdout", False, "none"),
     # iterative attribution: R rounds, each re-scoring the model masked by the previous round's spec
     "gxg_iter3_search_tune": ("grad_x_gate@3", "search", False, "schedule"),
     "ig_iter2_search_tune": ("ig@2", "search", False, "schedule"),
     "igsq_iter2_search_tune": ("igsq@2", "search", False, "schedule"),
     "igsq_search_dense": ("igsq", "search", False, "dense"),
+    "igsq_iter2_search": ("igsq@2", "search", False, "none"),
+    "igsq_iter3_search": ("igsq@3", "search", False, "none"),
 }
+#: training rows after the calibration rows of a seed's permutation, for the "holdout" allocation's loss
+HOLDOUT = 256
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -106,11 +115,12 @@ def batches_of(tok, task: str, ds, batch_size: int = 32) -> list[dict]:
     return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def calibration_rows(task: str, data_dir: str, reserve: list[int], n: int, seed: int):
-    """``n`` training rows (seeded), never from the selection reserve."""
+def calibration_rows(task: str, data_dir: str, reserve: list[int], n: int, seed: int, skip: int = 0):
+    """``n`` training rows (seeded), never from the selection reserve; ``skip`` > 0 gives the ``n`` rows after the
+    first ``skip`` of the same permutation (disjoint from ``calibration_rows(..., skip, seed)``)."""
     train = load_split(task, "train", data_dir)
     allowed = np.setdiff1d(np.arange(len(train)), np.asarray(reserve, dtype=np.int64))
-    pick = np.random.default_rng([seed, 11]).permutation(allowed)[:n]
+    pick = np.random.default_rng([seed, 11]).permutation(allowed)[skip : skip + n]
     return train.select(sorted(int(i) for i in pick))
 
 
@@ -142,8 +152,9 @@ def evaluate(tm, task: str, batches: list[dict]) -> dict:
 class Scorer:
     """Scores per (task, seed, method), computed once and reused by every cut and pipeline."""
 
-    def __init__(self, tm, calib: list[dict], steps: int):
+    def __init__(self, tm, calib: list[dict], steps: int, holdout: "callable | None" = None):
         self.tm, self.calib, self.steps = tm, calib, steps
+        self.holdout = holdout  # () -> batches of held-out training rows (loaded on first use)
         self.cache: dict = {}
         self.seconds: dict[str, float] = {}
 
@@ -177,10 +188,42 @@ class Scorer:
         return self.cache["grads"]
 
 
-def allocate(scores, how: str, cut: float):
+def allocate(scores, how: str, cut: float, scorer: "Scorer | None" = None):
     if how == "search":
         return search_macs(scores, cut, seq_len=SEQ)
+    if how == "holdout":
+        return holdout_search(scores, cut, scorer)
     return select_units(scores, macs=cut, seq_len=SEQ, scope="per_kind", normalize="l1")
+
+
+@torch.inference_mode()
+def holdout_search(scores, cut: float, scorer: "Scorer"):
+    """Kwon's search at each model-wide head count of ``head_counts``; the spec whose masked model has the lowest
+    mean task loss on the held-out rows (ties: the score-sum search's own choice, listed among the counts)."""
+    from taskprune.surgery import apply_mask, remove_mask
+
+    task = get_task(scorer.tm.task)
+    if "holdout" not in scorer.cache:
+        scorer.cache["holdout"] = scorer.holdout()
+    batches = scorer.cache["holdout"]
+    best = None
+    for h in head_counts(scores, cut, seq_len=SEQ):
+        spec = search_macs(scores, cut, seq_len=SEQ, heads=h)
+        apply_mask(scorer.tm, spec)
+        try:
+            loss = sum(float(task_loss(scorer.tm, b, task)) * len(b["labels"]) for b in batches)
+        finally:
+            remove_mask(scorer.tm)
+        loss /= sum(len(b["labels"]) for b in batches)
+        log.debug("holdout cut %.2f: %d heads -> loss %.4f", cut, h, loss)
+        if best is None or loss < best[0]:
+            best = (loss, spec)
+    return best[1]
+
+
+def task_loss(tm, batch: dict, task) -> torch.Tensor:
+    out = tm(**{k: v for k, v in batch.items() if k != "labels"})
+    return task.loss(out.logits, batch["labels"])
 
 
 def iterative(scorer: Scorer, method: str, rounds: int, how: str, cut: float):
@@ -204,7 +247,7 @@ def iterative(scorer: Scorer, method: str, rounds: int, how: str, cut: float):
                 for n, v in d.items():
                     v[spec.drop(k, n)] = -float("inf")  # removed units stay removed
             scores = dc_replace(fresh, sums=sums)
-        spec = allocate(scores, how, 1.0 - (1.0 - cut) ** (r / rounds))
+        spec = allocate(scores, how, 1.0 - (1.0 - cut) ** (r / rounds), scorer)
     return scores, spec, time.perf_counter() - t0
 
 
@@ -220,7 +263,7 @@ def run_pipeline(name: str, scorer: Scorer, cut: float):
         scores = scorer(score)
         sec["score"] = scorer.seconds.get(score, 0.0)
         t0 = time.perf_counter()
-        spec = allocate(scores, how, cut)
+        spec = allocate(scores, how, cut, scorer)
         sec["allocate"] = time.perf_counter() - t0
     if rearr:
         grads, _ = scorer.grads()
@@ -232,7 +275,7 @@ def run_pipeline(name: str, scorer: Scorer, cut: float):
         t0 = time.perf_counter()
         teacher = None
         if tune == "schedule":
-            teacher = allocate(scores, how, 1.0 - teacher_keep(1.0 - cut))
+            teacher = allocate(scores, how, 1.0 - teacher_keep(1.0 - cut), scorer)
         spec = tune_masks(scorer.tm, spec, scorer.calib, teacher=teacher)
         sec["tune"] = time.perf_counter() - t0
     return spec, sec
@@ -297,7 +340,9 @@ def run(args) -> None:
         log.info("%s dense: %s", task, t_raw["dense"])
         for seed in args.seeds:
             calib_ds = calibration_rows(task, args.data_dir, info["selection_reserve"][task], args.calib, seed)
-            scorer = Scorer(dense, batches_of(tok, task, calib_ds, 32), args.steps)
+            scorer = Scorer(dense, batches_of(tok, task, calib_ds, 32), args.steps,
+                            holdout=lambda task=task, seed=seed: batches_of(tok, task, calibration_rows(
+                                task, args.data_dir, info["selection_reserve"][task], HOLDOUT, seed, skip=args.calib), 64))
             for name in args.pipelines:
                 for cut in args.cuts:
                     key = f"{name}|{seed}|{cut}"

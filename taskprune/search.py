@@ -21,7 +21,8 @@ from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
 
-def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: int = 1) -> PruneSpec:
+def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: int = 1,
+                heads: int | None = None) -> PruneSpec:
     """Keep the units of largest total score whose MACs (per ``seq_len``-token sequence) are at most
     ``(1 - macs)`` of the dense model's attention + FFN MACs.
 
@@ -29,6 +30,10 @@ def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: 
         scores: per-unit scores of both kinds (``scores.mean()`` is ranked: higher = more important).
         macs: fraction of the MACs to remove, in [0, 1).
         seq_len: sequence length the MACs are counted at (attention scales with it).
+        heads: keep exactly this many heads model-wide (the best-scored ones, ``min_heads`` per block included)
+            and spend the rest of the budget on neurons, instead of choosing the split by total score; for
+            choosing the heads / neurons split by another criterion (e.g. a held-out loss, see
+            :func:`head_counts`).
     """
     if isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0.0 <= macs < 1.0:
         raise ValueError(f"macs={macs!r}: the fraction of MACs to remove must be in [0, 1), e.g. 0.4")
@@ -57,8 +62,15 @@ def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: 
     h_score = torch.cumsum(ranked["heads"][0], 0)
     n_cost = torch.cumsum(ranked["neurons"][1], 0)
     n_score = torch.cumsum(ranked["neurons"][0], 0)
+    n_floor = sum(len(i) for i in floor.values())
+    if heads is not None:
+        if isinstance(heads, bool) or not isinstance(heads, int) or not n_floor <= heads <= n_floor + len(h_cost):
+            raise ValueError(f"heads={heads!r}: must be an int from {n_floor} (min_heads per block) to "
+                             f"{n_floor + len(h_cost)} (every head)")
+        if heads > n_floor and float(h_cost[heads - n_floor - 1]) > budget:
+            raise ValueError(f"heads={heads!r} alone cost more than macs={macs!r} leaves; keep fewer heads")
     best, best_h, best_n = -float("inf"), 0, 0
-    for h in range(0, len(h_cost) + 1):
+    for h in range(0, len(h_cost) + 1) if heads is None else (heads - n_floor,):
         spent = float(h_cost[h - 1]) if h else 0.0
         if spent > budget:
             break
@@ -75,6 +87,22 @@ def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: 
         keep[kind] = {name: sorted(v) for name, v in keep[kind].items()}
     return PruneSpec(keep=keep, fingerprint=fp, method=scores.method,
                      budget={"kind": "macs", "amount": macs, "seq_len": seq_len, "allocation": "search"})
+
+
+def head_counts(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: int = 1, n: int = 8) -> list[int]:
+    """``n`` evenly spaced model-wide head counts that ``search_macs(..., heads=h)`` accepts at this cut (from
+    ``min_heads`` per block to as many heads as the budget holds), plus the count the score-sum search picks."""
+    searched = search_macs(scores, macs, seq_len, min_heads).n_kept("heads")
+    low = min_heads * sum(1 for v in scores.mean()["heads"].values() if v.numel())
+    high = low
+    for h in range(low + 1, sum(int(v.numel()) for v in scores.mean()["heads"].values()) + 1):
+        try:
+            search_macs(scores, macs, seq_len, min_heads, heads=h)
+        except ValueError:
+            break
+        high = h
+    grid = {round(low + (high - low) * i / max(n - 1, 1)) for i in range(n)}
+    return sorted(grid | {searched})
 
 
 def _ranked(blocks: dict[str, torch.Tensor], costs: dict[str, tuple[int, int]]):

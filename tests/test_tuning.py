@@ -15,7 +15,7 @@ from taskprune.arch import find_base, get_architecture, unit_channels
 from taskprune.attribution import score_units
 from taskprune.flops import count_macs, unit_costs
 from taskprune.gates import Gates
-from taskprune.search import search_macs
+from taskprune.search import head_counts, search_macs
 from taskprune.selection import select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
@@ -103,6 +103,24 @@ def test_search_refuses_a_bad_budget():
     scores = random_scores(tiny_model("bert"))
     with pytest.raises(ValueError, match=r"macs=1\.0.*\[0, 1\)"):
         search_macs(scores, 1.0)
+
+
+def test_search_with_a_fixed_head_count_keeps_it_and_meets_the_budget():
+    model = tiny_model("bert")
+    scores = random_scores(model, seed=7)
+    counts = head_counts(scores, 0.5, seq_len=16, n=4)
+    searched = search_macs(scores, 0.5, seq_len=16)
+    assert searched.n_kept("heads") in counts and len(counts) >= 3
+    budget = 0.5 * count_macs(model, 16)
+    for h in counts:
+        spec = search_macs(scores, 0.5, seq_len=16, heads=h)
+        assert spec.n_kept("heads") == h and count_macs(model, 16, spec) <= budget
+        assert all(spec.kept("heads", n) for n in spec.fingerprint["heads"])  # min_heads per block
+    assert search_macs(scores, 0.5, seq_len=16, heads=searched.n_kept("heads")).keep == searched.keep
+    with pytest.raises(ValueError, match=r"heads=1: must be an int from"):
+        search_macs(scores, 0.5, seq_len=16, heads=1)
+    with pytest.raises(ValueError, match=r"cost more than macs=0\.7"):
+        search_macs(scores, 0.7, seq_len=16, heads=spec.n_total("heads"))
 
 
 def _block_cost(g: torch.Tensor, drop: list[int]) -> float:
