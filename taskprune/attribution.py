@@ -317,7 +317,8 @@ class Attributor:
         self.aggregate = config.aggregate
         self.seed = config.seed
         self.options = {
-            "target": self.target_name, "units": list(self.units), "aggregate": config.aggregate, "seed": config.seed,
+            "target": self.target_name, "units": list(self.units), "seed": config.seed,
+            **({"aggregate": config.aggregate} if config.method in AGGREGATED else {}),
             **({"per": config.per} if config.per != "sample" else {}),
             **({"steps": config.steps, "quadrature": config.quadrature, "alpha_batch": self.alpha_batch,
                 "baseline": float(config.baseline)} if config.method == "ig" else {}),

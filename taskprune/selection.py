@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 
 from taskprune.arch import UNIT_KINDS
+from taskprune.attribution import AGGREGATED
 from taskprune.flops import fingerprint_of, unit_costs
 from taskprune.gates import check_units
 from taskprune.search import search_macs
@@ -241,9 +242,9 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
 def on_loss_scale(scores: UnitScores) -> bool:
     """Whether heads' and neurons' scores share one scale (squared gradients or attributions: Fisher-like), so that
     the mask search may trade one kind for the other by their sums."""
-    if scores.method in ("fisher", "fisher_batch"):
+    if scores.method in ("fisher", "fisher_batch"):  # fisher_batch: Kwon et al.'s, from tuning.fisher_scores
         return True
-    return scores.method in ("ig", "grad_x_gate") and scores.options.get("aggregate") == "square"
+    return scores.method in AGGREGATED and scores.options.get("aggregate") == "square"
 
 
 def resolve_scope(budget: Budget, request: dict[str, float], kinds, scores: UnitScores) -> str:
