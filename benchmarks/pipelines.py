@@ -13,8 +13,8 @@ here when missing). For each task the shared encoder is pruned for that task's h
   per-batch mask Fisher (``taskprune.tuning.batch_gradients`` + ``fisher_scores``), on ``--calib`` samples drawn
   (seeded per ``--seeds``) from the task's *training* rows (as Kwon et al. do), never from the selection reserve;
 * allocate: ``select_units`` (per_kind), Kwon's mask search (``taskprune.search.search_macs``), or "holdout": the
-  search at each of a few model-wide head counts (``taskprune.search.head_counts``), keeping the one whose masked
-  model has the lowest task loss on ``HOLDOUT`` further training rows (disjoint from calibration and the reserve);
+  search at each of a few model-wide head counts, keeping the one whose masked model has the lowest task loss on
+  ``HOLDOUT`` further training rows, disjoint from calibration and the reserve (``taskprune.tuning.search_by_loss``);
 * rearrange: ``taskprune.tuning.rearrange`` (per-batch mask gradients, block-diagonal Fisher);
 * tune: ``taskprune.tuning.tune_masks`` against the dense model or Kwon's teacher (the same pipeline at
   ``sqrt`` of the kept MAC fraction), then ``fold_scales_``;
@@ -48,11 +48,12 @@ from taskprune.attribution import score_units
 from taskprune.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
-from taskprune.search import head_counts, search_macs
+from taskprune.search import search_macs
 from taskprune.selection import select_units
 from taskprune.surgery import shrink_
 from taskprune.tasks import get_task
-from taskprune.tuning import batch_gradients, fisher_scores, fold_scales_, rearrange, teacher_keep, tune_masks
+from taskprune.tuning import (batch_gradients, fisher_scores, fold_scales_, rearrange, search_by_loss, teacher_keep,
+                              tune_masks)
 from taskprune.multitask import read_build_info
 from taskprune.zoo import ensure_multitask, resolve_model_dir, selection_rows
 
@@ -196,34 +197,11 @@ def allocate(scores, how: str, cut: float, scorer: "Scorer | None" = None):
     return select_units(scores, macs=cut, seq_len=SEQ, scope="per_kind", normalize="l1")
 
 
-@torch.inference_mode()
 def holdout_search(scores, cut: float, scorer: "Scorer"):
-    """Kwon's search at each model-wide head count of ``head_counts``; the spec whose masked model has the lowest
-    mean task loss on the held-out rows (ties: the score-sum search's own choice, listed among the counts)."""
-    from taskprune.surgery import apply_mask, remove_mask
-
-    task = get_task(scorer.tm.task)
+    """``taskprune.tuning.search_by_loss`` on the seed's held-out training rows (loaded once per scorer)."""
     if "holdout" not in scorer.cache:
         scorer.cache["holdout"] = scorer.holdout()
-    batches = scorer.cache["holdout"]
-    best = None
-    for h in head_counts(scores, cut, seq_len=SEQ):
-        spec = search_macs(scores, cut, seq_len=SEQ, heads=h)
-        apply_mask(scorer.tm, spec)
-        try:
-            loss = sum(float(task_loss(scorer.tm, b, task)) * len(b["labels"]) for b in batches)
-        finally:
-            remove_mask(scorer.tm)
-        loss /= sum(len(b["labels"]) for b in batches)
-        log.debug("holdout cut %.2f: %d heads -> loss %.4f", cut, h, loss)
-        if best is None or loss < best[0]:
-            best = (loss, spec)
-    return best[1]
-
-
-def task_loss(tm, batch: dict, task) -> torch.Tensor:
-    out = tm(**{k: v for k, v in batch.items() if k != "labels"})
-    return task.loss(out.logits, batch["labels"])
+    return search_by_loss(scorer.tm, scores, cut, scorer.cache["holdout"], seq_len=SEQ)
 
 
 def iterative(scorer: Scorer, method: str, rounds: int, how: str, cut: float):

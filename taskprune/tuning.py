@@ -6,6 +6,8 @@ score can go through any later stage:
 * :func:`batch_gradients` — the gradient of the batch-mean task target w.r.t. every unit's mask, one row per
   calibration batch (``[n_batches, n_units]`` per block). Kwon et al.'s Fisher information of the masks is
   ``Σ_b g_b²`` (:func:`fisher_scores`); the rows themselves are what rearrangement needs.
+* :func:`search_by_loss` — Kwon et al.'s mask search, but the split of the budget between heads and neurons is chosen
+  by the task loss on held-out batches (a few model-wide head counts are tried) instead of by the score sum.
 * :func:`rearrange` — keeps each block's unit *count* and re-chooses *which* units, greedily, under the block-diagonal
   Fisher (the within-block correlation of the mask gradients), as in their mask rearrangement.
 * :func:`tune_masks` — layer-wise least squares on real-valued scales of the kept units: block by block in forward
@@ -221,6 +223,35 @@ def scaled_mask(model: nn.Module, spec: PruneSpec):
     with Gates(model) as gates:
         gates.set(gate_values(gates, spec))
         yield model
+
+
+# ------------------------------------------------------------------------------------- allocation by loss
+@torch.no_grad()
+def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: list[dict], seq_len: int = 128,
+                   target="label", n: int = 8, forward: Callable = default_forward) -> PruneSpec:
+    """The mask search at each of ``n`` model-wide head counts (:func:`taskprune.search.head_counts`, the score-sum
+    search's own count among them); returns the spec whose masked model has the highest mean ``target`` (``"label"``:
+    the lowest task loss) on ``batches``, which should be held out from the calibration batches the scores came
+    from. Ties go to the fewest heads. ``spec.budget["allocation"]`` is ``"search_by_loss"``.
+    """
+    from taskprune.search import head_counts, search_macs
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("search_by_loss got no batches; pass held-out batches (rows not used for scoring)")
+    fn = make_target(target, model)
+    best = None
+    with Gates(model) as gates:
+        for h in head_counts(scores, macs, seq_len=seq_len, n=n):
+            spec = search_macs(scores, macs, seq_len=seq_len, heads=h)
+            gates.set(gate_values(gates, spec))
+            total = sum(float(fn(forward(model, b), b).double().sum()) for b in batches)
+            log.debug("search_by_loss macs=%.2f: %d heads -> mean target %.5f", macs, h, total)
+            if best is None or total > best[0]:
+                best = (total, spec)
+        gates.set(None)
+    spec = best[1]
+    return replace(spec, budget={**spec.budget, "allocation": "search_by_loss"})
 
 
 # ------------------------------------------------------------------------------------------ mask tuning

@@ -15,12 +15,13 @@ from taskprune.arch import find_base, get_architecture, unit_channels
 from taskprune.attribution import score_units
 from taskprune.flops import count_macs, unit_costs
 from taskprune.gates import Gates
+from taskprune.attribution import make_target
 from taskprune.search import head_counts, search_macs
 from taskprune.selection import select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
 from taskprune.tuning import (_capture, batch_gradients, fisher_scores, fold_scales_, gate_values, rearrange,
-                              scaled_mask, tune_masks)
+                              scaled_mask, search_by_loss, tune_masks)
 from taskprune.unitscores import UnitScores
 
 
@@ -121,6 +122,27 @@ def test_search_with_a_fixed_head_count_keeps_it_and_meets_the_budget():
         search_macs(scores, 0.5, seq_len=16, heads=1)
     with pytest.raises(ValueError, match=r"cost more than macs=0\.7"):
         search_macs(scores, 0.7, seq_len=16, heads=spec.n_total("heads"))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_search_by_loss_keeps_the_head_count_of_lowest_held_out_loss(name):
+    model = wide_model(name).eval()
+    scores = random_scores(model, seed=2)
+    held_out = labelled(name, 2, seed=50)
+    spec = search_by_loss(model, scores, 0.5, held_out, seq_len=16, n=5)
+    assert spec.budget["allocation"] == "search_by_loss"
+    assert count_macs(model, 16, spec) <= 0.5 * count_macs(model, 16)
+
+    def loss(sp):
+        with torch.no_grad(), scaled_mask(model, sp):
+            fn = make_target("label", model)
+            return -sum(float(fn(model(**{k: v for k, v in b.items() if k != "labels"}), b).sum()) for b in held_out)
+
+    candidates = [search_macs(scores, 0.5, seq_len=16, heads=h) for h in head_counts(scores, 0.5, seq_len=16, n=5)]
+    assert len(candidates) >= 2 and spec.keep in [c.keep for c in candidates]
+    assert loss(spec) == pytest.approx(min(loss(c) for c in candidates), rel=1e-6)
+    with pytest.raises(ValueError, match="no batches"):
+        search_by_loss(model, scores, 0.5, [], seq_len=16)
 
 
 def _block_cost(g: torch.Tensor, drop: list[int]) -> float:
