@@ -38,6 +38,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ def evaluate(tm, task: str, batches: list[dict]) -> dict:
 class Scorer:
     """Scores per (task, seed, method), computed once and reused by every cut and pipeline."""
 
-    def __init__(self, tm, calib: list[dict], steps: int, holdout: "callable | None" = None):
+    def __init__(self, tm, calib: list[dict], steps: int, holdout: Callable[[], list[dict]] | None = None):
         self.tm, self.calib, self.steps = tm, calib, steps
         self.holdout = holdout  # () -> batches of held-out training rows (loaded on first use)
         self.cache: dict = {}

@@ -246,7 +246,7 @@ def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: l
             spec = search_macs(scores, macs, seq_len=seq_len, heads=h)
             gates.set(gate_values(gates, spec))
             total = sum(float(fn(forward(model, b), b).double().sum()) for b in batches)
-            log.debug("search_by_loss macs=%.2f: %d heads -> mean target %.5f", macs, h, total)
+            log.debug("search_by_loss macs=%.2f: %d heads -> summed target %.5f", macs, h, total)
             if best is None or total > best[0]:
                 best = (total, spec)
         gates.set(None)
