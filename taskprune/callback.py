@@ -11,6 +11,8 @@ Protocol for any LightningModule (``AttributionModule`` implements it; so can yo
 - ``pruning_batch(batch) -> dict`` (optional): turns one of your batches into the model's keyword arguments plus
   ``labels``; without it, batches must already be such dicts.
 - ``keep_dense_copy()``, ``spec`` and ``spec_mode`` (optional): for side-by-side evaluation and checkpoints.
+- ``holdout_dataloader()`` (optional, on the datamodule or the module; ``TaskDataModule`` has it): rows held out from
+  calibration, whose task loss chooses the heads / neurons split of the mask search (``tuning.allocate``).
 
 At the end of ``fit`` the callback selects a spec (on rank zero, broadcast so every rank applies the same), writes
 ``spec.json`` and ``scores.safetensors`` atomically (rank zero), and applies it (``mask`` or ``shrink``). At
@@ -78,9 +80,10 @@ class TaskPruning(L.Callback):
             unit least-squares rescaling of the kept units: a small gain at every MAC cut measured), ``bias``
             (FLAP-style mean compensation) or ``lstsq`` (both): larger gains at 40-50 % cuts, harmful at >= 60 %
             (benchmarks/results/reconstruction.md). Costs one more pass over the calibration data. One process only.
-        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`: Kwon et al.'s
-            mask rearrangement and mask tuning, on the calibration batches, rank zero; the spec gets per-unit scales,
-            folded into the weights when it is applied). Default: none.
+        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): the
+            heads / neurons split of the mask search by the task loss on held-out rows (``allocate``; default: when
+            the datamodule serves them), Kwon et al.'s mask rearrangement and mask tuning on the calibration batches
+            (the spec gets per-unit scales, folded into the weights when it is applied; default: off).
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
@@ -181,6 +184,11 @@ class TaskPruning(L.Callback):
 
             # fail before any work when the budget is unreachable for this model
             check_budget(get_architecture(model).fingerprint(), self.budget, units=self._units())
+            if self.tuning.allocate == "loss" and self._holdout_loader(trainer, pl_module) is None:
+                raise ValueError("tuning.allocate='loss' needs rows held out from calibration, and neither the "
+                                 "datamodule nor the module serves them (holdout_dataloader()); set "
+                                 "TaskDataModule(holdout_samples=256) (--data.holdout_samples 256) or "
+                                 "allocate='score'")
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None)
 
@@ -237,11 +245,16 @@ class TaskPruning(L.Callback):
             raise ValueError("calibration saw no samples: the train dataloader was empty (check limit_train_batches "
                              "and the calibration set size)")
         spec = self._select(scores) if trainer.is_global_zero else None
-        if spec is not None and self.tuning.active:
-            spec = finish_spec(model, spec, scores, self.budget, list(self._batches(trainer, pl_module)[1]),
-                               self.tuning, target=(self._config or self._resolve_attribution(pl_module)).target,
-                               forward=getattr(pl_module, "forward_fn", None) or default_forward, units=self._units())
-            rank_zero_info(f"taskprune: tuning stages {self.tuning.to_dict()} done")
+        if spec is not None:
+            held_out = self._held_out(trainer, pl_module) if self.tuning.allocate != "score" else None
+            batches = list(self._batches(trainer, pl_module)[1]) if self.tuning.active else []
+            spec = finish_spec(model, spec, scores, self.budget, batches, self.tuning,
+                               target=(self._config or self._resolve_attribution(pl_module)).target,
+                               forward=getattr(pl_module, "forward_fn", None) or default_forward, units=self._units(),
+                               held_out=held_out)
+            if "allocation" in spec.budget or self.tuning.active:
+                rank_zero_info(f"taskprune: stages after selection done (allocation "
+                               f"{spec.budget.get('allocation', 'score')}, {self.tuning.to_dict()})")
         spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
         self.spec = PruneSpec.from_dict(spec_dict)
         if trainer.is_global_zero:
@@ -290,6 +303,21 @@ class TaskPruning(L.Callback):
         loader = loaders if not isinstance(loaders, (list, tuple)) else loaders[0]
         convert = getattr(pl_module, "pruning_batch", None)
         return loader, loader_batches(loader, self.calib_batches, convert, pl_module.device)
+
+    @staticmethod
+    def _holdout_loader(trainer: L.Trainer, pl_module):
+        for owner in (getattr(trainer, "datamodule", None), pl_module):
+            make = getattr(owner, "holdout_dataloader", None)
+            if callable(make):
+                return make()
+        return None
+
+    def _held_out(self, trainer: L.Trainer, pl_module) -> list[dict] | None:
+        """Batches of the rows held out from calibration (converted and moved like the calibration batches)."""
+        loader = self._holdout_loader(trainer, pl_module)
+        if loader is None:
+            return None
+        return list(loader_batches(loader, None, getattr(pl_module, "pruning_batch", None), pl_module.device))
 
     def _reconstruct(self, trainer: L.Trainer, pl_module, model) -> None:
         from taskprune.reconstruct import reconstruct_

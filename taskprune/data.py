@@ -219,11 +219,13 @@ def _reindex(ds: datasets.Dataset, rows: Sequence[int]) -> datasets.Dataset:
     return out.remove_columns("idx").add_column("idx", list(range(len(out))))
 
 
-def random_subset(ds: datasets.Dataset, n: int, seed: int = 0) -> datasets.Dataset:
-    """``n`` rows drawn without replacement (all if fewer), in file order, ``idx`` renumbered 0..n-1."""
-    if n >= len(ds):
+def random_subset(ds: datasets.Dataset, n: int, seed: int = 0, skip: int = 0) -> datasets.Dataset:
+    """``n`` rows drawn without replacement (all if fewer), in file order, ``idx`` renumbered 0..n-1. ``skip`` > 0:
+    the ``n`` rows after the first ``skip`` of the same seeded permutation (disjoint from
+    ``random_subset(ds, skip, seed)``; fewer, or none, when the split runs out)."""
+    if skip == 0 and n >= len(ds):
         return ds
-    rows = np.random.default_rng(seed).permutation(len(ds))[:n]
+    rows = np.random.default_rng(seed).permutation(len(ds))[skip : skip + n]
     return _reindex(ds, rows)
 
 
@@ -309,6 +311,11 @@ class TaskDataModule(L.LightningDataModule):
         calib_samples: size of the calibration subset drawn (seeded) from the train split; ``None`` = all rows.
         calib_per_class: low-resource calibration, ``k`` rows per class; needs ``calib_samples=None``.
         calib_seed: seed of the calibration draw.
+        holdout_samples: training rows held out from calibration (the next rows of the calibration draw's seeded
+            permutation, so never among the calibration rows), served by :meth:`holdout_dataloader`: the task loss on
+            them chooses the heads / neurons split of the mask search (:class:`~taskprune.tuning.TuningConfig`
+            ``allocate``). ``None`` = 256 with ``calib_samples``, none with ``calib_per_class`` (low-resource: every
+            labelled row calibrates) or ``calib_samples=None`` (no rows left); ``0`` = none.
         ood: names of the out-of-domain sets to evaluate; ``None`` = the task's defaults, ``[]`` = none.
         eval_samples: cap on rows per evaluation set (seeded subset with ``calib_seed``); ``None`` = all.
         num_workers: DataLoader workers.
@@ -327,6 +334,7 @@ class TaskDataModule(L.LightningDataModule):
         calib_samples: int | None = 512,
         calib_per_class: int | None = None,
         calib_seed: int = 0,
+        holdout_samples: int | None = None,
         ood: list[str] | None = None,
         eval_samples: int | None = None,
         num_workers: int = 0,
@@ -335,8 +343,9 @@ class TaskDataModule(L.LightningDataModule):
         self.task: Task = get_task(task)
         for name, value, lo in (("max_length", max_length, 2), ("batch_size", batch_size, 1),
                                 ("calib_samples", calib_samples, 1), ("calib_per_class", calib_per_class, 1),
-                                ("eval_samples", eval_samples, 1), ("num_workers", num_workers, 0)):
-            if value is None and name in ("calib_samples", "calib_per_class", "eval_samples"):
+                                ("eval_samples", eval_samples, 1), ("num_workers", num_workers, 0),
+                                ("holdout_samples", holdout_samples, 0)):
+            if value is None and name in ("calib_samples", "calib_per_class", "eval_samples", "holdout_samples"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
@@ -347,6 +356,10 @@ class TaskDataModule(L.LightningDataModule):
                 f"calib_samples={calib_samples} and calib_per_class={calib_per_class} are mutually exclusive; "
                 "pass calib_samples=None to draw calib_per_class rows per class."
             )
+        if holdout_samples and calib_samples is None:
+            how = f"calib_per_class={calib_per_class}" if calib_per_class is not None else "calib_samples=None"
+            raise ValueError(f"holdout_samples={holdout_samples} takes the training rows after the calibration draw, "
+                             f"which {how} does not make; use calib_samples=<n> with it, or holdout_samples=0")
         if calib_per_class is not None and self.task.regression:
             raise ValueError(f"calib_per_class needs a classification task; {self.task.name!r} is a regression task. "
                              "Use calib_samples instead.")
@@ -369,12 +382,14 @@ class TaskDataModule(L.LightningDataModule):
         self.calib_samples = calib_samples
         self.calib_per_class = calib_per_class
         self.calib_seed = calib_seed
+        self.holdout_samples = (256 if calib_samples is not None else 0) if holdout_samples is None else holdout_samples
         self.ood = list(ood)
         self.eval_samples = eval_samples
         self.num_workers = num_workers
         self._tokenizer = None
         self._collator: Collator | None = None
         self.calib_set: datasets.Dataset | None = None
+        self.holdout_set: datasets.Dataset | None = None
         self.eval_sets: list[datasets.Dataset] | None = None
 
     # ------------------------------------------------------------------------------------------------ public
@@ -453,6 +468,11 @@ class TaskDataModule(L.LightningDataModule):
                 raise ValueError(f"empty calibration set for task {self.task.name!r}; check calib_samples / "
                                  "calib_per_class and the train file.")
             self.calib_set = calib
+            if self.holdout_samples:
+                self.holdout_set = random_subset(train, self.holdout_samples, self.calib_seed, skip=self.calib_samples)
+                if len(self.holdout_set) < self.holdout_samples:
+                    log.info("task %r: %d of holdout_samples=%d training rows are left after the %d calibration rows",
+                             self.task.name, len(self.holdout_set), self.holdout_samples, len(calib))
         if self.eval_sets is None:
             sets = [load_split(self.task, "dev", self.data_dir)]
             sets += [load_split(self.task, o, self.data_dir) for o in self.ood]
@@ -463,6 +483,11 @@ class TaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         return self._loader(self.calib_set, resumable=True)
+
+    def holdout_dataloader(self) -> DataLoader | None:
+        """The held-out training rows (``holdout_samples``), or ``None`` when there are none."""
+        self.setup("fit")
+        return self._loader(self.holdout_set) if self.holdout_set is not None and len(self.holdout_set) else None
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")

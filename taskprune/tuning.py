@@ -47,12 +47,20 @@ log = logging.getLogger(__name__)
 
 Tune = Literal["none", "dense", "schedule"]
 TUNES: tuple[str, ...] = get_args(Tune)
+Allocate = Literal["auto", "score", "loss"]
+ALLOCATES: tuple[str, ...] = get_args(Allocate)
 
 
 @dataclass(frozen=True)
 class TuningConfig:
     """The training-free stages after selection: one object for Python, the callback and YAML (``pruning.tuning``)."""
 
+    allocate: Allocate = "auto"
+    """How the mask search (a MAC budget with scope 'search', what 'auto' picks for squared scores) splits the budget
+    between heads and neurons: score (the split of largest total score, Kwon et al.), loss (the lowest task loss on
+    held-out rows, among a few model-wide head counts: :func:`search_by_loss`) or auto (loss when held-out rows are
+    given -- ``TaskDataModule(holdout_samples=...)``, on by default -- else score). Chosen on the selection split:
+    benchmarks/results/quality_selection.md."""
     rearrange: bool = False
     """Re-choose each block's kept units under the block-diagonal Fisher of the per-batch mask gradients (Kwon et
     al.'s mask rearrangement); keeps every block's unit count."""
@@ -70,12 +78,15 @@ class TuningConfig:
             raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
         if self.tune not in TUNES:
             raise ValueError(f"tune={self.tune!r} is not allowed; use one of {list(TUNES)}")
+        if self.allocate not in ALLOCATES:
+            raise ValueError(f"allocate={self.allocate!r} is not allowed; use one of {list(ALLOCATES)}")
         for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
                 raise ValueError(f"{name}={v!r} must be a finite number >= {low}")
 
     @property
     def active(self) -> bool:
+        """Whether rearrangement or tuning runs (the allocation by loss needs no calibration batches)."""
         return self.rearrange or self.tune != "none"
 
     def to_dict(self) -> dict:
@@ -84,20 +95,37 @@ class TuningConfig:
 
 def finish_spec(model: nn.Module, spec: PruneSpec, scores: UnitScores, budget, batches: list[dict],
                 config: TuningConfig, target="label", forward: Callable = default_forward,
-                units="all") -> PruneSpec:
-    """Run the stages of ``config`` on a selected ``spec``: rearrange, then tune (scales in the returned spec).
+                units="all", held_out: list[dict] | None = None) -> PruneSpec:
+    """Run the stages of ``config`` on a selected ``spec``: allocate by loss, rearrange, then tune (scales in the
+    returned spec).
 
     ``model`` is the dense model, ``scores`` and ``budget`` what ``spec`` was selected from (the teacher of
     ``tune="schedule"`` is selected from them at ``sqrt`` of the kept fraction), ``batches`` the calibration
-    batches (labels as ``target`` needs them; ``"pseudo"`` labels are the dense model's predictions).
+    batches, ``held_out`` batches of rows not among them (for ``allocate``: ``"auto"`` uses them when given). Labels
+    as ``target`` needs them; ``"pseudo"`` labels are the dense model's predictions.
     """
     from taskprune.selection import select_units
 
-    if not config.active:
+    searched = spec.budget.get("scope") == "search"
+    if config.allocate == "loss" and not searched:
+        raise ValueError(f"allocate='loss' chooses the heads / neurons split of the mask search, but the budget "
+                         f"resolved to scope {spec.budget.get('scope')!r}; use a MAC budget with scope 'search' (or "
+                         "'auto' with squared scores), or allocate='score'")
+    if config.allocate == "loss" and not held_out:
+        raise ValueError("allocate='loss' needs held-out batches (rows not used for scoring), got none; give "
+                         "TaskDataModule(holdout_samples=256) or your datamodule a holdout_dataloader(), or use "
+                         "allocate='score'")
+    by_loss = config.allocate != "score" and searched and bool(held_out)
+    if not (config.active or by_loss):
         return spec
     if target == "pseudo":
-        batches = [_with_predictions(model, b, forward) for b in batches]
+        batches = [_with_predictions(model, b, forward) for b in batches] if config.active else batches
+        held_out = [_with_predictions(model, b, forward) for b in held_out] if by_loss else held_out
         target = "label"
+    if by_loss:
+        found = search_by_loss(model, scores, float(budget.amount), held_out, seq_len=budget.seq_len, target=target,
+                               forward=forward, min_heads=budget.min_heads)
+        spec = replace(spec, keep=found.keep, budget={**spec.budget, "allocation": "loss"})
     if config.rearrange:
         grads, _ = batch_gradients(model, batches, target, units, forward)
         spec = rearrange(spec, grads)
@@ -228,11 +256,11 @@ def scaled_mask(model: nn.Module, spec: PruneSpec):
 # ------------------------------------------------------------------------------------- allocation by loss
 @torch.no_grad()
 def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: list[dict], seq_len: int = 128,
-                   target="label", n: int = 8, forward: Callable = default_forward) -> PruneSpec:
+                   target="label", n: int = 8, forward: Callable = default_forward, min_heads: int = 1) -> PruneSpec:
     """The mask search at each of ``n`` model-wide head counts (:func:`taskprune.search.head_counts`, the score-sum
     search's own count among them); returns the spec whose masked model has the highest mean ``target`` (``"label"``:
     the lowest task loss) on ``batches``, which should be held out from the calibration batches the scores came
-    from. Ties go to the fewest heads. ``spec.budget["allocation"]`` is ``"search_by_loss"``.
+    from. Ties go to the fewest heads. ``spec.budget["allocation"]`` is ``"loss"``.
     """
     from taskprune.search import head_counts, search_macs
 
@@ -242,8 +270,8 @@ def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: l
     fn = make_target(target, model)
     best = None
     with Gates(model) as gates:
-        for h in head_counts(scores, macs, seq_len=seq_len, n=n):
-            spec = search_macs(scores, macs, seq_len=seq_len, heads=h)
+        for h in head_counts(scores, macs, seq_len=seq_len, min_heads=min_heads, n=n):
+            spec = search_macs(scores, macs, seq_len=seq_len, min_heads=min_heads, heads=h)
             gates.set(gate_values(gates, spec))
             total = sum(float(fn(forward(model, b), b).double().sum()) for b in batches)
             log.debug("search_by_loss macs=%.2f: %d heads -> summed target %.5f", macs, h, total)
@@ -251,7 +279,7 @@ def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: l
                 best = (total, spec)
         gates.set(None)
     spec = best[1]
-    return replace(spec, budget={**spec.budget, "allocation": "search_by_loss"})
+    return replace(spec, budget={**spec.budget, "allocation": "loss"})
 
 
 # ------------------------------------------------------------------------------------------ mask tuning

@@ -11,7 +11,7 @@ import yaml
 import torch
 from transformers import BertTokenizerFast
 
-from taskprune.data import EMBEDDED_DATA_DIR, TaskDataModule, load_split, per_class_subset
+from taskprune.data import EMBEDDED_DATA_DIR, TaskDataModule, load_split, per_class_subset, random_subset
 from taskprune.tasks import TASKS, get_task, task_from_dict
 
 WORDS = "the a movie is good bad great awful not very it was fun dull , . ? what who why cat dog sat on mat".split()
@@ -256,6 +256,9 @@ def test_regression_labels_are_float(tokenizer):
         ({"task": "sst2", "ood": ["snli"]}, r"no out-of-domain set 'snli'.*imdb"),
         ({"task": "sst2", "batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
         ({"task": "sst2", "data_dir": "/nonexistent/xyz"}, r"data_dir '/nonexistent/xyz' is not a folder"),
+        ({"task": "sst2", "calib_samples": None, "calib_per_class": 4, "holdout_samples": 64},
+         r"holdout_samples=64 takes the training rows after the calibration draw, which calib_per_class=4 does not"),
+        ({"task": "sst2", "holdout_samples": -1}, r"holdout_samples must be an int >= 0, got -1"),
     ],
 )
 def test_datamodule_rejects_bad_arguments(kwargs, match):
@@ -284,3 +287,20 @@ def test_resume_with_another_calibration_set_refused():
     TaskDataModule("sst2", calib_samples=16, calib_seed=0).load_state_dict(saved)  # same set: fine
     with pytest.raises(ValueError, match="calib_seed=0 in the checkpoint vs 1 now"):
         TaskDataModule("sst2", calib_samples=16, calib_seed=1).load_state_dict(saved)
+
+
+def test_holdout_rows_follow_the_calibration_draw_and_never_overlap_it():
+    train = load_split("sst2", "train")
+    dm = TaskDataModule("sst2", calib_samples=20, holdout_samples=30, calib_seed=2)
+    dm.setup()
+    calib, held = set(dm.calib_set["sentence"]), dm.holdout_set["sentence"]
+    assert len(held) == 30 and not calib & set(held)
+    assert calib | set(held) == set(random_subset(train, 50, seed=2)["sentence"])  # the next rows of one draw
+    assert TaskDataModule("sst2", calib_samples=20).holdout_samples == 256  # on by default with calib_samples
+    left = TaskDataModule("sst2", calib_samples=len(train) - 10, holdout_samples=30)
+    left.setup()
+    assert len(left.holdout_set) == 10  # what the split has left
+    for kw in ({"calib_samples": 20, "holdout_samples": 0}, {"calib_samples": None, "calib_per_class": 4},
+               {"calib_samples": None}):
+        off = TaskDataModule("sst2", **kw)
+        assert off.holdout_samples == 0 and off.holdout_dataloader() is None, kw

@@ -222,6 +222,27 @@ def test_unreachable_budget_fails_before_work(tmp_path):
     assert not (tmp_path / "spec.json").exists()
 
 
+def test_heads_neurons_split_by_held_out_loss_when_the_datamodule_holds_rows_out(tmp_path):
+    from taskprune.tuning import TuningConfig
+
+    def fit(out, **kw):
+        module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
+                                   compare_dense=False)
+        trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / out), apply="none", **kw)]).fit(
+            module, datamodule(holdout_samples=24))
+        return PruneSpec.load(tmp_path / out / "spec.json")
+
+    by_loss = fit("auto")  # the default: squared IG -> the mask search, split by the loss on 24 held-out rows
+    assert by_loss.budget["scope"] == "search" and by_loss.budget["allocation"] == "loss"
+    assert by_loss.budget["achieved"]["macs"] >= 0.4
+    assert "allocation" not in fit("score", tuning=TuningConfig(allocate="score")).budget
+    module = AttributionModule(tiny_classifier(), task="sst2")
+    cb = TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / "none"), tuning=TuningConfig(allocate="loss"))
+    with pytest.raises(ValueError, match=r"allocate='loss' needs rows held out from calibration.*holdout_samples"):
+        trainer([cb]).fit(module, datamodule(holdout_samples=0))  # refused before any calibration
+    assert not (tmp_path / "none").exists()
+
+
 def test_second_run_into_same_output_dir_refused(tmp_path):
     trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(
         AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="magnitude")),

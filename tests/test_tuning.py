@@ -130,7 +130,7 @@ def test_search_by_loss_keeps_the_head_count_of_lowest_held_out_loss(name):
     scores = random_scores(model, seed=2)
     held_out = labelled(name, 2, seed=50)
     spec = search_by_loss(model, scores, 0.5, held_out, seq_len=16, n=5)
-    assert spec.budget["allocation"] == "search_by_loss"
+    assert spec.budget["allocation"] == "loss"
     assert count_macs(model, 16, spec) <= 0.5 * count_macs(model, 16)
 
     def loss(sp):
@@ -311,3 +311,29 @@ def test_search_scope_needs_a_mac_budget():
 
     with pytest.raises(ValueError, match=r"scope='search' searches under a MAC budget; got kind='params'"):
         Budget(kind="params", scope="search")
+
+
+def test_finish_spec_allocates_by_held_out_loss_when_rows_are_given_or_asked_for():
+    from dataclasses import replace
+
+    from taskprune.selection import Budget
+    from taskprune.tuning import TuningConfig, finish_spec
+
+    model = wide_model("bert").eval()
+    scores = random_scores(model, seed=2)
+    budget = Budget(amount=0.5, scope="search", seq_len=16)
+    spec = select_units(scores, budget)
+    held_out = labelled("bert", 2, seed=50)
+    out = finish_spec(model, spec, scores, budget, [], TuningConfig(), held_out=held_out)  # auto + rows -> loss
+    assert out.keep == search_by_loss(model, scores, 0.5, held_out, seq_len=16).keep
+    assert out.budget == {**spec.budget, "allocation": "loss"} and out.meta["tuning"]["allocate"] == "auto"
+    assert finish_spec(model, spec, scores, budget, [], TuningConfig()) is spec  # auto without rows: the score split
+    assert finish_spec(model, spec, scores, budget, [], TuningConfig(allocate="score"), held_out=held_out) is spec
+    with pytest.raises(ValueError, match=r"allocate='loss' needs held-out batches.*holdout_samples=256"):
+        finish_spec(model, spec, scores, budget, [], TuningConfig(allocate="loss"))
+    per_kind = select_units(scores, replace(budget, scope="per_kind"))
+    assert finish_spec(model, per_kind, scores, budget, [], TuningConfig(), held_out=held_out) is per_kind
+    with pytest.raises(ValueError, match=r"resolved to scope 'per_kind'.*allocate='score'"):
+        finish_spec(model, per_kind, scores, budget, [], TuningConfig(allocate="loss"), held_out=held_out)
+    with pytest.raises(ValueError, match=r"allocate='split' is not allowed; use one of \['auto', 'score', 'loss'\]"):
+        TuningConfig(allocate="split")
