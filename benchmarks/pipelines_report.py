@@ -21,10 +21,11 @@ MAIN_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}
 NAMES = {"sst2": "SST-2", "mrpc": "MRPC (F1)", "qnli": "QNLI", "mnli": "MNLI-m", "qqp": "QQP", "stsb": "STS-B (r)",
          "rte": "RTE", "cola": "CoLA (MCC)"}
 ORDER = ("default", "kwon", "kwon_notune", "ig", "ig05", "grad_x_gate", "fisher", "activation", "magnitude", "random")
-#: taskprune's default pipeline: what AttributionConfig(), Budget() and TuningConfig() do (ig from gates = 0.5, 4 steps,
-#: squared per-sample attributions, Kwon et al.'s mask search through scope="auto", no tuning) = the benchmark's
-#: "igsq_search". "default" in the tables and in quality_summary.json.
-DEFAULT = "igsq_search"
+#: taskprune's default pipeline: what AttributionConfig(), Budget(), TuningConfig() and TaskDataModule() do (ig from
+#: gates = 0.5, 4 steps, squared per-sample attributions, Kwon et al.'s mask search through scope="auto", its heads /
+#: neurons split chosen by the task loss on 256 held-out training rows through allocate="auto", no tuning) = the
+#: benchmark's "igsq_holdout". "default" in the tables and in quality_summary.json.
+DEFAULT = "igsq_holdout"
 #: calibration samples of the headline rows; files made with another ``--calib`` give rows named ``<pipeline>@<n>``.
 CALIB = 512
 
@@ -177,7 +178,10 @@ def paired(raw: dict, tasks: list[str], a: str = "default", b: str = "kwon") -> 
             std = max(statistics.stdev(sa[s] for s in seeds) if len(seeds) > 1 else 0.0,
                       statistics.stdev(sb[s] for s in seeds) if len(seeds) > 1 else 0.0)
             md = statistics.mean(d)
-            verdict = "yes" if abs(md) > std and len(seeds) > 1 else ("n/a (1 seed)" if len(seeds) == 1 else "no")
+            if len(seeds) == 1:
+                verdict = "n/a (1 seed)"
+            else:  # which side leads matters: a lead of b beyond the std is not a win of a
+                verdict = "no" if abs(md) <= std else (f"yes ({a} ahead)" if md > 0 else f"yes ({b} ahead)")
             lines.append(f"| {NAMES.get(t, t)} | {c:.0%} | {statistics.mean(sa[s] for s in seeds):.1f} | "
                          f"{statistics.mean(sb[s] for s in seeds):.1f} | {md:+.1f} | {len(seeds)} | {verdict} |")
     return lines + [""]
