@@ -21,6 +21,11 @@ gives the callback its own target, a callable ``(outputs, batch) -> [batch]`` te
 
     TaskPruning(attribution=AttributionConfig(target=my_target), budget=Budget(amount=0.4))
 
+Rows held out from calibration, whose task loss chooses the heads / neurons split of the mask search
+(``TuningConfig(allocate="auto" | "loss")``), come from a ``holdout_dataloader()`` on the *datamodule* (as
+:class:`~taskprune.data.TaskDataModule` serves them; ``None`` when there are none) or, failing that, on the module.
+Without one, ``allocate="auto"`` keeps Kwon et al.'s split by total score.
+
 ``isinstance(module, PruningModule)`` (runtime checkable) tells whether a module has *every* hook; the callback
 itself needs only ``pruning_model``.
 """
