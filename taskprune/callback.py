@@ -246,7 +246,8 @@ class TaskPruning(L.Callback):
                              "and the calibration set size)")
         spec = self._select(scores) if trainer.is_global_zero else None
         if spec is not None:
-            held_out = self._held_out(trainer, pl_module) if self.tuning.allocate != "score" else None
+            searched = self.tuning.allocate != "score" and spec.budget.get("scope") == "search"
+            held_out = self._held_out(trainer, pl_module) if searched else None
             batches = list(self._batches(trainer, pl_module)[1]) if self.tuning.active else []
             spec = finish_spec(model, spec, scores, self.budget, batches, self.tuning,
                                target=(self._config or self._resolve_attribution(pl_module)).target,
