@@ -94,7 +94,7 @@ PIPELINES: dict[str, tuple[str, str, bool, str]] = {
     "igsq_search_rearrange_tune": ("igsq", "search", True, "schedule"),
     "ig0sq_search_tune": ("ig0sq", "search", False, "schedule"),
     "fisher_search_tune": ("fisher", "search", False, "schedule"),
-    # heads / neurons split by held-out loss instead of the score sum (igsq_holdout: taskprune's default)
+    # heads / neurons split by held-out loss instead of the score sum (igsq_holdout: taskprune's opt-in holdout_samples=256)
     "igsq_holdout": ("igsq", "holdout", False, "none"),
     "fisher_holdout": ("fisher_batch", "holdout", False, "none"),
     # iterative attribution: R rounds, each re-scoring the model masked by the previous round's spec

@@ -81,9 +81,10 @@ class TaskPruning(L.Callback):
             (FLAP-style mean compensation) or ``lstsq`` (both): larger gains at 40-50 % cuts, harmful at >= 60 %
             (benchmarks/results/reconstruction.md). Costs one more pass over the calibration data. One process only.
         tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): the
-            heads / neurons split of the mask search by the task loss on held-out rows (``allocate``; default: when
-            the datamodule serves them), Kwon et al.'s mask rearrangement and mask tuning on the calibration batches
-            (the spec gets per-unit scales, folded into the weights when it is applied; default: off).
+            heads / neurons split of the mask search by the task loss on held-out rows (``allocate``: when the
+            datamodule serves them, e.g. ``TaskDataModule(holdout_samples=256)``; none by default), Kwon et al.'s
+            mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales, folded
+            into the weights when it is applied; default: off).
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """

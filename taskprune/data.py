@@ -314,8 +314,7 @@ class TaskDataModule(L.LightningDataModule):
         holdout_samples: training rows held out from calibration (the next rows of the calibration draw's seeded
             permutation, so never among the calibration rows), served by :meth:`holdout_dataloader`: the task loss on
             them chooses the heads / neurons split of the mask search (:class:`~taskprune.tuning.TuningConfig`
-            ``allocate``). ``None`` = 256 with ``calib_samples``, none with ``calib_per_class`` (low-resource: every
-            labelled row calibrates) or ``calib_samples=None`` (no rows left); ``0`` = none.
+            ``allocate``). Default 0 (none): opt-in, see the README's "Defaults and why"; needs ``calib_samples``.
         ood: names of the out-of-domain sets to evaluate; ``None`` = the task's defaults, ``[]`` = none.
         eval_samples: cap on rows per evaluation set (seeded subset with ``calib_seed``); ``None`` = all.
         num_workers: DataLoader workers.
@@ -334,7 +333,7 @@ class TaskDataModule(L.LightningDataModule):
         calib_samples: int | None = 512,
         calib_per_class: int | None = None,
         calib_seed: int = 0,
-        holdout_samples: int | None = None,
+        holdout_samples: int = 0,
         ood: list[str] | None = None,
         eval_samples: int | None = None,
         num_workers: int = 0,
@@ -345,7 +344,7 @@ class TaskDataModule(L.LightningDataModule):
                                 ("calib_samples", calib_samples, 1), ("calib_per_class", calib_per_class, 1),
                                 ("eval_samples", eval_samples, 1), ("num_workers", num_workers, 0),
                                 ("holdout_samples", holdout_samples, 0)):
-            if value is None and name in ("calib_samples", "calib_per_class", "eval_samples", "holdout_samples"):
+            if value is None and name in ("calib_samples", "calib_per_class", "eval_samples"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
@@ -382,7 +381,7 @@ class TaskDataModule(L.LightningDataModule):
         self.calib_samples = calib_samples
         self.calib_per_class = calib_per_class
         self.calib_seed = calib_seed
-        self.holdout_samples = (256 if calib_samples is not None else 0) if holdout_samples is None else holdout_samples
+        self.holdout_samples = holdout_samples
         self.ood = list(ood)
         self.eval_samples = eval_samples
         self.num_workers = num_workers

@@ -59,8 +59,8 @@ class TuningConfig:
     """How the mask search (a MAC budget with scope 'search', what 'auto' picks for squared scores) splits the budget
     between heads and neurons: score (the split of largest total score, Kwon et al.), loss (the lowest task loss on
     held-out rows, among a few model-wide head counts: :func:`search_by_loss`) or auto (loss when held-out rows are
-    given -- ``TaskDataModule(holdout_samples=...)``, on by default -- else score). Chosen on the selection split:
-    benchmarks/results/quality_selection.md."""
+    given -- ``TaskDataModule(holdout_samples=256)``, off by default -- else score). Measured on the selection split
+    and unseen domains: benchmarks/results/quality_selection.md, README "Defaults and why"."""
     rearrange: bool = False
     """Re-choose each block's kept units under the block-diagonal Fisher of the per-batch mask gradients (Kwon et
     al.'s mask rearrangement); keeps every block's unit count."""

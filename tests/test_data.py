@@ -296,11 +296,10 @@ def test_holdout_rows_follow_the_calibration_draw_and_never_overlap_it():
     calib, held = set(dm.calib_set["sentence"]), dm.holdout_set["sentence"]
     assert len(held) == 30 and not calib & set(held)
     assert calib | set(held) == set(random_subset(train, 50, seed=2)["sentence"])  # the next rows of one draw
-    assert TaskDataModule("sst2", calib_samples=20).holdout_samples == 256  # on by default with calib_samples
+    assert TaskDataModule("sst2", calib_samples=20).holdout_samples == 0  # opt-in
     left = TaskDataModule("sst2", calib_samples=len(train) - 10, holdout_samples=30)
     left.setup()
     assert len(left.holdout_set) == 10  # what the split has left
-    for kw in ({"calib_samples": 20, "holdout_samples": 0}, {"calib_samples": None, "calib_per_class": 4},
-               {"calib_samples": None}):
+    for kw in ({"calib_samples": 20}, {"calib_samples": None, "calib_per_class": 4}, {"calib_samples": None}):
         off = TaskDataModule("sst2", **kw)
         assert off.holdout_samples == 0 and off.holdout_dataloader() is None, kw

@@ -232,7 +232,7 @@ def test_heads_neurons_split_by_held_out_loss_when_the_datamodule_holds_rows_out
             module, datamodule(holdout_samples=24))
         return PruneSpec.load(tmp_path / out / "spec.json")
 
-    by_loss = fit("auto")  # the default: squared IG -> the mask search, split by the loss on 24 held-out rows
+    by_loss = fit("auto")  # squared IG -> the mask search, split by the loss on 24 held-out rows (auto: rows given)
     assert by_loss.budget["scope"] == "search" and by_loss.budget["allocation"] == "loss"
     assert by_loss.budget["achieved"]["macs"] >= 0.4
     assert "allocation" not in fit("score", tuning=TuningConfig(allocate="score")).budget
