@@ -247,8 +247,7 @@ class TaskPruning(L.Callback):
                              "and the calibration set size)")
         spec = self._select(scores) if trainer.is_global_zero else None
         if spec is not None:
-            searched = self.tuning.allocate != "score" and spec.budget.get("scope") == "search"
-            held_out = self._held_out(trainer, pl_module) if searched else None
+            held_out = self._held_out(trainer, pl_module) if self.tuning.splits_by_loss(spec) else None
             batches = list(self._batches(trainer, pl_module)[1]) if self.tuning.active else []
             spec = finish_spec(model, spec, scores, self.budget, batches, self.tuning,
                                target=(self._config or self._resolve_attribution(pl_module)).target,

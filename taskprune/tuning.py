@@ -89,6 +89,10 @@ class TuningConfig:
         """Whether rearrangement or tuning runs (the allocation by loss needs no calibration batches)."""
         return self.rearrange or self.tune != "none"
 
+    def splits_by_loss(self, spec: PruneSpec) -> bool:
+        """Whether held-out rows would choose ``spec``'s heads / neurons split (a searched spec, allocate not score)."""
+        return self.allocate != "score" and spec.budget.get("scope") == "search"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -115,7 +119,7 @@ def finish_spec(model: nn.Module, spec: PruneSpec, scores: UnitScores, budget, b
         raise ValueError("allocate='loss' needs held-out batches (rows not used for scoring), got none; give "
                          "TaskDataModule(holdout_samples=256) or your datamodule a holdout_dataloader(), or use "
                          "allocate='score'")
-    by_loss = config.allocate != "score" and searched and bool(held_out)
+    by_loss = config.splits_by_loss(spec) and bool(held_out)
     if not (config.active or by_loss):
         return spec
     if target == "pseudo":
@@ -258,7 +262,7 @@ def scaled_mask(model: nn.Module, spec: PruneSpec):
 def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: list[dict], seq_len: int = 128,
                    target="label", n: int = 8, forward: Callable = default_forward, min_heads: int = 1) -> PruneSpec:
     """The mask search at each of ``n`` model-wide head counts (:func:`taskprune.search.head_counts`, the score-sum
-    search's own count among them); returns the spec whose masked model has the highest mean ``target`` (``"label"``:
+    search's own count among them); returns the spec whose masked model has the highest summed ``target`` (``"label"``:
     the lowest task loss) on ``batches``, which should be held out from the calibration batches the scores came
     from. Ties go to the fewest heads. ``spec.budget["allocation"]`` is ``"loss"``.
     """
