@@ -41,15 +41,15 @@ import numpy as np
 import torch
 
 from benchmarks.common import header, write_text
-from taskprune.attribution import model_inputs, score_units
+from taskprune.attribution import AttributionConfig, model_inputs
 from taskprune.export import load_pruned, save_pruned
 from taskprune.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
 from taskprune.flops import count_macs, count_params
 from taskprune.gguf import load_smollm2
-from taskprune.search import search_macs
-from taskprune.selection import select_units
+from taskprune.pipeline import Pipeline
+from taskprune.selection import Budget
 from taskprune.surgery import shrink_
-from taskprune.tuning import batch_gradients, fisher_scores, fold_scales_, teacher_keep, tune_masks
+from taskprune.tuning import TuningConfig, fold_scales_
 
 log = logging.getLogger("benchmarks.smollm2")
 
@@ -66,11 +66,12 @@ SCORES = {
     "ig_rows": dict(method="ig", prefix=False),  # IG, mean |per-sample attribution|; prefix from the dense cache
     "ig": dict(method="ig", prefix=True),
     "igsq": dict(method="ig", prefix=True, aggregate="square"),  # mean of squared per-sample attributions
-    "fisher": dict(method="fisher_batch", prefix=True),  # Kwon et al.: sum over batches of squared mask gradients
+    "fisher": dict(method="fisher", prefix=True),  # Kwon et al.: sum over batches of squared mask gradients
 }
 # pipeline -> (scores, allocation, kinds pruned, mask tuning); allocation per_kind = the same share of attention and
 # FFN MACs, search = Kwon et al.'s mask search (units of largest total score under the MAC bound); tuning = Kwon et
-# al.'s mask tuning of the kept units' scales (teacher: the dense model, or their schedule), folded before shrinking
+# al.'s mask tuning of the kept units' scales (teacher: the dense model, or their schedule), folded before shrinking.
+# Each is a taskprune.pipeline.Pipeline (see pipeline_of), run by Pipeline.prune.
 PIPELINES = {
     "ig_rows": ("ig_rows", "per_kind", "all", "none"),  # the first run's setting
     "ig": ("ig", "per_kind", "all", "none"),
@@ -85,47 +86,45 @@ PIPELINES = {
 DEFAULT_PIPELINE = "fisher_search"
 
 
+def pipeline_of(name: str, steps: int, alpha_batch: int, seq_len: int) -> Pipeline:
+    """The :class:`taskprune.pipeline.Pipeline` of a row of :data:`PIPELINES`."""
+    score, scope, units, tune = PIPELINES[name]
+    o = SCORES[score]
+    if o["method"] == "fisher":
+        att = AttributionConfig(method="fisher", per="batch", units=units)
+    else:
+        att = AttributionConfig(method="ig", steps=steps, alpha_batch=alpha_batch, units=units,
+                                aggregate=o.get("aggregate", "abs"))
+    return Pipeline(att, Budget(kind="macs", scope=scope, seq_len=seq_len), TuningConfig(tune=tune), name)
+
+
 class Scorer:
-    """Scores per method on one task's calibration batches, computed once; ``seconds`` per method."""
+    """Scores per (pipeline scores, kinds) on one task's calibration batches, computed once; ``seconds`` per name."""
 
     def __init__(self, model: PromptedLM, calib: list[dict], steps: int, alpha_batch: int):
         self.model, self.calib, self.steps, self.alpha_batch = model, calib, steps, alpha_batch
         self.cache, self.seconds = {}, {}
 
-    def __call__(self, name: str):
-        if name not in self.cache:
-            o = SCORES[name]
+    def __call__(self, pipeline: str, seq_len: int = 128):
+        score = PIPELINES[pipeline][0]
+        p = pipeline_of(pipeline, self.steps, self.alpha_batch, seq_len)
+        key = (score, p.attribution)
+        if key not in self.cache:
             t = time.perf_counter()
-            self.model.attribute_prefix = o["prefix"]
+            self.model.attribute_prefix = SCORES[score]["prefix"]
             try:
-                if o["method"] == "fisher_batch":
-                    grads, n = batch_gradients(self.model, self.calib)
-                    self.cache[name] = fisher_scores(grads, self.model, n)
-                else:
-                    self.cache[name] = score_units(self.model, self.calib, "ig", "label", steps=self.steps,
-                                                   alpha_batch=self.alpha_batch,
-                                                   aggregate=o.get("aggregate", "abs"))
+                self.cache[key] = p.score(self.model, self.calib)
             finally:
                 self.model.attribute_prefix = True
-            self.seconds[name] = time.perf_counter() - t
-        return self.cache[name]
+            self.seconds[score] = time.perf_counter() - t
+        return p, self.cache[key]
 
 
 def prune(scorer: Scorer, pipeline: str, cut: float, seq_len: int) -> tuple[PromptedLM, object, float]:
     """``(shrunk copy, spec, seconds of allocation + tuning)`` of ``pipeline`` at a MAC cut."""
-    score, how, units, tune = PIPELINES[pipeline]
-    scores = scorer(score)
+    p, scores = scorer(pipeline, seq_len)
     t = time.perf_counter()
-
-    def allocate(amount):
-        if how == "search":
-            return search_macs(scores, amount, seq_len=seq_len)
-        return select_units(scores, macs=amount, seq_len=seq_len, units=units, scope="per_kind")
-
-    spec = allocate(cut)
-    if tune != "none":
-        teacher = allocate(1.0 - teacher_keep(1.0 - cut)) if tune == "schedule" else None
-        spec = tune_masks(scorer.model, spec, scorer.calib, teacher=teacher, forward=uncalibrated)
+    spec = p.at(cut).prune(scorer.model, scorer.calib, forward=uncalibrated, scores=scores)
     pruned = copy.deepcopy(scorer.model)
     if spec.scales:
         spec = fold_scales_(pruned, spec)
@@ -303,7 +302,7 @@ def run_task(task: str, args, lm, tok) -> dict:
         out["task_seconds"] = time.perf_counter() - t_task
         return out
     scorer = s["scorer"]
-    scorer(PIPELINES[args.pipeline][0])
+    scorer(args.pipeline, seq_len)
     out.update({"n_calib": s["n_calib"], "calibration_seconds": scorer.seconds[PIPELINES[args.pipeline][0]],
                 "peak_rss_gib_after_calibration": peak_rss_gib()})
     log.info("%s: calibrated on %d rows in %.0fs, peak RSS %.2f GiB", task, s["n_calib"], out["calibration_seconds"],

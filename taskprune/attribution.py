@@ -58,6 +58,11 @@ PERS: tuple[str, ...] = get_args(Per)
 DATA_FREE = ("magnitude", "random")
 AGGREGATED = ("ig", "grad_x_gate", "fisher")  # methods whose signed attributions go through ``aggregate`` / ``per``
 DEFAULT_BASELINE = 0.5  # where the IG path starts (gate value); chosen by measurement, see the module docstring
+#: option -> the methods it applies to; with any other method a value other than its default is refused
+METHOD_OPTIONS = {
+    "steps": ("ig",), "quadrature": ("ig",), "baseline": ("ig",), "alpha_batch": ("ig",),
+    "aggregate": ("ig", "grad_x_gate"), "per": ("ig", "grad_x_gate", "fisher"), "seed": ("random",),
+}
 # batch keys that are not model inputs
 NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
 
@@ -88,42 +93,52 @@ class AttributionConfig:
     units: Units = "all"
     """Unit kinds scored and pruned: all, heads or neurons."""
     steps: int = 4
-    """IG quadrature nodes (ig only): m nodes cost m forward+backward passes per batch."""
+    """IG quadrature nodes (ig only; default 4): m nodes cost m forward+backward passes per batch."""
     quadrature: Quadrature = "riemann_middle"
-    """IG quadrature rule (ig only)."""
+    """IG quadrature rule (ig only; default riemann_middle)."""
     baseline: float = DEFAULT_BASELINE
-    """Gate value where the IG path starts, in [0, 1) (ig only): 0.5 by measurement; 0 is the paper's all-off path."""
+    """Gate value where the IG path starts, in [0, 1) (ig only): 0.5 by measurement (the default); 0 is the paper's
+    all-off path."""
     alpha_batch: int = 1
-    """IG nodes that share one forward pass (the batch is repeated): memory grows with alpha_batch x batch size."""
+    """IG nodes that share one forward pass (ig only; default 1; the batch is repeated): memory grows with
+    alpha_batch x batch size."""
     aggregate: Aggregate = "square"
     """Mean over samples of the squared attribution (square: on a Fisher score's scale, so heads and neurons compare
     in the model-wide mask search that Budget(scope='auto') then runs; chosen on the selection splits), of
-    |attribution| (abs) or of the signed attribution (signed); ig and grad_x_gate."""
+    |attribution| (abs) or of the signed attribution (signed); ig and grad_x_gate only (default square; fisher always
+    squares)."""
     per: Per = "sample"
     """What ``aggregate`` is applied to (ig, grad_x_gate, fisher): each sample's attribution (sample) or each
     calibration batch's mean attribution (batch, weighted by the batch's size). fisher with per=batch is Kwon et al.'s
-    Fisher of the masks (squared gradients of the batch-mean loss, summed over batches)."""
+    Fisher of the masks (squared gradients of the batch-mean loss, summed over batches). Default sample."""
     seed: int = 0
-    """Seed of the random method."""
+    """Seed of the random method (random only; default 0)."""
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
+        for name, methods in METHOD_OPTIONS.items():  # a value the method would not use is refused
+            value, default = getattr(self, name), self.__dataclass_fields__[name].default
+            if self.method not in methods and value != default:
+                raise ValueError(f"{name}={value!r} has no effect with method={self.method!r}: it applies to "
+                                 f"{list(methods)} only; leave it at its default ({default!r})")
         if not callable(self.target):
             _choice("target", self.target, TARGETS, " or a callable (outputs, batch) -> [B]")
         check_units(self.units)
-        _choice("quadrature", self.quadrature, QUADRATURES)
-        _positive_int("steps", self.steps)
-        if self.method == "ig" and self.quadrature == "trapezoid" and self.steps < 2:
-            raise ValueError("the trapezoid rule needs steps >= 2 (nodes at 0 and 1); use riemann_right for 1 step")
-        _positive_int("alpha_batch", self.alpha_batch)
         _choice("aggregate", self.aggregate, AGGREGATIONS)
         _choice("per", self.per, PERS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.method != "ig":
+            return
+        _choice("quadrature", self.quadrature, QUADRATURES)
+        _positive_int("steps", self.steps)
+        if self.quadrature == "trapezoid" and self.steps < 2:
+            raise ValueError("the trapezoid rule needs steps >= 2 (nodes at 0 and 1); use riemann_right for 1 step")
+        _positive_int("alpha_batch", self.alpha_batch)
         if isinstance(self.baseline, bool) or not isinstance(self.baseline, (int, float)) \
                 or not 0.0 <= self.baseline < 1.0:
             raise ValueError(f"baseline={self.baseline!r}: the gate value where the IG path starts must be in [0, 1) "
                              "(0 = all units off, the paper's baseline; 0.5 = a path from half-on gates)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
     def data_free(self) -> bool:
@@ -239,6 +254,27 @@ def model_inputs(batch: dict, model: nn.Module) -> dict:
     return inputs
 
 
+@torch.no_grad()
+def pseudo_labels(model: nn.Module, batch: dict, forward: Callable | None = None) -> dict:
+    """``batch`` with ``labels`` replaced by the model's own predictions (the ``"pseudo"`` target; the one place that
+    makes them): argmax for classifiers, the output for a 1-output regression head, the teacher-forced argmax at the
+    positions the gold labels mark for sequence models. Gates in the model are applied as set (set none for the dense
+    prediction)."""
+    out = (forward or default_forward)(model, {k: v for k, v in batch.items() if k != "labels"})
+    logits = out.logits if hasattr(out, "logits") else out
+    if logits.dim() == 3:
+        pred = logits.argmax(-1)
+        gold = batch.get("labels")
+        if gold is not None and gold.shape == pred.shape:
+            pred = pred.masked_fill(gold == -100, -100)
+        labels = pred
+    elif logits.shape[-1] == 1:
+        labels = logits.squeeze(-1).detach().float()
+    else:
+        labels = logits.argmax(-1)
+    return {**batch, "labels": labels}
+
+
 def default_forward(model: nn.Module, batch: dict):
     return model(**model_inputs(batch, model))
 
@@ -317,8 +353,9 @@ class Attributor:
         self.aggregate = config.aggregate
         self.seed = config.seed
         self.options = {
-            "target": self.target_name, "units": list(self.units), "seed": config.seed,
-            **({"aggregate": config.aggregate} if config.method in AGGREGATED else {}),
+            "target": self.target_name, "units": list(self.units),
+            **({"seed": config.seed} if config.method == "random" else {}),
+            **({"aggregate": config.aggregate} if config.method in METHOD_OPTIONS["aggregate"] else {}),
             **({"per": config.per} if config.per != "sample" else {}),
             **({"steps": config.steps, "quadrature": config.quadrature, "alpha_batch": self.alpha_batch,
                 "baseline": float(config.baseline)} if config.method == "ig" else {}),
@@ -399,20 +436,7 @@ class Attributor:
 
     def _with_pseudo_labels(self, batch: dict) -> dict:
         self.gates.set(None)
-        with torch.no_grad():
-            out = self.forward(self.model, {k: v for k, v in batch.items() if k != "labels"})
-        logits = out.logits if hasattr(out, "logits") else out
-        if logits.dim() == 3:  # sequence model: teacher-forced argmax at the positions the gold labels mark
-            pred = logits.argmax(-1)
-            gold = batch.get("labels")
-            if gold is not None and gold.shape == pred.shape:
-                pred = pred.masked_fill(gold == -100, -100)
-            labels = pred
-        elif logits.shape[-1] == 1:
-            labels = logits.squeeze(-1).detach().float()
-        else:
-            labels = logits.argmax(-1)
-        return {**batch, "labels": labels}
+        return pseudo_labels(self.model, batch, self.forward)
 
     def _grads(self, batch: dict, gate_values: Tensor) -> Tensor:
         """Gradient of Σ target w.r.t. per-row gates ``[rows, n_units]``."""

@@ -12,9 +12,10 @@ Protocol for any LightningModule (``AttributionModule`` implements it; so can yo
   ``labels``; without it, batches must already be such dicts.
 - ``keep_dense_copy()``, ``spec`` and ``spec_mode`` (optional): for side-by-side evaluation and checkpoints.
 - ``holdout_dataloader()`` (optional, on the datamodule or the module; ``TaskDataModule`` has it): rows held out from
-  calibration, whose task loss chooses the heads / neurons split of the mask search (``tuning.allocate``).
+  calibration, whose task loss chooses the heads / neurons split of the mask search (``budget.split``).
 
-At the end of ``fit`` the callback selects a spec (on rank zero, broadcast so every rank applies the same), writes
+At the end of ``fit`` the callback runs the pipeline (:class:`taskprune.pipeline.Pipeline`: allocate, rearrange, tune
+on the scores) and selects a spec (on rank zero, broadcast so every rank applies the same), writes
 ``spec.json`` and ``scores.safetensors`` atomically (rank zero), and applies it (``mask`` or ``shrink``). At
 ``test`` / ``validate`` / ``predict`` start it applies the spec found in ``output_dir`` (or ``spec_path``).
 """
@@ -30,12 +31,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from dataclasses import replace
+
 from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibrate, loader_batches
-from taskprune.selection import Budget, check_budget, select_units
+from taskprune.pipeline import PRESETS, Pipeline
+from taskprune.selection import Budget, check_budget
 from taskprune.spec import PruneSpec
 from taskprune.surgery import apply_mask, shrink_
-from taskprune.tuning import TuningConfig, finish_spec, fold_scales_
+from taskprune.tuning import TuningConfig, fold_scales_
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,11 @@ class TaskPruning(L.Callback):
 
     Args:
         budget: what to remove and how units are chosen (:class:`~taskprune.selection.Budget`: amount, kind, scope,
-            normalize, min_heads, min_neurons, seq_len).
+            normalize, min_heads, min_neurons, seq_len, split). ``seq_len`` follows the datamodule's ``max_length``
+            when there is one (logged).
+        preset: a named pipeline (:data:`taskprune.pipeline.PRESETS`: ``taskprune``, ``kwon``, baselines). It fills
+            the budget's scope (when left at auto) and the tuning (when left at its defaults); its attribution must
+            be the one in force (the module's, or this callback's), else it is refused with the config to set.
         attribution: how units are scored (:class:`~taskprune.attribution.AttributionConfig`). A module with
             ``unit_scores()`` scores with its own config: leave this out (the CLI links it to the module's); a
             different one is refused. Otherwise the callback calibrates with it (default ``AttributionConfig()``).
@@ -71,20 +79,15 @@ class TaskPruning(L.Callback):
         output_dir: where ``spec.json`` and ``scores.safetensors`` go.
         spec_path: an existing spec to apply at test/validate/predict (default: ``output_dir/spec.json``).
         overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused).
-        calib_batches: batches the callback's own calibration reads (modules without ``unit_scores()``); all if None.
+        calib_batches: batches the callback's own calibration reads (modules without ``unit_scores()``), **per
+            process** (N processes read N x calib_batches batches); all the train loader's if None. Rearrangement and
+            tuning read the same batches. The calibration size summed over processes is logged.
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
             so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
-        reconstruct: training-free compensation of the removed units before they go (:mod:`taskprune.reconstruct`),
-            from the calibration batches: ``none`` (default: the pre-trained weights stay untouched), ``scale`` (per
-            unit least-squares rescaling of the kept units: a small gain at every MAC cut measured), ``bias``
-            (FLAP-style mean compensation) or ``lstsq`` (both): larger gains at 40-50 % cuts, harmful at >= 60 %
-            (benchmarks/results/reconstruction.md). Costs one more pass over the calibration data. One process only.
-        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): the
-            heads / neurons split of the mask search by the task loss on held-out rows (``allocate``: when the
-            datamodule serves them, e.g. ``TaskDataModule(holdout_samples=256)``; none by default), Kwon et al.'s
-            mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales, folded
-            into the weights when it is applied; default: off).
+        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): Kwon
+            et al.'s mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales,
+            folded into the weights when it is applied; default: off).
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
@@ -99,38 +102,41 @@ class TaskPruning(L.Callback):
         overwrite: bool = False,
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
-        reconstruct: Literal["none", "bias", "scale", "lstsq"] = "none",
         tuning: TuningConfig = TuningConfig(),
         export_dir: str | None = None,
+        preset: str | None = None,
     ) -> None:
         super().__init__()
-        from taskprune.reconstruct import METHODS as RECONSTRUCT
-
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a taskprune.selection.Budget, got {budget!r}; e.g. "
                             "Budget(amount=0.4, kind='macs') removes 40% of the prunable MACs")
         if not isinstance(tuning, TuningConfig):
             raise TypeError(f"tuning must be a taskprune.tuning.TuningConfig, got {tuning!r}; e.g. "
                             "TuningConfig(tune='schedule')")
+        if preset is not None:  # the preset fills what was left at its default
+            base = Pipeline.preset(preset)
+            if budget.scope == "auto":
+                budget = replace(budget, scope=base.budget.scope)
+            if tuning == TuningConfig():
+                tuning = base.tuning
         if tuning.active and apply == "none":
             raise ValueError("tuning needs a spec to apply: set apply='shrink' (or 'mask'), or leave tuning off")
         if attribution is not None and not isinstance(attribution, AttributionConfig):
             raise TypeError(f"attribution must be an AttributionConfig or None, got {type(attribution).__name__}")
-        for name, value, allowed in (("apply", apply, APPLY), ("reconstruct", reconstruct, RECONSTRUCT)):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; allowed: {list(allowed)}")
+        if apply not in APPLY:
+            raise ValueError(f"unknown apply {apply!r}; allowed: {list(APPLY)}")
         for name, value in (("calib_batches", calib_batches), ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if export_dir is not None and apply != "shrink":
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
-        if reconstruct != "none" and apply == "none":
-            raise ValueError("reconstruct needs a spec to apply: set apply='shrink' (or 'mask'), or reconstruct='none'")
-        self.budget, self.attribution, self.apply = budget, attribution, apply
+        self.attribution, self.apply = attribution, apply
         self.output_dir = Path(output_dir)
         self.spec_path = Path(spec_path) if spec_path else None
         self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
-        self.reconstruct, self.tuning = reconstruct, tuning
+        self.budget, self.tuning, self.preset = budget, tuning, preset
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.spec: PruneSpec | None = None
         self.applied: str | None = None
@@ -161,8 +167,20 @@ class TaskPruning(L.Callback):
             )
         return own or AttributionConfig()
 
-    def _select(self, scores: UnitScores) -> PruneSpec:
-        return select_units(scores, self.budget, units=self._units())
+    def _check_preset(self, config: AttributionConfig) -> None:
+        if self.preset is None:
+            return
+        wanted = Pipeline.preset(self.preset).attribution
+        if replace(config, target=wanted.target, units=wanted.units) != wanted:
+            fields = {k: v for k, v in wanted.to_dict().items() if v is not None and k not in ("target", "units")}
+            raise ValueError(f"preset {self.preset!r} scores with {fields}, but the attribution in force is "
+                             f"{config.method!r} ({config}); set it (--model.attribution.* or "
+                             "TaskPruning(attribution=...)) or leave the preset out")
+
+    def pipeline(self) -> Pipeline:
+        """The pipeline this callback runs (resolved in ``setup``: the attribution in force, budget, tuning)."""
+        return Pipeline(self._config or self.attribution or AttributionConfig(), self.budget, self.tuning,
+                        self.preset or "custom")
 
     def _units(self) -> str:
         return (self._config or self.attribution or AttributionConfig()).units
@@ -181,17 +199,29 @@ class TaskPruning(L.Callback):
             if self.export_dir is not None:
                 _check_writable(self.export_dir.parent, "export_dir's parent")
             self._config = self._resolve_attribution(pl_module)
+            self._check_preset(self._config)
+            self._follow_max_length(trainer)
             from taskprune.arch import get_architecture
 
-            # fail before any work when the budget is unreachable for this model
-            check_budget(get_architecture(model).fingerprint(), self.budget, units=self._units())
-            if self.tuning.allocate == "loss" and self._holdout_loader(trainer, pl_module) is None:
-                raise ValueError("tuning.allocate='loss' needs rows held out from calibration, and neither the "
+            # fail before any work when the budget is unreachable for this model or an option does not apply
+            probe = Attributor(model, self._config)
+            check_budget(get_architecture(model).fingerprint(), self.budget, units=self._units(),
+                         method=probe.method, options=probe.options)
+            if self.budget.split == "loss" and self._holdout_loader(trainer, pl_module) is None:
+                raise ValueError("budget.split='loss' needs rows held out from calibration, and neither the "
                                  "datamodule nor the module serves them (holdout_dataloader()); set "
                                  "TaskDataModule(holdout_samples=256) (--data.holdout_samples 256) or "
-                                 "allocate='score'")
+                                 "split='score'")
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None)
+
+    def _follow_max_length(self, trainer: L.Trainer) -> None:
+        """MACs are counted at the data's sequence length: the datamodule's ``max_length`` when it has one."""
+        length = getattr(getattr(trainer, "datamodule", None), "max_length", None)
+        if isinstance(length, int) and not isinstance(length, bool) and length != self.budget.seq_len:
+            rank_zero_info(f"taskprune: counting MACs at the datamodule's max_length={length} "
+                           f"(budget.seq_len was {self.budget.seq_len})")
+            self.budget = replace(self.budget, seq_len=length)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # here, not in setup: Lightning sets trainer.ckpt_path only when it restores, after setup
@@ -245,17 +275,21 @@ class TaskPruning(L.Callback):
         if scores.count == 0 and scores.method not in ("magnitude", "random"):
             raise ValueError("calibration saw no samples: the train dataloader was empty (check limit_train_batches "
                              "and the calibration set size)")
-        spec = self._select(scores) if trainer.is_global_zero else None
-        if spec is not None:
-            held_out = self._held_out(trainer, pl_module) if self.tuning.splits_by_loss(spec) else None
+        spec = None
+        if trainer.is_global_zero:
+            pipeline = self.pipeline()
+            forward = getattr(pl_module, "forward_fn", None) or default_forward
+            held_out = self._held_out(trainer, pl_module) if self.budget.split != "score" else None
+            spec = pipeline.allocate(model, scores, held_out, forward)
             batches = list(self._batches(trainer, pl_module)[1]) if self.tuning.active else []
-            spec = finish_spec(model, spec, scores, self.budget, batches, self.tuning,
-                               target=(self._config or self._resolve_attribution(pl_module)).target,
-                               forward=getattr(pl_module, "forward_fn", None) or default_forward, units=self._units(),
-                               held_out=held_out)
-            if "allocation" in spec.budget or self.tuning.active:
-                rank_zero_info(f"taskprune: stages after selection done (allocation "
-                               f"{spec.budget.get('allocation', 'score')}, {self.tuning.to_dict()})")
+            spec = pipeline.finish(model, spec, scores, batches, held_out, forward)
+            achieved = spec.budget["achieved"]
+            rank_zero_info(f"taskprune: pipeline {pipeline.name}: {scores.method} scores on {scores.count:g} "
+                           f"calibration samples (all processes); scope {spec.budget['scope']}, allocation "
+                           f"{spec.budget['allocation'] or spec.budget['scope']}; cut {100 * achieved['macs']:.1f} % "
+                           f"of prunable MACs at seq_len {spec.budget['seq_len']} "
+                           f"({spec.n_kept('heads')} heads, {spec.n_kept('neurons')} neurons kept)"
+                           + (f"; tuning {self.tuning.to_dict()}" if self.tuning.active else ""))
         spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
         self.spec = PruneSpec.from_dict(spec_dict)
         if trainer.is_global_zero:
@@ -265,8 +299,6 @@ class TaskPruning(L.Callback):
             rank_zero_info(f"taskprune: wrote {self.output_dir / 'spec.json'} ({scores.count} samples, "
                            f"method {scores.method})")
         trainer.strategy.barrier("taskprune_spec_written")
-        if self.reconstruct != "none":
-            self._reconstruct(trainer, pl_module, model)
         if self.apply != "none":
             self._apply(pl_module, model)
         if self.export_dir is not None:
@@ -319,18 +351,6 @@ class TaskPruning(L.Callback):
         if loader is None:
             return None
         return list(loader_batches(loader, None, getattr(pl_module, "pruning_batch", None), pl_module.device))
-
-    def _reconstruct(self, trainer: L.Trainer, pl_module, model) -> None:
-        from taskprune.reconstruct import reconstruct_
-
-        if trainer.world_size > 1:
-            raise ValueError(f"reconstruct={self.reconstruct!r} runs in one process (its statistics are not summed "
-                             "across processes yet); calibrate with several, then reconstruct with devices=1")
-        if hasattr(pl_module, "keep_dense_copy"):
-            pl_module.keep_dense_copy()  # the dense reference must not carry the compensation
-        reconstruct_(model, self.spec, self._batches(trainer, pl_module)[1], self.reconstruct,
-                     forward=getattr(pl_module, "forward_fn", None))
-        rank_zero_info(f"taskprune: reconstruction {self.reconstruct!r} applied to the kept units")
 
     def _calibrate(self, trainer: L.Trainer, pl_module, model) -> UnitScores:
         """Score units on the train dataloader (for modules without ``unit_scores()``), summed over ranks."""

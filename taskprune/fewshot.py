@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from taskprune.prompted import label_word_ids
 
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,30 @@ log = logging.getLogger(__name__)
 STYLES = ("plain", "chat")
 CONTENT_FREE = ("N/A", "[MASK]", "")
 _MARKER = "\x00TEXT\x00"
+
+
+def label_word_ids(label_words, tokenize) -> Tensor:
+    """``[n_classes, n_variants]`` first-token ids of each class's label words (``-1`` pads short rows).
+
+    ``tokenize(word) -> list[int]`` (with the prompt's leading space where it has one). A word that tokenizes to
+    nothing, or two classes sharing a first token, is a ``ValueError``.
+    """
+    per_class = []
+    for words in label_words:
+        ids = []
+        for w in words:
+            t = tokenize(w)
+            if not t:
+                raise ValueError(f"label word {w!r} tokenizes to nothing")
+            if t[0] not in ids:
+                ids.append(t[0])
+        per_class.append(ids)
+    flat = [i for ids in per_class for i in ids]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"label words {tuple(label_words)} share a first token; choose words whose first "
+                         "tokens differ between classes")
+    width = max(len(ids) for ids in per_class)
+    return torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_class], dtype=torch.long)
 
 
 @dataclass(frozen=True)

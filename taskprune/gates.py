@@ -100,6 +100,19 @@ class Gates:
                 out[s.offset : s.stop] = torch.as_tensor(v, dtype=torch.float32)
         return out
 
+    def values_of(self, spec, scaled: bool = True) -> Tensor | None:
+        """The flat gate vector of a :class:`~taskprune.spec.PruneSpec`: 0 for removed units, the unit's scale (or 1
+        with ``scaled=False``) for kept ones; ``None`` for no spec. Kinds this object does not gate are left out."""
+        if spec is None:
+            return None
+        per_block: dict[str, dict[str, Tensor]] = {}
+        for s in self.slots:
+            v = torch.zeros(s.n_units)
+            kept = spec.kept(s.kind, s.block.name)
+            v[kept] = torch.tensor(spec.scale_of(s.kind, s.block.name) if scaled else [1.0] * len(kept))
+            per_block.setdefault(s.kind, {})[s.block.name] = v
+        return self.flat(per_block)
+
     def split(self, flat: Tensor) -> dict[str, dict[str, Tensor]]:
         """Inverse of :meth:`flat`: ``[..., n_units]`` -> ``{kind: {block_name: [..., n_block_units]}}``."""
         out: dict[str, dict[str, Tensor]] = {k: {} for k in self.units}

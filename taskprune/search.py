@@ -8,17 +8,28 @@ those heads' MACs set aside. The allocation across layers falls out of the ranki
 may keep more heads and fewer neurons than its neighbour, or none), and the kept MACs never exceed the budget: they
 fall short of it by less than one more unit's cost.
 
+:func:`search_by_loss` chooses the heads / neurons split instead by the task loss on held-out rows (a few
+model-wide head counts are tried): ``Budget(split="loss")``.
+
 Any :class:`~taskprune.unitscores.UnitScores` can be searched (Fisher in their paper; summing scores assumes the
 two kinds' scores are on one scale, true of a loss-based score such as Fisher or integrated gradients).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
 import torch
 
+from taskprune.attribution import default_forward, make_target
 from taskprune.flops import count_macs, unit_costs
+from taskprune.gates import Gates
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
 
 
 def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: int = 1,
@@ -103,6 +114,32 @@ def head_counts(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: 
         high = h
     grid = {round(low + (high - low) * i / max(n - 1, 1)) for i in range(n)}
     return sorted(grid | {searched})
+
+
+@torch.no_grad()
+def search_by_loss(model: torch.nn.Module, scores: UnitScores, macs: float, batches: list[dict], seq_len: int = 128,
+                   target="label", n: int = 8, forward: Callable = default_forward, min_heads: int = 1) -> PruneSpec:
+    """The mask search at each of ``n`` model-wide head counts (:func:`head_counts`, the score-sum search's own count
+    among them); returns the spec whose masked model has the highest summed ``target`` (``"label"``: the lowest task
+    loss) on ``batches``, which should be held out from the calibration batches the scores came from. Ties go to the
+    fewest heads. ``spec.budget["allocation"]`` is ``"loss"``.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("search_by_loss got no batches; pass held-out batches (rows not used for scoring)")
+    fn = make_target(target, model)
+    best = None
+    with Gates(model) as gates:
+        for h in head_counts(scores, macs, seq_len=seq_len, min_heads=min_heads, n=n):
+            spec = search_macs(scores, macs, seq_len=seq_len, min_heads=min_heads, heads=h)
+            gates.set(gates.values_of(spec))
+            total = sum(float(fn(forward(model, b), b).double().sum()) for b in batches)
+            log.debug("search_by_loss macs=%.2f: %d heads -> summed target %.5f", macs, h, total)
+            if best is None or total > best[0]:
+                best = (total, spec)
+        gates.set(None)
+    spec = best[1]
+    return replace(spec, budget={**spec.budget, "allocation": "loss"})
 
 
 def _ranked(blocks: dict[str, torch.Tensor], costs: dict[str, tuple[int, int]]):

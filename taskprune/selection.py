@@ -51,6 +51,15 @@ Rounding: the achieved cut is never below the request. In global scope it exceed
 counts) or than the cost of the last removed unit (``macs`` / ``params``); in layerwise scope by less than one unit per
 block.
 
+How the search splits a MAC budget between heads and neurons (``Budget.split``): by the largest total score
+(``"score"``, Kwon et al.), or by the lowest task loss on rows held out from calibration (``"loss"``:
+:func:`taskprune.search.search_by_loss`, needs ``model`` and ``held_out``); ``"auto"`` (default) is ``"loss"`` when
+held-out rows are given and ``"score"`` otherwise. ``spec.budget["allocation"]`` records which one ran.
+
+Options that do not apply to the scope a budget resolves to are refused, never ignored: ``normalize`` applies to
+``global`` / ``per_kind`` (default there: ``l1``), ``min_neurons`` to every scope but ``search``, ``split`` to
+``search`` only.
+
 Floors: every attention block keeps at least ``min_heads`` units and every FFN block ``min_neurons`` units. The
 selection skips units that would break a floor; a budget that cannot be reached with the floors is a ``ValueError``.
 
@@ -62,18 +71,18 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from taskprune.arch import UNIT_KINDS
 from taskprune.attribution import AGGREGATED
 from taskprune.flops import fingerprint_of, unit_costs
 from taskprune.gates import check_units
-from taskprune.search import search_macs
+from taskprune.search import search_by_loss, search_macs
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
@@ -85,10 +94,13 @@ __all__ = ["Budget", "select_units", "check_budget", "BUDGETS", "SCOPES", "NORMA
 BudgetKind = Literal["sparsity", "heads", "neurons", "macs", "params"]
 Scope = Literal["auto", "global", "layerwise", "per_kind", "search"]
 Normalize = Literal["none", "l1", "l2", "max"]
+Split = Literal["auto", "score", "loss"]
 BUDGETS: tuple[str, ...] = get_args(BudgetKind)
 SCOPES: tuple[str, ...] = get_args(Scope)
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
-_OPTIONS = ("scope", "normalize", "min_heads", "min_neurons", "seq_len")  # Budget fields besides kind and amount
+SPLITS: tuple[str, ...] = get_args(Split)
+RANKED_SCOPES = ("global", "per_kind")  # the scopes that rank units across blocks (where normalize applies)
+_OPTIONS = ("scope", "normalize", "min_heads", "min_neurons", "seq_len", "split")  # Budget fields besides kind and amount
 
 _EPS = 1e-9  # absorbs float error in fraction * count (0.3 * 10 == 3.0000000000000004)
 
@@ -107,14 +119,21 @@ class Budget:
     otherwise), per_kind (the same share of attention and of FFN cost, units ranked across layers within a kind), global
     (heads and neurons pooled by score per cost), search (Kwon et al.'s mask search: the split of a MAC budget
     between heads and neurons that keeps the largest total score) or layerwise (the same fraction in every block)."""
-    normalize: Normalize = "l1"
-    """Per-block score normalisation before a ranking across blocks: l1 (measured best), none, l2, max."""
+    normalize: Normalize | None = None
+    """Per-block score normalisation before a ranking across blocks (scopes global and per_kind only; refused with
+    search and layerwise): l1 (the default there, measured best), none, l2, max."""
     min_heads: int = 1
     """Attention units every block keeps, at least 1 (a block cannot lose all its heads)."""
-    min_neurons: int = 1
-    """FFN neurons every block keeps."""
+    min_neurons: int | None = None
+    """FFN neurons every block keeps (1 by default; refused with scope search, whose allocation has no FFN floor)."""
     seq_len: int = 128
-    """Sequence length at which MACs are counted (the CLI links it to data.max_length)."""
+    """Sequence length at which MACs are counted. The CLI links it to data.max_length, and the callback takes the
+    datamodule's max_length when there is one (and says so)."""
+    split: Split = "auto"
+    """How the mask search splits a MAC budget between heads and neurons (scope search, or auto resolving to it): score
+    (the largest total score, Kwon et al.), loss (the lowest task loss on held-out rows: needs them, e.g.
+    TaskDataModule(holdout_samples=256)) or auto (loss when held-out rows are given, else score). Measured:
+    docs/defaults.md."""
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGETS:
@@ -122,13 +141,17 @@ class Budget:
         _check_fraction(self.kind, self.amount)
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r} is not allowed; use one of {list(SCOPES)}")
-        if self.normalize not in NORMALIZATIONS:
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r} is not allowed; use one of {list(NORMALIZATIONS)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} is not allowed; use one of {list(SPLITS)}")
+        _refuse_inapplicable(self, self.scope)
         if self.scope == "search" and self.kind != "macs":
             raise ValueError(f"scope='search' searches under a MAC budget; got kind={self.kind!r}. Use kind='macs' "
                              "or another scope")
         _check_floor("min_heads", self.min_heads, 1)
-        _check_floor("min_neurons", self.min_neurons, 0)
+        if self.min_neurons is not None:
+            _check_floor("min_neurons", self.min_neurons, 0)
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
 
@@ -148,9 +171,16 @@ def select_units(
     units: str | Sequence[str] = "all",
     fingerprint: dict | None = None,
     method: str = "",
+    model: nn.Module | None = None,
+    held_out: Sequence[dict] | None = None,
+    target="label",
+    forward: Callable | None = None,
     **shorthand,
 ) -> PruneSpec:
     """Choose the units to remove under a budget; return the :class:`PruneSpec` of the units kept.
+
+    This is the one allocation of taskprune: scopes, Kwon et al.'s mask search and its heads / neurons split by
+    held-out loss all go through it.
 
     Args:
         scores: a :class:`UnitScores` (its per-unit :meth:`~UnitScores.mean`, fingerprint and method are used), or
@@ -159,6 +189,9 @@ def select_units(
         units: kinds that may be pruned: ``"all"``, ``"heads"``, ``"neurons"`` (kinds without scores are left whole).
         fingerprint: the model's fingerprint, only when ``scores`` is a plain dict.
         method: the scoring method's name, only when ``scores`` is a plain dict.
+        model, held_out, target, forward: for ``split`` by loss only: the dense model, batches of rows held out from
+            calibration, the target whose sum on them is maximised (``"pseudo"``: the dense model's predictions) and
+            how the model is called.
         **shorthand: instead of ``budget``, the amount as ``<kind>=fraction`` (``macs=0.4``; ``heads`` and
             ``neurons`` may be given together) plus any other :class:`Budget` field (``scope="global"``...).
 
@@ -170,31 +203,79 @@ def select_units(
     scores = _as_unit_scores(scores, fingerprint, method)
     scores.check_finite()
     budget, request = _budget(budget, shorthand)
-    if budget.normalize != "none" and budget.scope == "layerwise":
-        log.info("normalize=%r has no effect with scope='layerwise' (units are only compared within a block)",
-                 budget.normalize)
-    spec = _select(scores, budget, request, units)
+    search = None
+    if held_out is not None and len(held_out) == 0:
+        held_out = None
+    if budget.split == "loss" and held_out is None:
+        raise ValueError("split='loss' needs held-out batches (rows not used for scoring), got none; give "
+                         "TaskDataModule(holdout_samples=256) or your datamodule a holdout_dataloader() (from Python: "
+                         "held_out=[...]), or use split='score'")
+    if budget.split != "score" and held_out is not None:
+        if model is None:
+            raise ValueError("a split by held-out loss needs the dense model: pass model=... with held_out")
+        search = _loss_search(model, list(held_out), target, forward)
+    spec = _select(scores, budget, request, units, search)
     removed, achieved = spec.budget["removed"], spec.budget["achieved"]
-    log.info("selected %s: removed %d heads, %d neurons (%.1f%% of prunable MACs at seq_len=%d)",
-             request, removed["heads"], removed["neurons"], 100 * achieved["macs"], budget.seq_len)
+    log.info("selected %s: removed %d heads, %d neurons (%.1f%% of prunable MACs at seq_len=%d, scope %s, "
+             "allocation %s)", request, removed["heads"], removed["neurons"], 100 * achieved["macs"], budget.seq_len,
+             spec.budget["scope"], spec.budget["allocation"])
     return spec
 
 
-def check_budget(fingerprint: dict, budget: Budget, units: str | Sequence[str] = "all") -> None:
+def _loss_search(model, held_out: list[dict], target, forward) -> Callable:
+    """``search(scores, macs, seq_len, min_heads) -> spec``: the mask search split by held-out loss."""
+    from taskprune.attribution import default_forward, pseudo_labels
+
+    forward = forward or default_forward
+    if target == "pseudo":  # the dense model's own predictions are the labels of the held-out rows
+        held_out, target = [pseudo_labels(model, b, forward) for b in held_out], "label"
+
+    def search(scores, macs, seq_len, min_heads):
+        return search_by_loss(model, scores, macs, held_out, seq_len=seq_len, target=target, forward=forward,
+                              min_heads=min_heads)
+
+    return search
+
+
+def check_budget(fingerprint: dict, budget: Budget, units: str | Sequence[str] = "all", method: str = "probe",
+                 options: dict | None = None) -> None:
     """Raise the error :func:`select_units` would when ``budget`` cannot be reached on a model of this fingerprint
-    whatever the scores (floors, kinds); for failing before any work. Logs nothing."""
+    whatever the scores (floors, kinds, options that do not apply); ``method`` / ``options`` are those the scores will
+    have (they decide what scope ``"auto"`` resolves to). For failing before any work. Logs nothing."""
     from taskprune.unitscores import empty_scores
 
-    _select(empty_scores(fingerprint, check_units(units), "probe"), budget, budget.request, units)
+    _select(empty_scores(fingerprint, check_units(units), method, options), budget, budget.request, units)
 
 
-def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units) -> PruneSpec:
+def _refuse_inapplicable(budget: Budget, scope: str) -> None:
+    """Refuse the options that have no effect in ``scope`` (``"auto"``: none refused yet; checked once resolved)."""
+    if scope == "auto":
+        return
+    hint = f"leave it out, or choose a scope where it applies (scope={scope!r}"
+    if budget.normalize is not None and scope not in RANKED_SCOPES:
+        raise ValueError(f"normalize={budget.normalize!r} has no effect with scope={scope!r}: only {list(RANKED_SCOPES)} "
+                         f"rank units across blocks; {hint})")
+    if budget.min_neurons is not None and scope == "search":
+        raise ValueError(f"min_neurons={budget.min_neurons!r} has no effect with scope='search' (the mask search keeps "
+                         f"min_heads per block only); {hint})")
+    if budget.split != "auto" and scope != "search":
+        raise ValueError(f"split={budget.split!r} chooses the heads / neurons split of the mask search, but the budget "
+                         f"resolves to scope={scope!r}; use a MAC budget with scope 'search' (or 'auto' with squared "
+                         "scores), or leave split out")
+
+
+def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units,
+            search: Callable | None = None) -> PruneSpec:
     fp = fingerprint_of(scores.fingerprint)
     values = scores.mean()
-    normalize, seq_len = budget.normalize, budget.seq_len
-    min_heads, min_neurons = budget.min_heads, budget.min_neurons
+    seq_len = budget.seq_len
     kinds = _prunable_kinds(units, values, fp)
     scope = resolve_scope(budget, request, kinds, scores)
+    _refuse_inapplicable(budget, scope)
+    normalize = (budget.normalize or "l1") if scope in RANKED_SCOPES else "none"
+    min_heads = budget.min_heads
+    min_neurons = 0 if scope == "search" else (1 if budget.min_neurons is None else budget.min_neurons)
+    allocation = "score"
     for kind in ("heads", "neurons"):
         if kind in request and kind not in kinds:
             raise ValueError(
@@ -211,7 +292,10 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
         if set(kinds) != set(UNIT_KINDS):
             raise ValueError(f"scope='search' chooses between heads and neurons; it needs both scored and pruned "
                              f"(units={units!r}, scored kinds {list(scores.kinds)})")
-        found = search_macs(scores, request["macs"], seq_len, min_heads=min_heads)
+        if search is not None:
+            found, allocation = search(scores, request["macs"], seq_len, min_heads), "loss"
+        else:
+            found = search_macs(scores, request["macs"], seq_len, min_heads=min_heads)
         drop = {k: {n: found.drop(k, n) for n in fp[k]} for k in UNIT_KINDS}
     elif "macs" in request or "params" in request:
         name = "macs" if "macs" in request else "params"
@@ -231,6 +315,8 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
         "seq_len": seq_len,
         "min_heads": min_heads,
         "min_neurons": min_neurons,
+        "split": budget.split,
+        "allocation": allocation if scope == "search" else None,
         "units": list(kinds),
         "achieved": achieved,
         "removed": removed,

@@ -51,13 +51,8 @@ def apply_mask(model: nn.Module, spec: PruneSpec) -> Gates:
     base, _ = find_base(model)
     gates = Gates(model, units="all")
     remove_mask(model)
-    per_block = {
-        kind: {s.block.name: _zero_one(spec.kept(kind, s.block.name), s.n_units) for s in gates.slots
-               if s.kind == kind and spec.drop(kind, s.block.name)}
-        for kind in gates.units
-    }
     gates.install()
-    gates.set(gates.flat(per_block))
+    gates.set(gates.values_of(spec, scaled=False))
     setattr(base, MASK_ATTR, gates)
     log.info("masked %s", _describe(spec))
     return gates
@@ -80,12 +75,6 @@ def remove_mask(model: nn.Module) -> bool:
     gates.remove()
     delattr(base, MASK_ATTR)
     return was_installed
-
-
-def _zero_one(keep: list[int], n: int) -> Tensor:
-    g = torch.zeros(n)
-    g[keep] = 1.0
-    return g
 
 
 # ---------------------------------------------------------------------------------------------------- shrinking

@@ -1,13 +1,11 @@
 """Training-free stages after selection: mask rearrangement, mask tuning, scale folding (Kwon et al. 2022).
 
-A pruning is **score → allocate → rearrange → tune → apply**; every stage takes a spec and returns a spec, so any
-score can go through any later stage:
+A pruning is **score → allocate → rearrange → tune → apply**, composed in one place (:mod:`taskprune.pipeline`);
+every stage here takes a spec and returns a spec, so any score can go through any later stage:
 
 * :func:`batch_gradients` — the gradient of the batch-mean task target w.r.t. every unit's mask, one row per
-  calibration batch (``[n_batches, n_units]`` per block). Kwon et al.'s Fisher information of the masks is
-  ``Σ_b g_b²`` (:func:`fisher_scores`); the rows themselves are what rearrangement needs.
-* :func:`search_by_loss` — Kwon et al.'s mask search, but the split of the budget between heads and neurons is chosen
-  by the task loss on held-out batches (a few model-wide head counts are tried) instead of by the score sum.
+  calibration batch (``[n_batches, n_units]`` per block), what rearrangement needs. (Kwon et al.'s Fisher of the
+  masks, ``Σ_b g_b²``, is the scoring method ``AttributionConfig(method="fisher", per="batch")``.)
 * :func:`rearrange` — keeps each block's unit *count* and re-chooses *which* units, greedily, under the block-diagonal
   Fisher (the within-block correlation of the mask gradients), as in their mask rearrangement.
 * :func:`tune_masks` — layer-wise least squares on real-valued scales of the kept units: block by block in forward
@@ -38,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from taskprune.arch import find_base, get_architecture, unit_channels, weight_in_out
-from taskprune.attribution import default_forward, make_target
+from taskprune.attribution import default_forward, frozen, make_target
 from taskprune.gates import Gates
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
@@ -47,20 +45,12 @@ log = logging.getLogger(__name__)
 
 Tune = Literal["none", "dense", "schedule"]
 TUNES: tuple[str, ...] = get_args(Tune)
-Allocate = Literal["auto", "score", "loss"]
-ALLOCATES: tuple[str, ...] = get_args(Allocate)
 
 
 @dataclass(frozen=True)
 class TuningConfig:
     """The training-free stages after selection: one object for Python, the callback and YAML (``pruning.tuning``)."""
 
-    allocate: Allocate = "auto"
-    """How the mask search (a MAC budget with scope 'search', what 'auto' picks for squared scores) splits the budget
-    between heads and neurons: score (the split of largest total score, Kwon et al.), loss (the lowest task loss on
-    held-out rows, among a few model-wide head counts: :func:`search_by_loss`) or auto (loss when held-out rows are
-    given -- ``TaskDataModule(holdout_samples=256)``, off by default -- else score). Measured on the selection split
-    and unseen domains: benchmarks/results/quality_selection.md, README "Defaults and why"."""
     rearrange: bool = False
     """Re-choose each block's kept units under the block-diagonal Fisher of the per-batch mask gradients (Kwon et
     al.'s mask rearrangement); keeps every block's unit count."""
@@ -78,76 +68,18 @@ class TuningConfig:
             raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
         if self.tune not in TUNES:
             raise ValueError(f"tune={self.tune!r} is not allowed; use one of {list(TUNES)}")
-        if self.allocate not in ALLOCATES:
-            raise ValueError(f"allocate={self.allocate!r} is not allowed; use one of {list(ALLOCATES)}")
         for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
                 raise ValueError(f"{name}={v!r} must be a finite number >= {low}")
 
     @property
     def active(self) -> bool:
-        """Whether rearrangement or tuning runs (the allocation by loss needs no calibration batches)."""
+        """Whether rearrangement or tuning runs (both read the calibration batches)."""
         return self.rearrange or self.tune != "none"
-
-    def splits_by_loss(self, spec: PruneSpec) -> bool:
-        """Whether held-out rows would choose ``spec``'s heads / neurons split (a searched spec, allocate not score)."""
-        return self.allocate != "score" and spec.budget.get("scope") == "search"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def finish_spec(model: nn.Module, spec: PruneSpec, scores: UnitScores, budget, batches: list[dict],
-                config: TuningConfig, target="label", forward: Callable = default_forward,
-                units="all", held_out: list[dict] | None = None) -> PruneSpec:
-    """Run the stages of ``config`` on a selected ``spec``: allocate by loss, rearrange, then tune (scales in the
-    returned spec).
-
-    ``model`` is the dense model, ``scores`` and ``budget`` what ``spec`` was selected from (the teacher of
-    ``tune="schedule"`` is selected from them at ``sqrt`` of the kept fraction), ``batches`` the calibration
-    batches, ``held_out`` batches of rows not among them (for ``allocate``: ``"auto"`` uses them when given). Labels
-    as ``target`` needs them; ``"pseudo"`` labels are the dense model's predictions.
-    """
-    from taskprune.selection import select_units
-
-    searched = spec.budget.get("scope") == "search"
-    if config.allocate == "loss" and not searched:
-        raise ValueError(f"allocate='loss' chooses the heads / neurons split of the mask search, but the budget "
-                         f"resolved to scope {spec.budget.get('scope')!r}; use a MAC budget with scope 'search' (or "
-                         "'auto' with squared scores), or allocate='score'")
-    if config.allocate == "loss" and not held_out:
-        raise ValueError("allocate='loss' needs held-out batches (rows not used for scoring), got none; give "
-                         "TaskDataModule(holdout_samples=256) or your datamodule a holdout_dataloader(), or use "
-                         "allocate='score'")
-    by_loss = config.splits_by_loss(spec) and bool(held_out)
-    if not (config.active or by_loss):
-        return spec
-    if target == "pseudo":
-        batches = [_with_predictions(model, b, forward) for b in batches] if config.active else batches
-        held_out = [_with_predictions(model, b, forward) for b in held_out] if by_loss else held_out
-        target = "label"
-    if by_loss:
-        found = search_by_loss(model, scores, float(budget.amount), held_out, seq_len=budget.seq_len, target=target,
-                               forward=forward, min_heads=budget.min_heads)
-        spec = replace(spec, keep=found.keep, budget={**spec.budget, "allocation": "loss"})
-    if config.rearrange:
-        grads, _ = batch_gradients(model, batches, target, units, forward)
-        spec = rearrange(spec, grads)
-    if config.tune != "none":
-        teacher = None
-        if config.tune == "schedule":
-            amount = 1.0 - teacher_keep(1.0 - float(budget.amount))
-            teacher = select_units(scores, replace(budget, amount=amount), units=units)
-        spec = tune_masks(model, spec, batches, teacher, config.damping, config.max_scale, forward)
-    return replace(spec, meta={**spec.meta, "tuning": config.to_dict()})
-
-
-@torch.no_grad()
-def _with_predictions(model, batch: dict, forward) -> dict:
-    out = forward(model, {k: v for k, v in batch.items() if k != "labels"})
-    logits = out.logits if hasattr(out, "logits") else out
-    labels = logits.squeeze(-1).float() if logits.shape[-1] == 1 else logits.argmax(-1)
-    return {**batch, "labels": labels}
 
 BatchGrads = dict[str, dict[str, Tensor]]  # {kind: {block: [n_batches, n_units] float64}}
 
@@ -163,44 +95,22 @@ def batch_gradients(model: nn.Module, batches: Iterable[dict], target="label", u
     """
     fn = make_target(target, model)
     rows, n_samples = [], 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with Gates(model, units) as gates:
-            for batch in batches:
-                n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
-                g = torch.ones(gates.n_units, requires_grad=True)
-                gates.set(g)
-                with torch.enable_grad():
-                    (grad,) = torch.autograd.grad(fn(forward(model, batch), batch).mean(), g)
-                gates.set(None)
-                rows.append(grad.detach().double().cpu())
-                n_samples += n
-            if not rows:
-                raise ValueError("batch_gradients got no batches; pass a non-empty iterable of batches")
-            stacked = torch.stack(rows)  # [n_batches, n_units]
-            return {k: {n: v.clone() for n, v in d.items()} for k, d in gates.split(stacked).items()}, n_samples
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with frozen(model), Gates(model, units) as gates:
+        for batch in batches:
+            n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+            g = torch.ones(gates.n_units, requires_grad=True)
+            gates.set(g)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(fn(forward(model, batch), batch).mean(), g)
+            gates.set(None)
+            rows.append(grad.detach().double().cpu())
+            n_samples += n
+        if not rows:
+            raise ValueError("batch_gradients got no batches; pass a non-empty iterable of batches")
+        stacked = torch.stack(rows)  # [n_batches, n_units]
+        return {k: {n: v.clone() for n, v in d.items()} for k, d in gates.split(stacked).items()}, n_samples
 
 
-def fisher_scores(grads: BatchGrads, model: nn.Module, n_samples: int) -> UnitScores:
-    """Kwon et al.'s diagonal Fisher information of the masks: ``Σ_batches g²`` per unit (``method="fisher_batch"``).
-
-    ``count`` is 1 so that :meth:`UnitScores.mean` returns the plain sum, as in their code.
-    """
-    fp = get_architecture(model).fingerprint()
-    sums = {k: {n: v.pow(2).sum(0) for n, v in blocks.items()} for k, blocks in grads.items()}
-    return UnitScores(sums, 1, "fisher_batch", fp, {"n_samples": n_samples, "n_batches": _n_rows(grads)})
-
-
-def _n_rows(grads: BatchGrads) -> int:
-    return next(len(v) for blocks in grads.values() for v in blocks.values())
-
-
-# ------------------------------------------------------------------------------------------ rearrangement
 def rearrange(spec: PruneSpec, grads: BatchGrads) -> PruneSpec:
     """Re-choose the kept units of every block under the block-diagonal Fisher, keeping each block's count.
 
@@ -235,55 +145,13 @@ def _greedy_keep(g: Tensor, n_drop: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ scaled masks
-def gate_values(gates: Gates, spec: PruneSpec | None, scaled: bool = True) -> Tensor | None:
-    """The flat gate vector of ``spec``: 0 for removed units, the unit's scale (or 1) for kept ones."""
-    if spec is None:
-        return None
-    per_block: dict[str, dict[str, Tensor]] = {}
-    for s in gates.slots:
-        v = torch.zeros(s.n_units)
-        kept = spec.kept(s.kind, s.block.name)
-        v[kept] = torch.tensor(spec.scale_of(s.kind, s.block.name) if scaled else [1.0] * len(kept))
-        per_block.setdefault(s.kind, {})[s.block.name] = v
-    return gates.flat(per_block)
-
-
 @contextmanager
 def scaled_mask(model: nn.Module, spec: PruneSpec):
     """Within the block, ``model`` runs as masked by ``spec`` with its unit scales (no weight is changed)."""
     spec.validate(model)
     with Gates(model) as gates:
-        gates.set(gate_values(gates, spec))
+        gates.set(gates.values_of(spec))
         yield model
-
-
-# ------------------------------------------------------------------------------------- allocation by loss
-@torch.no_grad()
-def search_by_loss(model: nn.Module, scores: UnitScores, macs: float, batches: list[dict], seq_len: int = 128,
-                   target="label", n: int = 8, forward: Callable = default_forward, min_heads: int = 1) -> PruneSpec:
-    """The mask search at each of ``n`` model-wide head counts (:func:`taskprune.search.head_counts`, the score-sum
-    search's own count among them); returns the spec whose masked model has the highest summed ``target`` (``"label"``:
-    the lowest task loss) on ``batches``, which should be held out from the calibration batches the scores came
-    from. Ties go to the fewest heads. ``spec.budget["allocation"]`` is ``"loss"``.
-    """
-    from taskprune.search import head_counts, search_macs
-
-    batches = list(batches)
-    if not batches:
-        raise ValueError("search_by_loss got no batches; pass held-out batches (rows not used for scoring)")
-    fn = make_target(target, model)
-    best = None
-    with Gates(model) as gates:
-        for h in head_counts(scores, macs, seq_len=seq_len, min_heads=min_heads, n=n):
-            spec = search_macs(scores, macs, seq_len=seq_len, min_heads=min_heads, heads=h)
-            gates.set(gate_values(gates, spec))
-            total = sum(float(fn(forward(model, b), b).double().sum()) for b in batches)
-            log.debug("search_by_loss macs=%.2f: %d heads -> summed target %.5f", macs, h, total)
-            if best is None or total > best[0]:
-                best = (total, spec)
-        gates.set(None)
-    spec = best[1]
-    return replace(spec, budget={**spec.budget, "allocation": "loss"})
 
 
 # ------------------------------------------------------------------------------------------ mask tuning
@@ -319,7 +187,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     tuned = replace(spec, scales={})
     with Gates(model) as gates:
         order = _forward_order(model, gates, batches[0], forward)
-        targets = _teacher_outputs(model, gates, gate_values(gates, teacher), order, batches, forward)
+        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward)
         for slot in order:
             kind, name = slot.kind, slot.block.name
             kept = spec.kept(kind, name)
@@ -332,7 +200,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
             for batch, y in zip(batches, targets[name]):
-                x = _capture(model, gates, gate_values(gates, tuned, scaled=True), proj, batch, forward, "input")
+                x = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input")
                 x, y = x.double()[_real_tokens(batch, x)][:, cols], y.double()
                 if bias is not None:
                     y = y - bias

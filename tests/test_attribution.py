@@ -241,17 +241,18 @@ def test_square_aggregate_of_grad_x_gate_is_the_per_sample_fisher():
 
 
 def test_fisher_per_batch_is_kwons_fisher_of_the_masks():
-    """fisher with per='batch' ranks as taskprune.tuning.fisher_scores(batch_gradients(...)) (Kwon et al.'s)."""
-    from taskprune.tuning import batch_gradients, fisher_scores
+    """fisher with per='batch' is Kwon et al.'s Fisher of the masks: Σ_b g_b² of the per-batch mask gradients
+    (taskprune.tuning.batch_gradients, the rows rearrangement reads), up to the constant n_b / N."""
+    from taskprune.tuning import batch_gradients
 
     model = tiny_model("bert")
     batches = [labelled("bert", batch_size=4, seed=s) for s in (1, 2, 3)]
     ours = score_units(model, batches, "fisher", per="batch")
     grads, n = batch_gradients(model, batches)
-    kwon = fisher_scores(grads, model, n)
-    assert ours.count == 12 and ours.options["per"] == "batch"
-    for kind, blocks in kwon.sums.items():
-        for name, v in blocks.items():  # equal batches: Σ_b 4·ḡ_b² / 12 = Σ_b ḡ_b² / 3
+    assert ours.count == n == 12 and ours.options["per"] == "batch"
+    for kind, blocks in grads.items():
+        for name, g in blocks.items():
+            v = g.pow(2).sum(0)  # equal batches: Σ_b 4·ḡ_b² / 12 = Σ_b ḡ_b² / 3
             torch.testing.assert_close(ours.mean()[kind][name], v / 3, rtol=1e-5, atol=1e-12)
     per_sample = score_units(model, batches, "fisher")  # E[g²] >= E[g]² per batch: strictly, as samples differ
     flat = {name: torch.cat([torch.cat(list(s.mean()[k].values())) for k in s.sums])
@@ -272,3 +273,14 @@ def test_per_batch_ignores_zero_weight_samples():
 def test_bad_per():
     with pytest.raises(ValueError, match="unknown per 'token'"):
         Attributor(tiny_model("bert"), "ig", per="token")
+
+
+def test_options_of_other_methods_are_refused_not_ignored():
+    from taskprune.attribution import AttributionConfig
+
+    cases = (("fisher", {"steps": 8}), ("grad_x_gate", {"baseline": 0.0}), ("fisher", {"aggregate": "abs"}),
+             ("activation", {"per": "batch"}), ("ig", {"seed": 3}))
+    for method, option in cases:
+        with pytest.raises(ValueError, match=rf"{next(iter(option))}=.* has no effect with method='{method}'"):
+            AttributionConfig(method=method, **option)
+    assert AttributionConfig(method="fisher", per="batch").per == "batch"

@@ -158,7 +158,7 @@ def test_non_finite_scores_refused_with_the_fp32_hint():
 def test_half_precision_overflow_in_a_batch_refused_with_the_hint():
     from taskprune.attribution import Attributor
 
-    att = Attributor(bert(), "grad_x_gate", steps=1)
+    att = Attributor(bert(), "grad_x_gate")
     att._grad_x_gate = lambda batch, n: torch.full((n, att.gates.n_units), float("nan"))  # what an fp16 overflow gives
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
     with pytest.raises(ValueError, match="overflowed in half precision; run attribution in float32"):

@@ -181,7 +181,7 @@ def tiny_lm_folder(path: Path) -> Path:
 
 
 def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatch):
-    """configs/smollm2_sst2.yaml as shipped, with the tiny LLaMA as the LM, few rows and steps (offline, seconds)."""
+    """configs/smollm2_sst2.yaml as shipped, with the tiny LLaMA as the LM and few rows (offline, seconds)."""
     from taskprune.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -192,7 +192,6 @@ def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatc
     cfg["data"].pop("data_dir", None)  # the embedded SST-2 subset; tests never read ../shared
     cfg["data"].update({"tokenizer": str(lm), "calib_samples": 8, "eval_samples": 8, "batch_size": 4})
     cfg["pruning"].update({"output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "pruned")})
-    cfg["model"]["attribution"]["steps"] = 2
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(tmp_path / "tiny.yaml")])
     assert (tmp_path / "run" / "spec.json").is_file()

@@ -225,20 +225,21 @@ def test_unreachable_budget_fails_before_work(tmp_path):
 def test_heads_neurons_split_by_held_out_loss_when_the_datamodule_holds_rows_out(tmp_path):
     from taskprune.tuning import TuningConfig
 
-    def fit(out, **kw):
+    def fit(out, budget=Budget(amount=0.4)):
         module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
                                    compare_dense=False)
-        trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / out), apply="none", **kw)]).fit(
+        trainer([TaskPruning(budget=budget, output_dir=str(tmp_path / out), apply="none")]).fit(
             module, datamodule(holdout_samples=24))
         return PruneSpec.load(tmp_path / out / "spec.json")
 
     by_loss = fit("auto")  # squared IG -> the mask search, split by the loss on 24 held-out rows (auto: rows given)
     assert by_loss.budget["scope"] == "search" and by_loss.budget["allocation"] == "loss"
     assert by_loss.budget["achieved"]["macs"] >= 0.4
-    assert "allocation" not in fit("score", tuning=TuningConfig(allocate="score")).budget
+    score = fit("score", budget=Budget(amount=0.4, split="score"))
+    assert score.budget["allocation"] == "score" and score.meta["pipeline"] == "custom"
     module = AttributionModule(tiny_classifier(), task="sst2")
-    cb = TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / "none"), tuning=TuningConfig(allocate="loss"))
-    with pytest.raises(ValueError, match=r"allocate='loss' needs rows held out from calibration.*holdout_samples"):
+    cb = TaskPruning(budget=Budget(amount=0.4, split="loss"), output_dir=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match=r"split='loss' needs rows held out from calibration.*holdout_samples"):
         trainer([cb]).fit(module, datamodule(holdout_samples=0))  # refused before any calibration
     assert not (tmp_path / "none").exists()
 
@@ -297,18 +298,19 @@ def test_fsdp_refused_with_a_clear_message():
         module.setup("fit")
 
 
-def test_reconstruction_option_changes_kept_weights_only_when_asked(tmp_path):
-    batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
-    logits = {}
-    for method in ("none", "scale"):
-        module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1))
-        trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / method), reconstruct=method)]).fit(
-            module, datamodule())
-        assert module.spec_mode == "shrink"
-        logits[method] = module.model(**batch).logits
-    assert not torch.allclose(logits["none"], logits["scale"])
+def test_preset_fills_scope_and_tuning_and_refuses_another_attribution(tmp_path):
+    from taskprune.tuning import TuningConfig
 
-
-def test_unknown_reconstruction_method():
-    with pytest.raises(ValueError, match="unknown reconstruct 'magic'"):
-        TaskPruning(reconstruct="magic")
+    cb = TaskPruning(preset="kwon", output_dir=str(tmp_path / "kwon"))
+    assert cb.budget.scope == "search" and cb.tuning == TuningConfig(rearrange=True, tune="schedule")
+    assert TaskPruning(preset="kwon", tuning=TuningConfig(tune="dense")).tuning.tune == "dense"  # given wins
+    module = AttributionModule(tiny_classifier(), task="sst2")  # scores with squared IG, not Kwon's Fisher
+    with pytest.raises(ValueError, match=r"preset 'kwon' scores with .*'method': 'fisher'.*--model.attribution"):
+        trainer([cb]).fit(module, datamodule())
+    kwon = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(method="fisher", per="batch"),
+                             compare_dense=False)
+    trainer([cb]).fit(kwon, datamodule())
+    spec = PruneSpec.load(tmp_path / "kwon" / "spec.json")
+    assert spec.meta["pipeline"] == "kwon" and spec.scales and spec.budget["allocation"] == "score"
+    with pytest.raises(ValueError, match=r"unknown preset 'kwan'; allowed: \['taskprune'"):
+        TaskPruning(preset="kwan")

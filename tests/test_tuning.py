@@ -16,12 +16,11 @@ from taskprune.attribution import score_units
 from taskprune.flops import count_macs, unit_costs
 from taskprune.gates import Gates
 from taskprune.attribution import make_target
-from taskprune.search import head_counts, search_macs
+from taskprune.search import head_counts, search_by_loss, search_macs
 from taskprune.selection import select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
-from taskprune.tuning import (_capture, batch_gradients, fisher_scores, fold_scales_, gate_values, rearrange,
-                              scaled_mask, search_by_loss, tune_masks)
+from taskprune.tuning import _capture, batch_gradients, fold_scales_, rearrange, scaled_mask, tune_masks
 from taskprune.unitscores import UnitScores
 
 
@@ -154,7 +153,7 @@ def test_rearrange_keeps_counts_and_never_raises_the_block_cost(name):
     model = wide_model(name)
     grads, n = batch_gradients(model, labelled(name, 6))
     assert n == 48
-    spec = search_macs(fisher_scores(grads, model, n), 0.5, seq_len=12)
+    spec = search_macs(score_units(model, labelled(name, 6), "fisher", per="batch"), 0.5, seq_len=12)
     new = rearrange(spec, grads)
     for kind, blocks in grads.items():
         for block, g in blocks.items():
@@ -192,7 +191,7 @@ def _block_errors(model, spec, batches):
                 e = 0.0
                 for b in batches:
                     y = _capture(model, gates, None, proj, b, _fwd, "output")
-                    x = _capture(model, gates, gate_values(gates, sp), proj, b, _fwd, "output")
+                    x = _capture(model, gates, gates.values_of(sp), proj, b, _fwd, "output")
                     m = b["attention_mask"].bool()
                     e += float((x - y)[m].double().pow(2).sum())
                 err[label] = e
@@ -313,27 +312,26 @@ def test_search_scope_needs_a_mac_budget():
         Budget(kind="params", scope="search")
 
 
-def test_finish_spec_allocates_by_held_out_loss_when_rows_are_given_or_asked_for():
+def test_select_units_splits_by_held_out_loss_when_rows_are_given_or_asked_for():
     from dataclasses import replace
 
     from taskprune.selection import Budget
-    from taskprune.tuning import TuningConfig, finish_spec
 
     model = wide_model("bert").eval()
     scores = random_scores(model, seed=2)
     budget = Budget(amount=0.5, scope="search", seq_len=16)
     spec = select_units(scores, budget)
     held_out = labelled("bert", 2, seed=50)
-    out = finish_spec(model, spec, scores, budget, [], TuningConfig(), held_out=held_out)  # auto + rows -> loss
+    out = select_units(scores, budget, model=model, held_out=held_out)  # auto + rows -> loss
     assert out.keep == search_by_loss(model, scores, 0.5, held_out, seq_len=16).keep
-    assert out.budget == {**spec.budget, "allocation": "loss"} and out.meta["tuning"]["allocate"] == "auto"
-    assert finish_spec(model, spec, scores, budget, [], TuningConfig()) is spec  # auto without rows: the score split
-    assert finish_spec(model, spec, scores, budget, [], TuningConfig(allocate="score"), held_out=held_out) is spec
-    with pytest.raises(ValueError, match=r"allocate='loss' needs held-out batches.*holdout_samples=256"):
-        finish_spec(model, spec, scores, budget, [], TuningConfig(allocate="loss"))
-    per_kind = select_units(scores, replace(budget, scope="per_kind"))
-    assert finish_spec(model, per_kind, scores, budget, [], TuningConfig(), held_out=held_out) is per_kind
-    with pytest.raises(ValueError, match=r"resolved to scope 'per_kind'.*allocate='score'"):
-        finish_spec(model, per_kind, scores, budget, [], TuningConfig(allocate="loss"), held_out=held_out)
-    with pytest.raises(ValueError, match=r"allocate='split' is not allowed; use one of \['auto', 'score', 'loss'\]"):
-        TuningConfig(allocate="split")
+    assert out.budget["allocation"] == "loss" and spec.budget["allocation"] == "score"
+    assert out.budget["achieved"]["macs"] >= 0.5  # recomputed for the kept units, not copied from the score split
+    assert select_units(scores, replace(budget, split="score"), model=model, held_out=held_out).keep == spec.keep
+    with pytest.raises(ValueError, match=r"split='loss' needs held-out batches.*holdout_samples=256"):
+        select_units(scores, replace(budget, split="loss"), model=model)
+    with pytest.raises(ValueError, match=r"split='loss' chooses the heads / neurons split.*scope='per_kind'"):
+        Budget(amount=0.5, scope="per_kind", split="loss")
+    assert select_units(scores, replace(budget, scope="per_kind"), model=model, held_out=held_out).budget[
+        "allocation"] is None
+    with pytest.raises(ValueError, match=r"split='split' is not allowed; use one of \['auto', 'score', 'loss'\]"):
+        Budget(split="split")

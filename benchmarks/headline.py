@@ -1,0 +1,286 @@
+"""The headline: whole pruning pipelines on the benchmarks' multi-task model, taskprune's against its peers.
+
+    python -m benchmarks.headline --name headline                  # the README table (six tasks, 3 seeds)
+    python -m benchmarks.headline --name repro_sst2_mnli --tasks sst2 mnli --pipelines taskprune kwon
+
+One command, one results file: ``benchmarks/results/<name>.json`` (raw rows, appended as each finishes) and
+``<name>.md`` (the tables), both naming the command, commit, CPU, threads and wall time. A killed run resumes: rows
+already in the file with the same settings and the same library code (the git tree hash of ``taskprune/``) are
+skipped; rows made by other code are re-run.
+
+Every pipeline is a preset of :class:`taskprune.pipeline.Pipeline` (``taskprune`` is the library's default, ``kwon``
+Kwon et al. 2022's pipeline, the rest baselines) run by :meth:`Pipeline.prune` — the code the callback and the CLI
+run. Around it, this script only prepares data and measures:
+
+* model ``minilm-glue-large`` (``../shared/models`` holds it prebuilt; see its README), each task's head;
+* calibration: ``--calib`` training rows per seed (never from the selection reserve the build set aside), in
+  length-sorted batches of 32; ``--holdout`` further rows of the same draw for pipelines that split by loss;
+* evaluation of the shrunk model (scales folded, ``shrink_``): ``--split dev`` the dev sets (QNLI / MNLI: seeded
+  2000-row subsets) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
+  QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import cpu_name, git_commit, write_text
+from taskprune.data import Collator, load_split, load_tokenizer, random_subset
+from taskprune.flops import count_macs
+from taskprune.io import atomic_write_json
+from taskprune.multitask import read_build_info
+from taskprune.pipeline import PRESETS, Pipeline
+from taskprune.surgery import shrink_
+from taskprune.tasks import get_task
+from taskprune.tuning import fold_scales_
+from taskprune.zoo import ensure_multitask, resolve_model_dir, selection_rows
+
+log = logging.getLogger("headline")
+
+MODEL = "minilm-glue-large"
+HEADLINE = ("sst2", "mrpc", "qnli", "mnli", "qqp", "stsb")
+TASKS = (*HEADLINE, "rte", "cola")
+SEQ = 128
+DEV_ROWS = {"qnli": 2000, "mnli": 2000}
+OOD_ROWS = {"imdb": 300, "yelp": 300, "amazon": 300, "snli": 1000}  # seeded subsets (long reviews are costly)
+MAIN_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}
+
+
+def main_key(task: str) -> str:
+    return MAIN_METRIC.get(task, "accuracy")
+
+
+def code_hash() -> str:
+    """The git tree hash of ``taskprune/`` in the working tree (uncommitted changes included)."""
+    try:  # `git stash create` makes a commit of the tracked changes without touching anything (empty when clean)
+        tree = subprocess.run(["git", "stash", "create"], capture_output=True, text=True).stdout.strip() or "HEAD"
+        return subprocess.run(["git", "rev-parse", f"{tree}:taskprune"], capture_output=True, text=True,
+                              check=True).stdout.strip()[:12]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def batches_of(tok, task: str, ds, batch_size: int) -> list[dict]:
+    t = get_task(task)
+    collate = Collator(tok, t.text_fields, SEQ, t.regression)
+    rows = sorted(ds.to_list(), key=lambda r: sum(len(r[f]) for f in t.text_fields))
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def calibration_rows(task: str, data_dir: str, reserve: list[int], n: int, seed: int, skip: int = 0):
+    """``n`` training rows (seeded), never from the selection reserve; ``skip`` > 0: the ``n`` rows after the first
+    ``skip`` of the same permutation (disjoint from the calibration rows)."""
+    train = load_split(task, "train", data_dir)
+    allowed = np.setdiff1d(np.arange(len(train)), np.asarray(reserve, dtype=np.int64))
+    pick = np.random.default_rng([seed, 11]).permutation(allowed)[skip : skip + n]
+    return train.select(sorted(int(i) for i in pick))
+
+
+def eval_sets(task: str, data_dir: str, split: str) -> dict:
+    t = get_task(task)
+    out = {}
+    if split in ("selection", "both"):
+        out["selection"] = selection_rows(MODEL, task, data_dir)
+    if split == "selection":
+        return out
+    out["dev"] = random_subset(load_split(t, "dev", data_dir), DEV_ROWS.get(task, 10**9), seed=0)
+    for o in t.ood_names:
+        out[o] = random_subset(load_split(t, o, data_dir), OOD_ROWS.get(o, 10**9), seed=0)
+    return out
+
+
+@torch.inference_mode()
+def evaluate(tm, task: str, batches: list[dict]) -> dict:
+    t = get_task(task)
+    metrics = t.make_metrics()
+    for b in batches:
+        metrics.update(t.predictions(tm(**b).logits), b["labels"])
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def pruned_copy(model, task: str, spec):
+    tm = copy.deepcopy(model).for_task(task).eval()
+    shrink_(tm, fold_scales_(tm, spec) if spec.scales else spec)
+    return tm
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def run(args, path: Path) -> dict:
+    model = ensure_multitask(MODEL, data_dir=args.data_dir)
+    tok = load_tokenizer(model.tokenizer_path)
+    info = read_build_info(resolve_model_dir(MODEL))
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    settings = {"model": MODEL, "recipe_hash": info["recipe_hash"], "calib": args.calib, "holdout": args.holdout,
+                "split": args.split, "seq": SEQ, "dev_rows": DEV_ROWS, "ood_rows": OOD_ROWS}
+    if raw.get("_settings", settings) != settings:
+        sys.exit(f"{path} was made with other settings {raw['_settings']}; use another --name")
+    code = code_hash()
+    raw["_settings"] = settings
+    raw.setdefault("_runs", []).append({"command": command(), "commit": git_commit(), "code": code,
+                                        "cpu": cpu_name(), "threads": torch.get_num_threads(), "wall_s": None})
+    t_start = time.perf_counter()
+
+    def save():
+        raw["_runs"][-1]["wall_s"] = round(time.perf_counter() - t_start, 1)
+        atomic_write_json(path, raw)
+
+    for task in args.tasks:
+        t_raw = raw.setdefault(task, {})
+        sets = {k: batches_of(tok, task, ds, 64) for k, ds in eval_sets(task, args.data_dir, args.split).items()}
+        dense = model.for_task(task).eval()
+        if "dense" not in t_raw:
+            t_raw["dense"] = {k: evaluate(dense, task, b) for k, b in sets.items()}
+            save()
+        reserve = info["selection_reserve"][task]
+        for seed in args.seeds:
+            calib = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.calib, seed), 32)
+            held_out = None
+            scores: dict = {}  # one scoring per (seed, attribution), reused by every cut
+            for name in args.pipelines:
+                for cut in args.cuts:
+                    key = f"{name}|{seed}|{cut}"
+                    if t_raw.get(key, {}).get("code") == code:
+                        continue
+                    pipeline = Pipeline.preset(name).at(cut, seq_len=SEQ)
+                    if pipeline.budget.split == "loss" and held_out is None:
+                        held_out = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.holdout,
+                                                                          seed, skip=args.calib), 64)
+                    att = pipeline.attribution
+                    if att not in scores:
+                        t0 = time.perf_counter()
+                        scores[att] = (pipeline.score(dense, calib), time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    spec = pipeline.prune(dense, calib, held_out if pipeline.budget.split == "loss" else None,
+                                          scores=scores[att][0])
+                    seconds = {"score": round(scores[att][1], 1), "allocate_tune": round(time.perf_counter() - t0, 1)}
+                    tm = pruned_copy(model, task, spec)
+                    t_raw[key] = {"pipeline": name, "seed": seed, "cut": cut, "code": code,
+                                  "seconds": seconds,
+                                  "macs_kept": count_macs(spec.fingerprint, SEQ, spec) / count_macs(spec.fingerprint,
+                                                                                                     SEQ),
+                                  "heads_kept": spec.n_kept("heads"), "neurons_kept": spec.n_kept("neurons"),
+                                  "metrics": {k: evaluate(tm, task, b) for k, b in sets.items()}}
+                    save()
+                    log.info("%s %s seed %d cut %.1f: %s (%.0f s)", task, name, seed, cut,
+                             {k: round(v[main_key(task)], 4) for k, v in t_raw[key]["metrics"].items()}, sum(seconds.values()))
+    save()
+    return raw
+
+
+def command() -> str:
+    return "python -m benchmarks.headline " + " ".join(sys.argv[1:])
+
+
+# -------------------------------------------------------------------------------------------------- render
+def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
+    """Markdown: retained % of dense (mean ± std over seeds) per pipeline, task and cut; unseen domains; the paired
+    difference taskprune - kwon per seed."""
+    runs = raw["_runs"]
+    lines = [f"<!-- generated by `{runs[-1]['command']}`; do not edit by hand -->", "",
+             "| run | command | commit | library tree | CPU | threads | wall |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {i + 1} | `{r['command']}` | `{r['commit']}` | `{r['code']}` | {r['cpu']} | {r['threads']} | "
+              f"{(r['wall_s'] or 0) / 60:.1f} min |" for i, r in enumerate(runs)]
+    s = raw["_settings"]
+    lines += ["", f"Model `{s['model']}` (recipe `{s['recipe_hash']}`), {s['calib']} calibration rows per seed, MACs "
+              f"at seq {s['seq']}. Cells: % of the dense metric kept (mean ± std over seeds, n seeds).", ""]
+    split_names = [k for k in ("selection", "dev") if any(k in raw.get(t, {}).get("dense", {}) for t in tasks)]
+    cuts = sorted({r["cut"] for t in tasks for k, r in raw.get(t, {}).items() if "|" in k})
+    for split in split_names:
+        lines += [f"### {split}", "", "| pipeline | cut | " + " | ".join(
+            f"{t} ({100 * raw[t]['dense'][split][main_key(t)]:.1f})" for t in tasks if t in raw) + " |",
+            "|---|---|" + "---|" * sum(t in raw for t in tasks)]
+        for p in pipelines:
+            for cut in cuts:
+                cells = [_cell(raw, t, p, cut, split) for t in tasks if t in raw]
+                if any(cells):
+                    lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
+        lines.append("")
+    ood = [(t, o) for t in tasks if t in raw for o in raw[t]["dense"] if o not in ("selection", "dev")]
+    if ood:
+        lines += ["### unseen domains", "", "| pipeline | cut | " + " | ".join(f"{t} → {o}" for t, o in ood) + " |",
+                  "|---|---|" + "---|" * len(ood)]
+        for p in pipelines:
+            for cut in cuts:
+                cells = [_cell(raw, t, p, cut, o) for t, o in ood]
+                if any(cells):
+                    lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
+        lines.append("")
+    if "taskprune" in pipelines and "kwon" in pipelines:
+        lines += ["### paired by seed: taskprune − kwon (points of % retained, dev)", "",
+                  "| task | cut | per seed | mean | beyond the seed std? |", "|---|---|---|---|---|"]
+        for t in tasks:
+            for cut in cuts:
+                d = _paired(raw, t, cut)
+                if d:
+                    m = statistics.mean(d)
+                    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+                    verdict = "no" if len(d) < 2 or abs(m) <= sd else ("yes (taskprune ahead)" if m > 0
+                                                                     else "yes (kwon ahead)")
+                    lines.append(f"| {t} | {cut:.0%} | {', '.join(f'{x:+.1f}' for x in d)} | {m:+.2f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _retained(raw: dict, task: str, rec: dict, split: str) -> float | None:
+    if split not in rec["metrics"]:
+        return None
+    k = main_key(task)
+    return 100.0 * rec["metrics"][split][k] / raw[task]["dense"][split][k]
+
+
+def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | None:
+    vals = [v for k, r in raw[task].items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
+            for v in [_retained(raw, task, r, split)] if v is not None]
+    if not vals:
+        return None
+    sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals):.1f}{sd} ({len(vals)})"
+
+
+def _paired(raw: dict, task: str, cut: float) -> list[float]:
+    recs = raw.get(task, {})
+    out = []
+    for seed in sorted({r["seed"] for k, r in recs.items() if "|" in k}):
+        a, b = recs.get(f"taskprune|{seed}|{cut}"), recs.get(f"kwon|{seed}|{cut}")
+        if a and b and "dev" in a["metrics"]:
+            out.append(_retained(raw, task, a, "dev") - _retained(raw, task, b, "dev"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.headline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="headline", help="results file stem under --out")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--tasks", nargs="+", default=list(HEADLINE), choices=TASKS)
+    p.add_argument("--pipelines", nargs="+", default=["taskprune", "kwon"], choices=list(PRESETS))
+    p.add_argument("--cuts", nargs="+", type=float, default=[0.4, 0.6])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--holdout", type=int, default=256, help="held-out rows for pipelines that split by loss")
+    p.add_argument("--split", choices=("dev", "selection", "both"), default="dev")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--render-only", action="store_true", help="re-render <name>.md from <name>.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    path = Path(args.out) / f"{args.name}.json"
+    raw = json.loads(path.read_text()) if args.render_only else run(args, path)
+    tasks = [t for t in TASKS if t in raw]
+    pipelines = [q for q in PRESETS if any(r.get("pipeline") == q for t in tasks for r in raw[t].values()
+                                          if isinstance(r, dict))]
+    write_text(path.with_suffix(".md"), render(raw, tasks, pipelines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The pipeline: **score → allocate → rearrange → tune**, composed here and nowhere else.
+
+A :class:`Pipeline` is three configs — :class:`~taskprune.attribution.AttributionConfig` (score),
+:class:`~taskprune.selection.Budget` (allocate: scope, mask search, heads / neurons split) and
+:class:`~taskprune.tuning.TuningConfig` (rearrange, tune) — and :meth:`Pipeline.prune` runs them on a model and
+calibration batches, returning a :class:`~taskprune.spec.PruneSpec` (kept units, and per-unit scales when tuned).
+The Lightning callback, the CLI, the benchmarks and the examples all call it; applying the spec
+(:func:`taskprune.surgery.shrink_` after :func:`taskprune.tuning.fold_scales_`) is the one step left to the caller.
+
+Peers and baselines are presets of the same configs (:data:`PRESETS`), not code of their own::
+
+    spec = Pipeline().at(0.4).prune(model, batches)                     # taskprune's default, 40 % of the MACs
+    spec = Pipeline.preset("kwon").at(0.4).prune(model, batches)        # Kwon et al. 2022's pipeline
+
+In YAML: ``pruning: {preset: kwon}`` (the callback's ``preset``), with ``budget`` / ``attribution`` / ``tuning``
+fields on top.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from taskprune.attribution import AttributionConfig, default_forward, pseudo_labels, score_units
+from taskprune.selection import Budget, select_units
+from taskprune.spec import PruneSpec
+from taskprune.tuning import TuningConfig, batch_gradients, rearrange, teacher_keep, tune_masks
+from taskprune.unitscores import UnitScores
+
+log = logging.getLogger(__name__)
+
+#: name -> (attribution, budget fields besides the amount, tuning). ``taskprune`` is the library's default.
+PRESETS: dict[str, tuple[AttributionConfig, dict, TuningConfig]] = {
+    # squared IG from a half-on baseline, Kwon's mask search split by total score, no tuning (docs/defaults.md)
+    "taskprune": (AttributionConfig(), {}, TuningConfig()),
+    # the same with the heads / neurons split chosen by the task loss on held-out rows (opt-in: docs/defaults.md)
+    "taskprune_holdout": (AttributionConfig(), {"split": "loss"}, TuningConfig()),
+    # Kwon et al. 2022: Fisher of the masks (per batch), mask search, rearrangement, tuning against their teacher
+    "kwon": (AttributionConfig(method="fisher", per="batch"), {"scope": "search"},
+             TuningConfig(rearrange=True, tune="schedule")),
+    "kwon_notune": (AttributionConfig(method="fisher", per="batch"), {"scope": "search"},
+                    TuningConfig(rearrange=True)),
+    # the paper's IG (all-off path, |attribution|), and the usual baselines, each kind cut in proportion
+    "ig_paper": (AttributionConfig(baseline=0.0, aggregate="abs"), {"scope": "per_kind"}, TuningConfig()),
+    "grad_x_gate": (AttributionConfig(method="grad_x_gate", aggregate="abs"), {"scope": "per_kind"}, TuningConfig()),
+    "fisher": (AttributionConfig(method="fisher"), {"scope": "per_kind"}, TuningConfig()),
+    "activation": (AttributionConfig(method="activation"), {"scope": "per_kind"}, TuningConfig()),
+    "magnitude": (AttributionConfig(method="magnitude"), {"scope": "per_kind"}, TuningConfig()),
+    "random": (AttributionConfig(method="random"), {"scope": "per_kind"}, TuningConfig()),
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Score → allocate → rearrange → tune: one object for Python, the callback and the benchmarks."""
+
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    """How units are scored (and which kinds: ``attribution.units``)."""
+    budget: Budget = field(default_factory=Budget)
+    """What to remove and how units are allocated (scope, the mask search and its heads / neurons split)."""
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    """The stages after allocation: rearrangement and mask tuning (off by default)."""
+    name: str = "custom"
+    """The preset it came from (recorded in ``spec.meta["pipeline"]``)."""
+
+    def __post_init__(self) -> None:
+        for attr, cls in (("attribution", AttributionConfig), ("budget", Budget), ("tuning", TuningConfig)):
+            if not isinstance(getattr(self, attr), cls):
+                raise TypeError(f"{attr} must be a {cls.__module__}.{cls.__name__}, got {getattr(self, attr)!r}")
+        if self.tuning.tune == "schedule" and self.budget.kind != "macs":
+            raise ValueError(f"tune='schedule' picks its teacher at sqrt of the kept MAC fraction and needs a MAC "
+                             f"budget, got kind={self.budget.kind!r}; use tune='dense' or kind='macs'")
+
+    @classmethod
+    def preset(cls, name: str) -> Pipeline:
+        """A named pipeline of :data:`PRESETS` (``"taskprune"``, ``"kwon"``, baselines), at the default amount."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; allowed: {list(PRESETS)}")
+        attribution, budget, tuning = PRESETS[name]
+        return cls(attribution, Budget(**budget), tuning, name)
+
+    def at(self, amount: float, **budget) -> Pipeline:
+        """The same pipeline with another budget amount (and any other :class:`Budget` field)."""
+        return replace(self, budget=replace(self.budget, amount=amount, **budget))
+
+    def score(self, model: nn.Module, batches: Sequence[dict], forward: Callable | None = None) -> UnitScores:
+        """Stage 1: score every unit on the calibration batches (:func:`taskprune.attribution.score_units`)."""
+        return score_units(model, batches, self.attribution, forward=forward)
+
+    def allocate(self, model: nn.Module, scores: UnitScores, held_out: Sequence[dict] | None = None,
+                 forward: Callable | None = None, amount: float | None = None) -> PruneSpec:
+        """Stage 2: the units kept under the budget (:func:`taskprune.selection.select_units`; held-out rows choose
+        the heads / neurons split of the mask search when ``budget.split`` says so)."""
+        budget = self.budget if amount is None else replace(self.budget, amount=amount)
+        return select_units(scores, budget, units=self.attribution.units, model=model, held_out=held_out,
+                            target=self.attribution.target, forward=forward)
+
+    def prune(self, model: nn.Module, batches: Sequence[dict], held_out: Sequence[dict] | None = None,
+              forward: Callable | None = None, scores: UnitScores | None = None) -> PruneSpec:
+        """Run every stage on the dense ``model``; return the spec (with per-unit scales when tuned).
+
+        Args:
+            model: the dense model (a transformers model or a module holding one); its weights are not changed.
+            batches: calibration batches (dicts of tensors, ``labels`` as the target needs); scored, and read again
+                by rearrangement and tuning.
+            held_out: batches of rows not among ``batches``, for the heads / neurons split by loss (``budget.split``).
+            forward: ``fn(model, batch) -> outputs`` (default: ``model(**inputs)``).
+            scores: scores already computed with this pipeline's attribution (skips stage 1), e.g. to prune one
+                scoring at several amounts.
+        """
+        forward = forward or default_forward
+        batches = list(batches)
+        if scores is None:
+            scores = self.score(model, batches, forward)
+        spec = self.allocate(model, scores, held_out, forward)
+        return self.finish(model, spec, scores, batches, held_out, forward)
+
+    def finish(self, model: nn.Module, spec: PruneSpec, scores: UnitScores, batches: Sequence[dict],
+               held_out: Sequence[dict] | None = None, forward: Callable | None = None) -> PruneSpec:
+        """Stages 3-4 on an allocated ``spec``: rearrange, then tune (scales in the returned spec)."""
+        forward = forward or default_forward
+        meta = {"pipeline": self.name, "attribution": self.attribution.to_dict(), "tuning": self.tuning.to_dict()}
+        if not self.tuning.active:
+            return replace(spec, meta={**spec.meta, **meta})
+        target = self.attribution.target
+        if target == "pseudo":  # rearrangement and tuning read labels: the dense model's predictions
+            batches, target = [pseudo_labels(model, b, forward) for b in batches], "label"
+        if self.tuning.rearrange:
+            grads, _ = batch_gradients(model, batches, target, self.attribution.units, forward)
+            spec = rearrange(spec, grads)
+        if self.tuning.tune != "none":
+            teacher = None
+            if self.tuning.tune == "schedule":
+                amount = 1.0 - teacher_keep(1.0 - float(self.budget.amount))
+                teacher = self.allocate(model, scores, held_out, forward, amount=amount)
+            spec = tune_masks(model, spec, batches, teacher, self.tuning.damping, self.tuning.max_scale, forward)
+        log.info("pipeline %s: %s", self.name, spec.summary())
+        return replace(spec, meta={**spec.meta, **meta})
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "attribution": self.attribution.to_dict(), "budget": self.budget.to_dict(),
+                "tuning": self.tuning.to_dict()}
+
+
+def prune(model: nn.Module, batches: Sequence[dict], pipeline: Pipeline | str = "taskprune",
+          amount: float | None = None, held_out: Sequence[dict] | None = None,
+          forward: Callable | None = None) -> PruneSpec:
+    """Prune ``model`` for the task of ``batches`` with a pipeline (a preset name or a :class:`Pipeline`), at
+    ``amount`` when given (else the pipeline's own budget amount); returns the spec."""
+    pipeline = Pipeline.preset(pipeline) if isinstance(pipeline, str) else pipeline
+    if amount is not None:
+        pipeline = pipeline.at(amount)
+    return pipeline.prune(model, batches, held_out, forward)
