@@ -1,6 +1,6 @@
 """Build (if needed) the zoo's multi-task model and tabulate its metrics on every task's full dev set.
 
-    python -m benchmarks.build_multitask --data-dir /work/shared/data \
+    python -m benchmarks.build_multitask --data-dir ../shared/data \
         --out benchmarks/results/multitask_minilm.md
 
 Writes a Markdown table (dev + out-of-domain metrics per task head) with the command, git commit, machine and the
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", default="minilm-glue")
-    p.add_argument("--data-dir", default="/work/shared/data", help="data for the build and the evaluation")
+    p.add_argument("--data-dir", default=os.environ.get("TASKPRUNE_DATA", "../shared/data"),
+                   help="data for the build and the evaluation (default: $TASKPRUNE_DATA, else ../shared/data)")
     p.add_argument("--model", default=None, help="evaluate this model folder instead of building --name")
     p.add_argument("--out", default="benchmarks/results/multitask_minilm.md")
     p.add_argument("--no-ood", action="store_true", help="skip the out-of-domain sets")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "```",
         f"python -m taskprune.zoo build {info.get('name', args.name)}"
-        + ("   # the embedded data; --data-dir /work/shared/data: same rows, same hash"
+        + ("   # the embedded data; --data-dir ../shared/data: same rows, same hash"
            if info.get("name", args.name) == "minilm-glue" else " --data-dir ../shared/data"),
         " ".join(["python -m benchmarks.build_multitask", *(argv if argv is not None else sys.argv[1:])]),
         "```",

@@ -20,6 +20,7 @@ import copy
 import csv
 import io
 import json
+import os
 import random
 import resource
 import statistics
@@ -39,7 +40,7 @@ from taskprune.selection import select_units
 from taskprune.surgery import apply_mask, shrink_
 
 RESULTS = Path("benchmarks/results")
-DATA = Path("/work/shared/data/sst2/dev.tsv")
+DATA = Path(os.environ.get("TASKPRUNE_DATA", "../shared/data")) / "sst2/dev.tsv"
 SEQ = 128
 
 
