@@ -1,3 +1,3 @@
-from taskprune.cli import main
+from taskprune.lightning.cli import main
 
 main()

@@ -22,7 +22,7 @@ import torch
 from benchmarks.common import cpu_name, git_commit
 from taskprune.io import atomic_write_bytes
 from taskprune.tasks import get_task
-from taskprune.multitask import read_build_info
+from taskprune.models.multitask import read_build_info
 from taskprune.zoo import build_multitask, load_multitask, resolve_model_dir
 
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_name, git_commit, write_text
-from taskprune.data import Collator, load_split, load_tokenizer, random_subset
+from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
-from taskprune.multitask import read_build_info
+from taskprune.models.multitask import read_build_info
 from taskprune.pipeline import PRESETS, Pipeline
 from taskprune.surgery import shrink_
 from taskprune.tasks import get_task

@@ -46,7 +46,7 @@ import torch
 
 from benchmarks.common import cpu_name, git_commit, header
 from taskprune.attribution import score_units
-from taskprune.data import Collator, load_split, load_tokenizer, random_subset
+from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
 from taskprune.search import search_macs
@@ -55,7 +55,7 @@ from taskprune.surgery import shrink_
 from taskprune.tasks import get_task
 from taskprune.tuning import (batch_gradients, fisher_scores, fold_scales_, rearrange, search_by_loss, teacher_keep,
                               tune_masks)
-from taskprune.multitask import read_build_info
+from taskprune.models.multitask import read_build_info
 from taskprune.zoo import ensure_multitask, resolve_model_dir, selection_rows
 
 log = logging.getLogger("pipelines")

@@ -36,7 +36,7 @@ from benchmarks.common import cpu_name, header, write_text
 from taskprune.attribution import DEFAULT_BASELINE as IG_BASELINE
 from taskprune.attribution import METHODS as taskprune_methods
 from taskprune.attribution import score_units
-from taskprune.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
+from taskprune.lightning.data import Collator, load_split, load_tokenizer, per_class_subset, random_subset
 from taskprune.io import atomic_write_json
 from taskprune.selection import select_units
 from taskprune.surgery import shrink_

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (LLaMA, GQA) as a k-shot prompted classifier, pruned for one task at a time, on CPU.
 
-Per task: a few-shot prompt with contextual calibration (:class:`taskprune.fewshot.PromptedLM`, the prefix's KV cache
+Per task: a few-shot prompt with contextual calibration (:class:`taskprune.models.fewshot.PromptedLM`, the prefix's KV cache
 reused across rows), dense accuracy on >= 500 evaluation rows and the chance level (majority-class share of those
 rows); unit scores on labelled calibration rows (time, peak RSS); a MAC budget per cut counted at the real prompt
 length (prefix + mean row), allocated by one of :data:`PIPELINES`; physical removal; accuracy, parameters, MACs;
@@ -43,9 +43,9 @@ import torch
 from benchmarks.common import header, write_text
 from taskprune.attribution import AttributionConfig, model_inputs
 from taskprune.export import load_pruned, save_pruned
-from taskprune.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
+from taskprune.models.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
 from taskprune.flops import count_macs, count_params
-from taskprune.gguf import load_smollm2
+from taskprune.models.gguf import load_smollm2
 from taskprune.pipeline import Pipeline
 from taskprune.selection import Budget
 from taskprune.surgery import shrink_

@@ -50,7 +50,7 @@ def base_and_specs(budget: float, calib: int) -> tuple[torch.nn.Module, dict, st
     except ValueError:
         multi = None
     if multi is not None:
-        from taskprune.data import TaskDataModule
+        from taskprune.lightning.data import TaskDataModule
 
         specs = {}
         for task in GLUE:

@@ -44,7 +44,7 @@ class MaskBank:
     """One dense base model and one spec per task; at most one task's mask is active at a time.
 
     Args:
-        model: the dense Hugging Face model (or a module holding one, e.g. a :class:`taskprune.multitask.TaskModel`)
+        model: the dense Hugging Face model (or a module holding one, e.g. a :class:`taskprune.models.multitask.TaskModel`)
             that every spec was made for. The bank installs and removes masks on it; it never changes a weight.
     """
 

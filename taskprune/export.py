@@ -8,7 +8,7 @@ A pruned folder holds::
                                 sharded: ``model-*.safetensors`` + ``model.safetensors.index.json``)
     taskprune_spec.json         the :class:`~taskprune.spec.PruneSpec` (kept indices + the dense fingerprint)
     tokenizer files             when a tokenizer is given
-    heads.safetensors, tasks.json   only for a :class:`taskprune.multitask.TaskModel` (the zoo's own head format)
+    heads.safetensors, tasks.json   only for a :class:`taskprune.models.multitask.TaskModel` (the zoo's own head format)
 
 Loading replays the spec: the dense architecture is built from the config (the dense widths come back from the
 spec's fingerprint), :func:`~taskprune.surgery.shrink_` cuts it to the kept units -- which also installs any
@@ -50,13 +50,13 @@ SPEC_FILE = "taskprune_spec.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-HEADS_FILE = "heads.safetensors"  # zoo format (taskprune.multitask.save_multitask), for TaskModel exports
+HEADS_FILE = "heads.safetensors"  # zoo format (taskprune.models.multitask.save_multitask), for TaskModel exports
 TASKS_FILE = "tasks.json"
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _is_task_model(model: nn.Module) -> bool:
-    mt = sys.modules.get("taskprune.multitask")  # a TaskModel exists only once that is imported (it pulls torchmetrics)
+    mt = sys.modules.get("taskprune.models.multitask")  # a TaskModel exists only once that is imported (it pulls torchmetrics)
     return mt is not None and isinstance(model, mt.TaskModel)
 
 
@@ -70,7 +70,7 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
     """Write ``model``, pruned by ``spec``, to the folder ``path`` (atomically) and return the path.
 
     Args:
-        model: a Hugging Face model, a :class:`taskprune.multitask.TaskModel` (encoder + head) or a module holding a HF
+        model: a Hugging Face model, a :class:`taskprune.models.multitask.TaskModel` (encoder + head) or a module holding a HF
             model, either already shrunk by ``spec`` (``shrink_(model, spec)``) or still dense. A dense model is
             **not** changed: a deep copy is shrunk and saved (this needs memory for a second model; call
             :func:`~taskprune.surgery.shrink_` first to avoid it).
@@ -125,7 +125,7 @@ def _save_head(task_model: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
     from taskprune.io import atomic_write_json
-    from taskprune.multitask import MultiTaskModel, heads_state, tasks_json
+    from taskprune.models.multitask import MultiTaskModel, heads_state, tasks_json
 
     one = MultiTaskModel(task_model.encoder, {task_model.task: task_model.info}, {task_model.task: task_model.head},
                          task_model.pooling)
@@ -142,7 +142,7 @@ def load_pruned(path: str | os.PathLike, model_class=None) -> nn.Module:
         model_class: a ``transformers`` model class or Auto class to build (default: ``config.architectures[0]``,
             looked up in ``transformers``; remote code is never run).
 
-    Returns the Hugging Face model, or a :class:`taskprune.multitask.TaskModel` when the folder holds a task head.
+    Returns the Hugging Face model, or a :class:`taskprune.models.multitask.TaskModel` when the folder holds a task head.
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a corrupt file or a config, spec and
     weights that do not agree, each naming the file.
     """
@@ -281,11 +281,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
-    """A :class:`taskprune.multitask.TaskModel` from the encoder and the folder's single head (zoo format)."""
+    """A :class:`taskprune.models.multitask.TaskModel` from the encoder and the folder's single head (zoo format)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from taskprune.multitask import HeadInfo, MultiTaskModel, head_from_state
+    from taskprune.models.multitask import HeadInfo, MultiTaskModel, head_from_state
 
     tasks_file, heads_file = folder / TASKS_FILE, folder / HEADS_FILE
     try:

@@ -86,3 +86,10 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def cache_dir() -> Path:
+    """taskprune's cache folder (models built or converted on first use, the datasets cache): ``$TASKPRUNE_CACHE``,
+    else ``~/.cache/taskprune``."""
+    env = os.environ.get("TASKPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "taskprune"

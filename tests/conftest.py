@@ -16,7 +16,7 @@ def _seed():
 @pytest.fixture
 def cli_refusal(tmp_path, capsys):
     """``refuse(yaml_text or None, path=None) -> stderr``: the CLI must exit 2 on that config before doing any work."""
-    from taskprune.cli import main
+    from taskprune.lightning.cli import main
 
     def refuse(text: str | None = None, path=None) -> str:
         if text is not None:

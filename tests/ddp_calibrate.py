@@ -19,9 +19,9 @@ import torch
 
 from lightning_tiny import TOKENIZER, tiny_classifier
 from taskprune.attribution import AttributionConfig
-from taskprune.callback import TaskPruning
-from taskprune.data import TaskDataModule
-from taskprune.module import AttributionModule
+from taskprune.lightning.callback import TaskPruning
+from taskprune.lightning.data import TaskDataModule
+from taskprune.lightning.module import AttributionModule
 from taskprune.selection import Budget
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores

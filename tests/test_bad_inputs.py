@@ -19,10 +19,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_tiny import TOKENIZER, tiny_classifier
 from taskprune.attribution import AttributionConfig
-from taskprune.callback import TaskPruning
-from taskprune.cli import main
-from taskprune.data import TaskDataModule
-from taskprune.module import AttributionModule
+from taskprune.lightning.callback import TaskPruning
+from taskprune.lightning.cli import main
+from taskprune.lightning.data import TaskDataModule
+from taskprune.lightning.module import AttributionModule
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores
 
@@ -131,7 +131,7 @@ def test_tokenizer_of_another_model_refused_before_work(tmp_path):
 def test_inputs_longer_than_the_model_are_truncated_with_a_warning(tmp_path, caplog):
     dm = TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=4, batch_size=4, ood=[], max_length=128)
     module = AttributionModule(bert(max_position_embeddings=12), task="sst2", attribution=AttributionConfig(steps=1))
-    with caplog.at_level(logging.WARNING, logger="taskprune.data"):
+    with caplog.at_level(logging.WARNING, logger="taskprune.lightning.data"):
         trainer([TaskPruning(output_dir=str(tmp_path), apply="none")]).fit(module, dm)
     assert "max_length=128 is longer than the model's 12 positions" in caplog.text
     assert dm.max_length == 12 and UnitScores.load(tmp_path / "scores.safetensors").count == 4

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from taskprune.cli import main
+from taskprune.lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

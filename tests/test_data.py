@@ -11,7 +11,7 @@ import yaml
 import torch
 from transformers import BertTokenizerFast
 
-from taskprune.data import EMBEDDED_DATA_DIR, TaskDataModule, load_split, per_class_subset, random_subset
+from taskprune.lightning.data import EMBEDDED_DATA_DIR, TaskDataModule, load_split, per_class_subset, random_subset
 from taskprune.tasks import TASKS, get_task, task_from_dict
 
 WORDS = "the a movie is good bad great awful not very it was fun dull , . ? what who why cat dog sat on mat".split()
@@ -281,7 +281,7 @@ def test_long_inputs_truncated_not_crash(tokenizer, caplog):
 
 
 def test_resume_with_another_calibration_set_refused():
-    from taskprune.data import TaskDataModule
+    from taskprune.lightning.data import TaskDataModule
 
     saved = TaskDataModule("sst2", calib_samples=16, calib_seed=0).state_dict()
     TaskDataModule("sst2", calib_samples=16, calib_seed=0).load_state_dict(saved)  # same set: fine

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from taskprune.callback import TaskPruning
+from taskprune.lightning.callback import TaskPruning
 from taskprune.export import load_pruned
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "own_project" / "train.py"

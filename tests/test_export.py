@@ -103,7 +103,7 @@ def test_uniform_widths_load_with_plain_transformers(arch, auto, n_heads, n_neur
 
 # ---------------------------------------------------------------------------------------- multi-task zoo model
 def test_task_model_round_trip(tmp_path):
-    from taskprune.multitask import HeadInfo, MultiTaskModel, TaskModel
+    from taskprune.models.multitask import HeadInfo, MultiTaskModel, TaskModel
 
     torch.manual_seed(0)
     encoder = tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""The k-shot prompted classifier (taskprune.fewshot) on a tiny random LLaMA (GQA) with a word-level HF tokenizer:
+"""The k-shot prompted classifier (taskprune.models.fewshot) on a tiny random LLaMA (GQA) with a word-level HF tokenizer:
 the prefix KV cache gives the scores of recomputing the prefix, padding changes nothing, attribution and shrinking
 go through it, the shrunk decoder exports, reloads and generates the same tokens, and the shipped SmolLM2 config
 runs fit + test through the CLI with the tiny LLaMA in place of SmolLM2."""
@@ -16,7 +16,7 @@ from tiny import tiny_model
 
 from taskprune.attribution import score_units
 from taskprune.export import load_pruned, save_pruned
-from taskprune.fewshot import FewShotTemplate, PromptedLM, TextCollator, draw_demos
+from taskprune.models.fewshot import FewShotTemplate, PromptedLM, TextCollator, draw_demos
 from taskprune.selection import select_units
 from taskprune.surgery import apply_mask, remove_mask, shrink_
 
@@ -182,12 +182,12 @@ def tiny_lm_folder(path: Path) -> Path:
 
 def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatch):
     """configs/smollm2_sst2.yaml as shipped, with the tiny LLaMA as the LM and few rows (offline, seconds)."""
-    from taskprune.cli import main
+    from taskprune.lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
     lm = tiny_lm_folder(tmp_path / "tiny-llama")
     cfg = yaml.safe_load(CONFIG.read_text())
-    assert cfg["model"]["model"]["class_path"] == "taskprune.fewshot.PromptedLM"
+    assert cfg["model"]["model"]["class_path"] == "taskprune.models.fewshot.PromptedLM"
     cfg["model"]["model"]["init_args"]["lm"] = str(lm)
     cfg["data"].pop("data_dir", None)  # the embedded SST-2 subset; tests never read ../shared
     cfg["data"].update({"tokenizer": str(lm), "calib_samples": 8, "eval_samples": 8, "batch_size": 4})

@@ -9,9 +9,9 @@ from torch import nn
 
 from lightning_tiny import TOKENIZER, tiny_classifier
 from taskprune.attribution import AttributionConfig
-from taskprune.callback import TaskPruning
-from taskprune.data import TaskDataModule
-from taskprune.module import AttributionModule
+from taskprune.lightning.callback import TaskPruning
+from taskprune.lightning.data import TaskDataModule
+from taskprune.lightning.module import AttributionModule
 from taskprune.selection import Budget
 from taskprune.spec import PruneSpec
 from taskprune.unitscores import UnitScores, is_close
@@ -203,7 +203,7 @@ def test_label_map_overrides_the_match():
 
 
 def test_the_module_implements_the_pruning_protocol():
-    from taskprune.protocol import PruningModule
+    from taskprune.lightning.protocol import PruningModule
 
     assert isinstance(AttributionModule(tiny_classifier(), task="sst2"), PruningModule)
     assert not isinstance(nn.Linear(2, 2), PruningModule)

@@ -11,8 +11,8 @@ import pytest
 import transformers as tf
 
 from lightning_tiny import TOKENIZER, tiny_classifier
-from taskprune.cli import main
-from taskprune.data import load_split
+from taskprune.lightning.cli import main
+from taskprune.lightning.data import load_split
 from taskprune.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,7 +55,7 @@ def findings(path: Path) -> list[str]:
 
 
 def test_package_files_are_found():
-    assert len(FILES) > 10 and PACKAGE / "module.py" in FILES
+    assert len(FILES) > 10 and PACKAGE / "lightning" / "module.py" in FILES
 
 
 def test_no_pickle_unsafe_torch_load_remote_code_or_print_in_the_package():
@@ -105,7 +105,7 @@ def recorded(monkeypatch):
 
 def test_trust_remote_code_is_off_by_default(recorded):
     from taskprune.models import load_task_model
-    from taskprune.module import AttributionModule
+    from taskprune.lightning.module import AttributionModule
 
     load_task_model("some/model", "sst2")
     AttributionModule("some/model", task="sst2")
@@ -114,7 +114,7 @@ def test_trust_remote_code_is_off_by_default(recorded):
 
 def test_trust_remote_code_is_passed_only_when_the_user_sets_it(recorded):
     from taskprune.models import load_task_model
-    from taskprune.module import AttributionModule
+    from taskprune.lightning.module import AttributionModule
 
     load_task_model("some/model", "sst2", trust_remote_code=True)
     AttributionModule("some/model", task="sst2", trust_remote_code=True)
@@ -125,7 +125,7 @@ def test_trust_remote_code_defaults_to_false_in_every_signature():
     import inspect
 
     from taskprune.models import load_task_model
-    from taskprune.module import AttributionModule
+    from taskprune.lightning.module import AttributionModule
 
     for fn in (load_task_model, AttributionModule.__init__):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False

@@ -262,9 +262,9 @@ def test_callback_runs_kwons_stages_and_the_applied_model_equals_the_scaled_mask
     from lightning_tiny import TOKENIZER, tiny_classifier
 
     from taskprune.attribution import AttributionConfig
-    from taskprune.callback import TaskPruning
-    from taskprune.data import TaskDataModule
-    from taskprune.module import AttributionModule
+    from taskprune.lightning.callback import TaskPruning
+    from taskprune.lightning.data import TaskDataModule
+    from taskprune.lightning.module import AttributionModule
     from taskprune.selection import Budget
     from taskprune.tuning import TuningConfig
 

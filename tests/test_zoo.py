@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from taskprune.arch import find_base
-from taskprune.multitask import HeadInfo, MultiTaskModel, TaskModel, read_build_info, save_multitask
+from taskprune.models.multitask import HeadInfo, MultiTaskModel, TaskModel, read_build_info, save_multitask
 from taskprune.zoo import load_multitask, resolve_model_dir
 
 TASKS = ("sst2", "mnli", "stsb")
@@ -164,6 +164,6 @@ def test_embedded_train_rows_are_the_recipes_rows_of_the_full_data():
 
 
 def _embedded():
-    from taskprune.data import EMBEDDED_DATA_DIR
+    from taskprune.lightning.data import EMBEDDED_DATA_DIR
 
     return EMBEDDED_DATA_DIR

@@ -21,7 +21,7 @@ import transformers as tf
 from torch.utils.data import DataLoader
 
 from taskprune.attribution import AttributionConfig
-from taskprune.callback import TaskPruning
+from taskprune.lightning.callback import TaskPruning
 from taskprune.export import load_pruned
 from taskprune.selection import Budget
 

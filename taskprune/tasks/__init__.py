@@ -1,5 +1,5 @@
 """Tasks as data: a task definition (YAML) names its files, text and label columns, label names, metrics and
-out-of-domain sets; :mod:`taskprune.data` reads the files with ``datasets.load_dataset``.
+out-of-domain sets; :mod:`taskprune.lightning.data` reads the files with ``datasets.load_dataset``.
 
 The eight GLUE tasks taskprune ships (``sst2``, ``mrpc``, ``qnli``, ``mnli``, ``qqp``, ``rte``, ``cola``, ``stsb``)
 are definitions in this same format, one file each in this folder (``taskprune/tasks/<name>.yaml``). Your own task

@@ -7,7 +7,7 @@
 
 ``python -m taskprune.zoo build minilm-glue`` fine-tunes all-MiniLM-L6-v2 (mean pooling, as the sentence
 transformer does) with a ``Linear(384, n_labels)`` head per task, and saves the folder format of
-:mod:`taskprune.multitask` under :func:`cache_dir` (``build.json``: recipe, its hash, data fingerprint, rows per task,
+:mod:`taskprune.models.multitask` under :func:`cache_dir` (``build.json``: recipe, its hash, data fingerprint, rows per task,
 build time, dev metrics). Data comes from ``--data-dir``, else ``$TASKPRUNE_DATA``, else the embedded subsets. The
 embedded train files hold exactly the rows the ``minilm-glue`` recipe draws from the full GLUE files (seeded, 1000
 per task), and the recipe hash covers the *rows trained on*, not the files: a build from the embedded data and one
@@ -27,6 +27,16 @@ _BUILD = ("build_multitask", "ensure_multitask", "evaluate", "plan", "base_path"
 
 __all__ = ["RECIPES", "Recipe", "cache_dir", "default_out_dir", "get_recipe", "load_multitask", "resolve_model_dir",
            "selection_rows", *_BUILD, "main"]
+
+
+def _ensure(name: str):
+    from taskprune.zoo.build import ensure_multitask
+
+    return ensure_multitask(name)
+
+
+#: the zoo as a named-model source of :func:`taskprune.models.load_task_model` (entry point ``taskprune.models``)
+SOURCE = {"names": lambda: sorted(RECIPES), "load": _ensure}
 
 
 def __getattr__(name: str):

@@ -6,14 +6,14 @@ import argparse
 import logging
 from dataclasses import replace
 
-from taskprune.multitask import read_build_info
+from taskprune.models.multitask import read_build_info
 from taskprune.zoo.cache import resolve_model_dir
 from taskprune.zoo.recipes import RECIPES
 
 
 def main(argv: list[str] | None = None) -> None:
     """``taskprune-zoo build|info NAME``."""
-    from taskprune.report import print_json, rich_logging
+    from taskprune.lightning.report import print_json, rich_logging
     from taskprune.zoo.build import build_multitask
 
     rich_logging(logging.INFO)

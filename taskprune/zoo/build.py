@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from taskprune.multitask import HeadInfo, MultiTaskModel, read_build_info, save_multitask
+from taskprune.models.multitask import HeadInfo, MultiTaskModel, read_build_info, save_multitask
 from taskprune.tasks import get_task
 from taskprune.zoo.cache import default_out_dir, load_multitask, take_rows
 from taskprune.zoo.recipes import Recipe, get_recipe
@@ -42,14 +42,14 @@ def base_path(base: str) -> str:
 
 def default_build_data_dir() -> Path:
     """``$TASKPRUNE_DATA``, else the embedded subsets (which hold the default recipe's train rows)."""
-    from taskprune.data import EMBEDDED_DATA_DIR
+    from taskprune.lightning.data import EMBEDDED_DATA_DIR
 
     env = os.environ.get("TASKPRUNE_DATA")
     return Path(env) if env else EMBEDDED_DATA_DIR
 
 
 def _is_embedded(data_dir: Path) -> bool:
-    from taskprune.data import EMBEDDED_DATA_DIR
+    from taskprune.lightning.data import EMBEDDED_DATA_DIR
 
     return data_dir.resolve() == EMBEDDED_DATA_DIR.resolve()
 
@@ -71,7 +71,7 @@ class Plan:
 
 def plan(recipe: Recipe, data_dir: Path) -> Plan:
     """Split each task's train file into the seeded reserve and the rows the build trains on."""
-    from taskprune.data import load_split, random_subset
+    from taskprune.lightning.data import load_split, random_subset
 
     data, reserve, files = {}, {}, {}
     for t in recipe.tasks:
@@ -103,7 +103,7 @@ def epoch_batches(tokenizer, recipe: Recipe, data: dict) -> list[list[dict]]:
 
     Epoch ``e`` of a task with more than ``recipe.epoch_rows`` rows uses a fresh seeded sample of that many rows.
     """
-    from taskprune.data import Collator
+    from taskprune.lightning.data import Collator
 
     shuffle = np.random.default_rng(recipe.seed)
     epochs = []
@@ -136,7 +136,7 @@ def evaluate(model: MultiTaskModel, task: str, data_dir: str | os.PathLike | Non
 
     ``rows`` (a ``Dataset``) replaces the split, e.g. :func:`taskprune.zoo.selection_rows`.
     """
-    from taskprune.data import Collator, load_split, load_tokenizer, random_subset
+    from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
 
     t = get_task(task)
     ds = rows if rows is not None else load_split(t, split, data_dir)

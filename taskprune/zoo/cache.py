@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from taskprune.multitask import MultiTaskModel, load_dir, read_build_info
+from taskprune.io import cache_dir  # noqa: F401  (re-exported: taskprune.zoo.cache_dir)
+
+from taskprune.models.multitask import MultiTaskModel, load_dir, read_build_info
 from taskprune.zoo.recipes import RECIPES
-
-
-def cache_dir() -> Path:
-    """``$TASKPRUNE_CACHE``, else ``~/.cache/taskprune``."""
-    env = os.environ.get("TASKPRUNE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "taskprune"
 
 
 def default_out_dir(name: str) -> Path:
@@ -42,7 +38,7 @@ def load_multitask(path_or_name: str | os.PathLike = "minilm-glue") -> MultiTask
 def selection_rows(path_or_name: str | os.PathLike, task: str, data_dir: str | os.PathLike):
     """The selection split of ``task``: the train rows the build set aside (``Recipe.reserve``), as a ``Dataset``
     with ``idx`` renumbered 0..n-1. ``ValueError`` when the model was built without a reserve for ``task``."""
-    from taskprune.data import load_split
+    from taskprune.lightning.data import load_split
 
     info = read_build_info(resolve_model_dir(path_or_name)) or {}
     rows = info.get("selection_reserve", {}).get(task)

@@ -119,7 +119,7 @@ def fewshot_template(name: str | FewShotTemplate) -> FewShotTemplate:
         return name
     if name not in TEMPLATES:
         raise ValueError(f"no few-shot template for task {name!r}; known: {sorted(TEMPLATES)}; pass template=... "
-                         "(a taskprune.fewshot.FewShotTemplate) for another task")
+                         "(a taskprune.models.fewshot.FewShotTemplate) for another task")
     return TEMPLATES[name]
 
 
@@ -140,9 +140,9 @@ def draw_demos(rows: Sequence[dict], shots: int, n_classes: int, seed: int = 0) 
 
 # ------------------------------------------------------------------------------------------------- the model
 def load_causal_lm(name_or_path: str):
-    """``(model, tokenizer)``: ``"smollm2-135m-instruct"`` (converted once, see :mod:`taskprune.gguf`) or a local
+    """``(model, tokenizer)``: ``"smollm2-135m-instruct"`` (converted once, see :mod:`taskprune.models.gguf`) or a local
     causal-LM folder (offline, no remote code)."""
-    from taskprune.gguf import SMOLLM2_NAME, load_smollm2
+    from taskprune.models.gguf import SMOLLM2_NAME, load_smollm2
 
     if name_or_path == SMOLLM2_NAME:
         return load_smollm2()
@@ -199,7 +199,7 @@ class PromptedLM(nn.Module):
         self.style, self.calibrate, self.prefix_cache = style, bool(calibrate), bool(prefix_cache)
         self.attribute_prefix = bool(attribute_prefix)
         if demos is None:
-            from taskprune.data import load_split
+            from taskprune.lightning.data import load_split
 
             from taskprune.tasks import get_task
 

@@ -19,7 +19,7 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 
 
 def smollm2_dir() -> Path:
-    from taskprune.zoo.cache import cache_dir
+    from taskprune.io import cache_dir
 
     return cache_dir() / SMOLLM2_NAME
 

@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from taskprune.loader import CalibrationLoader
+from taskprune.lightning.loader import CalibrationLoader
 from taskprune.tasks import Source, Task, get_task, raw_key
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parent.parent / "embedded"
 
 
 def datasets_cache_dir() -> Path:
     """Where ``datasets`` keeps the Arrow copies of the files read: ``<taskprune cache>/datasets``."""
-    from taskprune.zoo.cache import cache_dir
+    from taskprune.io import cache_dir
 
     return cache_dir() / "datasets"
 
@@ -425,7 +425,7 @@ class TaskDataModule(L.LightningDataModule):
         if tokenizer is not None and self._tokenizer is None:
             self.set_tokenizer(load_tokenizer(tokenizer))
         elif self._tokenizer is None and getattr(model, "tokenizer", None) is not None:
-            self.set_tokenizer(model.tokenizer)  # a module that carries its tokenizer (taskprune.fewshot.PromptedLM)
+            self.set_tokenizer(model.tokenizer)  # a module that carries its tokenizer (taskprune.models.fewshot.PromptedLM)
         try:
             tok = self.tokenizer
         except ValueError:
@@ -514,7 +514,7 @@ class TaskDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- private
     def _loader(self, ds: datasets.Dataset, resumable: bool = False) -> DataLoader:
-        """Evaluation loaders are plain; the calibration loader resumes mid-epoch (see :mod:`taskprune.loader`)."""
+        """Evaluation loaders are plain; the calibration loader resumes mid-epoch (see :mod:`taskprune.lightning.loader`)."""
         if self._collator is None:
             self._collator = Collator(self.tokenizer, self.task.text_fields, self.max_length, self.task.regression)
         cls = CalibrationLoader if resumable else DataLoader

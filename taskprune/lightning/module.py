@@ -1,8 +1,8 @@
 """AttributionModule: calibration as a Lightning ``fit`` loop, and a test loop that compares dense and pruned models.
 
 ``fit`` never updates a weight: each ``training_step`` scores the batch's units (integrated gradients by default) and
-adds the detached per-unit sums to a :class:`~taskprune.scores.UnitScoreMetric`, which sums across processes once at
-the end. The :class:`~taskprune.callback.TaskPruning` callback turns the scores into a spec and applies it.
+adds the detached per-unit sums to a :class:`~taskprune.lightning.scores.UnitScoreMetric`, which sums across processes once at
+the end. The :class:`~taskprune.lightning.callback.TaskPruning` callback turns the scores into a spec and applies it.
 
 Distributed calibration. Under ``strategy="ddp"`` Lightning wraps the module in ``DistributedDataParallel`` during
 ``fit``. The module keeps its parameters trainable (so DDP accepts it), but attribution runs with every parameter
@@ -11,7 +11,7 @@ never fire and nothing is averaged: each process sums the attributions of its ow
 processes' sums at the end. ``DistributedSampler`` pads the last round with duplicates of the first samples; those
 get weight 0 (:mod:`taskprune.calibration`, the loop the callback and ``score_units`` share), so 1 and N processes
 give the same sums. Model loading lives in :mod:`taskprune.models`; evaluation results are
-:class:`~taskprune.evaluation.Evaluation` rows.
+:class:`~taskprune.lightning.evaluation.Evaluation` rows.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from torch import nn
 
 from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibration_step, real_samples
-from taskprune.evaluation import Evaluation, MetricRow, Stopwatch
+from taskprune.lightning.evaluation import Evaluation, MetricRow, Stopwatch
 from taskprune.models import head_size, label_order, load_task_model, reorder_logits
-from taskprune.scores import UnitScoreMetric
+from taskprune.lightning.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,10 @@ class AttributionModule(L.LightningModule):
         self.evaluation: Evaluation | None = None
         self.automatic_optimization = False
 
-    # ------------------------------------------------------------------------ protocol (taskprune.protocol)
+    # ------------------------------------------------------------------------ protocol (taskprune.lightning.protocol)
     @property
     def pruning_model(self) -> nn.Module:
-        """The model that :class:`~taskprune.callback.TaskPruning` prunes (protocol)."""
+        """The model that :class:`~taskprune.lightning.callback.TaskPruning` prunes (protocol)."""
         return self.model
 
     def pruning_batch(self, batch: dict) -> dict:
@@ -156,7 +156,7 @@ class AttributionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ evaluation
     @property
     def results(self) -> list[dict]:
-        """The last evaluation's rows as dicts (see :class:`~taskprune.evaluation.MetricRow`); ``[]`` before one."""
+        """The last evaluation's rows as dicts (see :class:`~taskprune.lightning.evaluation.MetricRow`); ``[]`` before one."""
         return self.evaluation.as_rows() if self.evaluation is not None else []
 
     @property

@@ -16,15 +16,34 @@ from torch import nn
 from taskprune.arch import find_base
 
 
-def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
-    """``(model, tokenizer_path)`` for a task: a taskprune multi-task model (name or folder) picks the task's head;
-    any other folder or hub id is loaded as ``AutoModelForSequenceClassification`` (local files work offline)."""
-    from taskprune import zoo
+ENTRY_POINTS = "taskprune.models"
+"""Entry-point group of named model sources: ``{"names": () -> list[str], "load": (name) -> MultiTaskModel}``. The
+project's zoo registers itself there (pyproject.toml), so loading a model never imports the zoo's code by name."""
 
+
+def model_sources() -> dict[str, dict]:
+    """The installed named-model sources (:data:`ENTRY_POINTS`), by entry-point name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
+    """``(model, tokenizer_path)`` for a task: a taskprune multi-task model (a name of an installed model source, e.g.
+    the project's zoo, built on first use; or a folder with ``tasks.json``) picks the task's head; any other folder or
+    hub id is loaded as ``AutoModelForSequenceClassification`` (local files work offline)."""
     folder = Path(name_or_path)
-    if name_or_path in zoo.RECIPES or (folder / "tasks.json").is_file():
-        multitask = zoo.ensure_multitask(name_or_path) if name_or_path in zoo.RECIPES else \
-            zoo.load_multitask(name_or_path)
+    multitask = None
+    if (folder / "tasks.json").is_file():
+        from taskprune.models.multitask import load_dir
+
+        multitask = load_dir(folder)
+    else:
+        sources = model_sources()
+        source = next((s for s in sources.values() if name_or_path in s["names"]()), None)
+        if source is not None:
+            multitask = source["load"](name_or_path)
+    if multitask is not None:
         return multitask.for_task(task), str(multitask.tokenizer_path)
     from transformers import AutoModelForSequenceClassification
 
@@ -33,9 +52,14 @@ def load_task_model(name_or_path: str, task: str, trust_remote_code: bool = Fals
     except OSError as e:
         raise ValueError(
             f"cannot load model {name_or_path!r}: {e}. Pass a local folder (config.json + safetensors), a "
-            f"taskprune multi-task model ({sorted(zoo.RECIPES)}), or a hub id when online."
+            f"taskprune multi-task model ({known_names()}), or a hub id when online."
         ) from e
     return model, name_or_path
+
+
+def known_names() -> list[str]:
+    """Every name the installed model sources know."""
+    return sorted(n for s in model_sources().values() for n in s["names"]())
 
 
 def head_size(model: nn.Module) -> int | None:

@@ -5,9 +5,9 @@
 out-of-domain set, with parameters, MACs and measured throughput, as a rich table and as ``<stage>_report.json`` /
 ``<stage>_report.csv`` in ``pruning.output_dir`` (written atomically, for scripts).
 
-Groups: ``model`` (:class:`~taskprune.module.AttributionModule`, with ``model.attribution``: an
-:class:`~taskprune.attribution.AttributionConfig`), ``data`` (:class:`~taskprune.data.TaskDataModule`) and
-``pruning`` (:class:`~taskprune.callback.TaskPruning`, with ``pruning.budget``: a :class:`~taskprune.selection.Budget`).
+Groups: ``model`` (:class:`~taskprune.lightning.module.AttributionModule`, with ``model.attribution``: an
+:class:`~taskprune.attribution.AttributionConfig`), ``data`` (:class:`~taskprune.lightning.data.TaskDataModule`) and
+``pruning`` (:class:`~taskprune.lightning.callback.TaskPruning`, with ``pruning.budget``: a :class:`~taskprune.selection.Budget`).
 The task is data: ``data.task`` (a shipped name, a task definition file, or the definition inline; see
 :mod:`taskprune.tasks`). Values that must agree are linked, not repeated: ``data.task`` -> ``model.task``,
 ``model.attribution`` ->
@@ -22,9 +22,9 @@ import logging
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from taskprune.callback import TaskPruning
-from taskprune.data import TaskDataModule
-from taskprune.module import AttributionModule
+from taskprune.lightning.callback import TaskPruning
+from taskprune.lightning.data import TaskDataModule
+from taskprune.lightning.module import AttributionModule
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the calibration set
@@ -58,7 +58,7 @@ class TaskPruneCLI(LightningCLI):
 
     def _report(self, stage: str) -> None:
         from taskprune.flops import count_macs, count_params
-        from taskprune.report import comparison_table, print_table, write_report
+        from taskprune.lightning.report import comparison_table, print_table, write_report
 
         module = self.model
         if not self.trainer.is_global_zero or not module.results:

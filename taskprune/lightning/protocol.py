@@ -1,7 +1,7 @@
-"""The hooks :class:`~taskprune.callback.TaskPruning` looks for on a LightningModule, as one ``typing.Protocol``.
+"""The hooks :class:`~taskprune.lightning.callback.TaskPruning` looks for on a LightningModule, as one ``typing.Protocol``.
 
 Only ``pruning_model`` is required; the callback asks for every other hook with ``hasattr`` and falls back as
-described on each member. :class:`~taskprune.module.AttributionModule` implements all of them; a module of your own
+described on each member. :class:`~taskprune.lightning.module.AttributionModule` implements all of them; a module of your own
 implements what it needs (see ``examples/own_project``)::
 
     class MyModule(L.LightningModule):
@@ -23,7 +23,7 @@ gives the callback its own target, a callable ``(outputs, batch) -> [batch]`` te
 
 Rows held out from calibration, whose task loss chooses the heads / neurons split of the mask search
 (``TuningConfig(allocate="auto" | "loss")``), come from a ``holdout_dataloader()`` on the *datamodule* (as
-:class:`~taskprune.data.TaskDataModule` serves them; ``None`` when there are none) or, failing that, on the module.
+:class:`~taskprune.lightning.data.TaskDataModule` serves them; ``None`` when there are none) or, failing that, on the module.
 Without one, ``allocate="auto"`` keeps Kwon et al.'s split by total score.
 
 ``isinstance(module, PruningModule)`` (runtime checkable) tells whether a module has *every* hook; the callback
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class PruningModule(Protocol):
-    """What :class:`~taskprune.callback.TaskPruning` reads from ``pl_module`` (all but ``pruning_model`` optional)."""
+    """What :class:`~taskprune.lightning.callback.TaskPruning` reads from ``pl_module`` (all but ``pruning_model`` optional)."""
 
     @property
     def pruning_model(self) -> nn.Module:

@@ -149,7 +149,7 @@ class TaskPruning(L.Callback):
         if model is None:
             raise TypeError(
                 f"{type(pl_module).__name__} does not expose `pruning_model`; add a property that returns the "
-                "nn.Module holding your transformers model (see taskprune.callback's protocol)"
+                "nn.Module holding your transformers model (see taskprune.lightning.callback's protocol)"
             )
         return model
 

@@ -34,7 +34,7 @@ class Evaluation:
     throughput: dict[str, float | None] = field(default_factory=dict)
 
     def as_rows(self) -> list[dict]:
-        """Rows as dicts ``{"set", "kind", "metric", "dense", "pruned"}`` (what :mod:`taskprune.report` prints)."""
+        """Rows as dicts ``{"set", "kind", "metric", "dense", "pruned"}`` (what :mod:`taskprune.lightning.report` prints)."""
         return [asdict(r) for r in self.rows]
 
 
