@@ -9,7 +9,7 @@ so that ``Σ_i IG_i(x) ≈ F(x; 1) − F(x; 0)`` (completeness). ``baseline=b`` 
 instead of 0 (``IG_i = (1 − b) ∫_0^1 ∂F(x; (b + α(1 − b))·1)/∂g_i dα``, completeness against ``F(x; b)``): the
 path then stays among networks that still work, at the price of attributing only the last part of the gap. The default
 is ``baseline=0.5``: on the selection splits of six GLUE tasks it kept 92.4 / 86.6 % of the dense metric at 40 / 60 %
-MAC cuts against 91.4 / 85.3 % for the all-off path (``benchmarks/results/quality_demo_model.md``); ``baseline=0`` is the paper's
+MAC cuts against 91.4 / 85.3 % for the all-off path (``benchmarks/results/archive/quality_demo_model.md``); ``baseline=0`` is the paper's
 path. Every sample gets its own row of gates, so one backward
 pass gives per-sample attributions of every unit, and ``m`` quadrature nodes cost ``m`` forward+backward passes per
 batch whatever the number of layers. ``alpha_batch`` nodes share one forward (the batch is repeated), trading memory

@@ -27,7 +27,7 @@ Scopes:
     ``"search"`` where the search is meaningful — a ``macs`` budget over both kinds with scores on one loss scale
     (Fisher-like: ``fisher``, or ``aggregate="square"``, the default) — and ``"per_kind"`` otherwise (count or
     parameter budgets, one kind, ``abs`` / ``signed`` attributions, weight norms, random). Chosen on the selection
-    splits (benchmarks/results/quality_selection.md); ``spec.budget["scope"]`` records what it resolved to.
+    splits (benchmarks/results/archive/quality_selection.md); ``spec.budget["scope"]`` records what it resolved to.
 ``"global"``
     units of a kind are ranked across blocks, after per-block ``normalize`` (``"l1"``, ``"l2"``, ``"max"``: divide
     every block's scores by that norm of the block's scores, so that layers with large scores do not protect all
@@ -38,7 +38,7 @@ Scopes:
     for ``macs`` / ``params``: each kind (heads, neurons) gives up its share of the cut in proportion to its cost,
     i.e. the same fraction of attention MACs and of FFN MACs; within a kind, units are ranked across blocks as in
     ``"global"``. Scores of heads and of neurons are never compared with each other. Best of the selection rules on
-    SST-2's selection split (benchmarks/results/quality_demo_model.md); for count budgets it is the same as ``"global"``.
+    SST-2's selection split (benchmarks/results/archive/quality_demo_model.md); for count budgets it is the same as ``"global"``.
 ``"search"``
     Kwon et al. 2022's mask search (:func:`taskprune.search.search_macs`, ``macs`` budgets only): heads and
     neurons are ranked model-wide by raw score (no normalisation), and the split of the budget between the kinds
