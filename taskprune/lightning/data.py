@@ -251,6 +251,9 @@ def per_class_subset(ds: datasets.Dataset, k: int, seed: int = 0, n_labels: int 
 
 
 # ---------------------------------------------------------------------------------------------------- batches
+_TRUNCATION_WARNED: set[int] = set()  # max_length values already warned about: once per run, not per collator
+
+
 class Collator:
     """Tokenise a list of rows with dynamic padding; truncate to ``max_length`` (warns once)."""
 
@@ -259,21 +262,20 @@ class Collator:
         self.text_fields = tuple(text_fields)
         self.max_length = max_length
         self.regression = regression
-        self._warned = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts = [[r[f] for r in rows] for f in self.text_fields]
         enc = self.tokenizer(
             *texts, truncation=True, max_length=self.max_length, padding="longest", return_tensors="pt"
         )
-        if not self._warned and enc["input_ids"].shape[1] >= self.max_length:
+        if self.max_length not in _TRUNCATION_WARNED and enc["input_ids"].shape[1] >= self.max_length:
             full = self.tokenizer(*texts, truncation=False)["input_ids"]
             n_long = sum(len(x) > self.max_length for x in full)
             if n_long:
-                self._warned = True
+                _TRUNCATION_WARNED.add(self.max_length)
                 log.warning(
                     "%d of %d rows in a batch are longer than max_length=%d tokens and were truncated "
-                    "(warned once; raise max_length to keep more text)", n_long, len(rows), self.max_length,
+                    "(warned once per run; raise max_length to keep more text)", n_long, len(rows), self.max_length,
                 )
         batch = {k: v.long() for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         label_dtype = torch.float32 if self.regression else torch.long

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -32,6 +33,10 @@ from taskprune.lightning.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
+
+# calibration is a fit with no optimizer step on a model in eval mode: Lightning's warnings about both are expected
+for _message in (r".*configure_optimizers` returned `None`.*", r".*module\(s\) in eval mode at the start of training.*"):
+    warnings.filterwarnings("ignore", message=_message)
 
 SPEC_KEY = "taskprune_spec"
 CALIB_KEY = "taskprune_calibration"

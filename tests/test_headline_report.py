@@ -1,0 +1,28 @@
+"""benchmarks/headline.py's rendering on a small hand-made raw file: % of dense kept, seeds, pairing by seed."""
+
+from benchmarks.headline import _paired, render
+
+
+def rec(pipeline, seed, cut, dev, imdb):
+    return {"pipeline": pipeline, "seed": seed, "cut": cut, "code": "abc", "seconds": {"score": 1.0},
+            "macs_kept": 1 - cut, "metrics": {"dev": {"accuracy": dev}, "imdb": {"accuracy": imdb}}}
+
+
+def raw():
+    recs = {f"{p}|{s}|0.4": rec(p, s, 0.4, dev, 0.7) for p, s, dev in
+            (("taskprune", 0, 0.80), ("taskprune", 1, 0.78), ("kwon", 0, 0.76), ("kwon", 1, 0.74))}
+    runs = [{"command": "python -m benchmarks.headline --name t", "commit": "c0ffee", "code": "abc", "cpu": "AMD EPYC",
+             "threads": 2, "wall_s": 90.0}]
+    return {"_settings": {"model": "m", "recipe_hash": "h", "calib": 512, "seq": 128}, "_runs": runs,
+            "sst2": {"dense": {"dev": {"accuracy": 0.8}, "imdb": {"accuracy": 0.7}}, **recs}}
+
+
+def test_cells_are_percent_of_dense_over_seeds_and_pairs_are_per_seed():
+    r = raw()
+    md = render(r, ["sst2"], ["taskprune", "kwon"])
+    assert "| taskprune | 40% | 98.8 ± 1.8 (2) |" in md and "| kwon | 40% | 93.8 ± 1.8 (2) |" in md
+    assert "| taskprune | 40% | 100.0 ± 0.0 (2) |" in md  # the unseen domain
+    assert _paired(r, "sst2", 0.4) == [5.0, 5.0]
+    assert "yes (taskprune ahead)" in md and "AMD EPYC" in md and "1.5 min" in md
+    del r["sst2"]["kwon|1|0.4"]
+    assert _paired(r, "sst2", 0.4) == [5.0]  # an unpaired seed is left out, never compared across seeds
