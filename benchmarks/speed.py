@@ -36,7 +36,7 @@ from taskprune.attribution import Attributor, frozen, model_inputs, quadrature
 from taskprune.flops import count_macs
 from taskprune.gates import Gates
 from taskprune.io import atomic_write_bytes, atomic_write_json
-from taskprune.selection import select_units
+from taskprune.pipeline import Pipeline
 from taskprune.surgery import apply_mask, shrink_
 
 RESULTS = Path("benchmarks/results")
@@ -302,7 +302,7 @@ def bench_throughput(dense, joint_scores, budgets: list[float], batches: list[in
     variants = {"dense": dense}
     info = {"dense": {"prunable_macs": count_macs(dense, SEQ), "whole_macs": whole_macs(dense, SEQ)}}
     for b in budgets:
-        spec = select_units(scores, macs=b, seq_len=SEQ)
+        spec = Pipeline().at(b, seq_len=SEQ).allocate(dense, scores)  # the library's allocation of these scores
         m = shrink_(copy.deepcopy(dense), spec)
         pm = count_macs(dense, SEQ, spec)
         info[f"shrunk {b:.0%}"] = {"budget": b, "prunable_macs": pm, "whole_macs": pm + d_head,
@@ -441,7 +441,7 @@ def report(res: dict, argv: list[str]) -> str:
                "the choice of path changes the ranking.\n\n")
 
     tp = res["throughput"]
-    out.append(f"## 3. Pruned-model throughput\n\nSpec: `select_units(scores, macs=budget, seq_len={SEQ})` "
+    out.append(f"## 3. Pruned-model throughput\n\nSpec: `Pipeline().at(budget, seq_len={SEQ}).allocate(model, scores)` "
                "(taskprune's default selection: `per_kind`, the same share of attention and FFN MACs, L1-normalised scores) on the joint-IG scores of section 2. Shrunk = `shrink_` on a "
                "copy; masked = `apply_mask` (0/1 gates) on a copy. `torch.inference_mode`, one warm-up call per "
                f"model, then {tp['repeats']} repeats; in each repeat every variant runs once (order rotated); "

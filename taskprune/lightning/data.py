@@ -75,7 +75,7 @@ def _files(source: Source, root: Path, where: str) -> list[str]:
     for p in paths:
         if not p.is_file():
             hint = (" The embedded demo data holds only small subsets (see taskprune/embedded/PROVENANCE.md); pass "
-                    "data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. /work/shared/data."
+                    "data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. ../shared/data or $TASKPRUNE_DATA."
                     if p.is_relative_to(EMBEDDED_DATA_DIR)
                     else f" Paths start at {str(root)!r} (data_dir, else the task definition's data_dir or folder).")
             raise ValueError(f"{where}: data file {str(p)!r} not found.{hint}")
@@ -306,7 +306,7 @@ class TaskDataModule(L.LightningDataModule):
             ``stsb``), the path of a task definition file (``my_task.yaml``) or the definition inline (a mapping:
             files, text and label columns, label map, labels, metrics, OOD sets; see :mod:`taskprune.tasks`).
         data_dir: where the task's relative file paths start; ``None``: the definition's own data folder (for the
-            shipped GLUE tasks the small subsets embedded in the package; ``/work/shared/data`` has the full files).
+            shipped GLUE tasks the small subsets embedded in the package; the project's data folder, e.g. ``$TASKPRUNE_DATA``, has the full files).
         tokenizer: tokenizer folder or name; or call :meth:`set_tokenizer` before asking for dataloaders.
         max_length: longer inputs are truncated (warned once).
         batch_size: rows per batch, for calibration and evaluation.
@@ -375,7 +375,7 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"ood has duplicates: {ood}")
         if data_dir is not None and not Path(data_dir).is_dir():
             raise ValueError(f"data_dir {data_dir!r} is not a folder; pass the folder the task's file paths start "
-                             "at (for the GLUE tasks, e.g. /work/shared/data) or None for the definition's own.")
+                             "at (for the GLUE tasks, e.g. ../shared/data) or None for the definition's own.")
         self.data_dir = data_dir
         self.tokenizer_name = tokenizer
         self.max_length = max_length

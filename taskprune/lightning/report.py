@@ -29,7 +29,7 @@ def comparison_table(rows: list[dict], size: dict | None = None, title: str = "t
                       "—" if kept is None else f"{kept:.1f}")
     if size:
         table.add_section()
-        for key, label, scale, unit in (("params", "parameters", 1e6, "M"), ("macs", "MACs (seq 128)", 1e9, "G"),
+        for key, label, scale, unit in (("params", "parameters", 1e6, "M"), ("macs", f"MACs (seq {size.get('seq_len', 128)})", 1e9, "G"),
                                         ("throughput", "throughput", 1, " samples/s")):
             d, p = size.get(f"{key}_dense"), size.get(f"{key}_pruned")
             if p is None:
