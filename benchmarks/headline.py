@@ -1,7 +1,8 @@
 """The headline: whole pruning pipelines on the benchmarks' multi-task model, taskprune's against its peers.
 
     python -m benchmarks.headline --name headline                  # the README table (six tasks, 3 seeds)
-    python -m benchmarks.headline --name repro_sst2_mnli --tasks sst2 mnli --pipelines taskprune kwon
+    python -m benchmarks.headline --name repro_sst2_mnli --tasks sst2 mnli --pipelines taskprune kwon \\
+        --compare benchmarks/results/archive/pipelines_{a,b,c}.json     # today's path against the earlier cells
 
 One command, one results file: ``benchmarks/results/<name>.json`` (raw rows, appended as each finishes) and
 ``<name>.md`` (the tables), both naming the command, commit, CPU, threads and wall time. A killed run resumes: rows
@@ -258,6 +259,45 @@ def _paired(raw: dict, task: str, cut: float) -> list[float]:
     return out
 
 
+#: pipeline names of the pre-0.2 raw files (benchmarks/results/archive) -> presets
+OLD_NAMES = {"igsq_search": "taskprune", "kwon": "kwon", "kwon_notune": "kwon_notune", "igsq_holdout": "taskprune_holdout"}
+
+
+def compare(raw: dict, paths: list[str]) -> str:
+    """Markdown: every metric this file shares with earlier raw files (same task, preset, seed, cut, calibration size
+    and eval set; a later file wins on a shared key), equal to 4 decimals or listed with both values."""
+    old: dict = {}
+    for path in paths:
+        o = json.loads(Path(path).read_text())
+        if (o.get("_settings") or {}).get("calib") != raw["_settings"]["calib"]:
+            continue
+        for task, recs in o.items():
+            for key, r in (recs.items() if not task.startswith("_") else ()):
+                if "|" in key and r["pipeline"] in OLD_NAMES:
+                    old[(task, f"{OLD_NAMES[r['pipeline']]}|{r['seed']}|{r['cut']}")] = r
+    same, differ = 0, []
+    for task in [t for t in raw if not t.startswith("_")]:
+        for key, r in raw[task].items():
+            o = old.get((task, key))
+            if "|" not in key or o is None:
+                continue
+            for split, metrics in r["metrics"].items():
+                for m, v in metrics.items():
+                    w = o["metrics"].get(split, {}).get(m)
+                    if w is None:
+                        continue
+                    if round(v, 4) == round(w, 4):
+                        same += 1
+                    else:
+                        differ.append(f"| {task} | {key} | {split} | {m} | {w:.4f} | {v:.4f} | {v - w:+.4f} |")
+    lines = ["### compared with the earlier raw files", "",
+             f"Files: {', '.join(f'`{Path(p).name}`' for p in paths)}. {same} metrics equal to 4 decimals, "
+             f"{len(differ)} different" + (":" if differ else "."), ""]
+    if differ:
+        lines += ["| task | row | set | metric | before | now | Δ |", "|---|---|---|---|---|---|---|", *differ, ""]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.headline", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", default="headline", help="results file stem under --out")
@@ -271,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=("dev", "selection", "both"), default="dev")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--render-only", action="store_true", help="re-render <name>.md from <name>.json")
+    p.add_argument("--compare", nargs="+", default=None, help="earlier raw files to compare every shared metric with")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -279,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [t for t in TASKS if t in raw]
     pipelines = [q for q in PRESETS if any(r.get("pipeline") == q for t in tasks for r in raw[t].values()
                                           if isinstance(r, dict))]
-    write_text(path.with_suffix(".md"), render(raw, tasks, pipelines))
+    text = render(raw, tasks, pipelines)
+    if args.compare:
+        text += "\n" + compare(raw, args.compare)
+    write_text(path.with_suffix(".md"), text)
 
 
 if __name__ == "__main__":
