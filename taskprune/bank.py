@@ -137,8 +137,9 @@ class MaskBank:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the specs to the folder ``path`` (atomically): ``<task>.json`` per task and ``index.json``
-        (format, the base model's fingerprint, the tasks in order with their files)."""
-        with atomic_dir(path, overwrite) as tmp:
+        (format, the base model's fingerprint, the tasks in order with their files). ``overwrite`` replaces only an
+        empty folder or an earlier bank (its ``.taskprune`` marker), never a folder with other files."""
+        with atomic_dir(path, overwrite, marker="bank") as tmp:
             for task, spec in self.specs.items():
                 spec.save(tmp / f"{task}.json")
             atomic_write_json(tmp / INDEX_FILE, {"format": FORMAT, "fingerprint": self.fingerprint,

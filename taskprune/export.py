@@ -8,6 +8,8 @@ A pruned folder holds::
                                 sharded: ``model-*.safetensors`` + ``model.safetensors.index.json``)
     taskprune_spec.json         the :class:`~taskprune.spec.PruneSpec` (kept indices + the dense fingerprint)
     tokenizer files             when a tokenizer is given
+    .taskprune                  the marker of a taskprune export: ``overwrite`` replaces only such a folder (or an
+                                empty one), never the input model's folder nor one with files taskprune did not write
     heads.safetensors, tasks.json   only for a :class:`taskprune.models.multitask.TaskModel` (the zoo's own head format)
 
 Loading replays the spec: the dense architecture is built from the config (the dense widths come back from the
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from taskprune.arch import adapter_for, find_hf_model, get_architecture
-from taskprune.io import atomic_dir
+from taskprune.io import MARKER, atomic_dir, check_replaceable
 from taskprune.spec import PruneSpec, fingerprint_diff
 from taskprune.surgery import active_mask, shrink_
 
@@ -64,6 +66,41 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def input_folders(model: nn.Module) -> list[Path]:
+    """Local folders ``model`` was loaded from (``config.name_or_path`` of its Hugging Face model), if any."""
+    try:
+        hf, _ = find_hf_model(model)
+    except (TypeError, ValueError):
+        return []
+    name = getattr(getattr(hf, "config", None), "name_or_path", None) or ""
+    return [Path(name)] if name and Path(name).is_dir() else []
+
+
+def check_export_dir(path: str | os.PathLike, overwrite: bool, protect: dict[str, str | os.PathLike | None] = {},
+                     what: str = "export folder") -> None:
+    """Refuse, before any work, an export folder whose replacement would lose data.
+
+    ``protect`` maps a description to a folder that must survive (the input model's folder, the run's output_dir):
+    ``path`` equal to one of them, or holding one, is refused (``ValueError``) whatever ``overwrite`` says. An
+    existing ``path`` is refused without ``overwrite``, and with it unless it is empty or an earlier taskprune
+    export (its ``.taskprune`` marker): ``FileExistsError``.
+    """
+    target = Path(path).absolute().resolve()
+    for name, folder in protect.items():
+        if folder is None or str(folder) == "":
+            continue
+        kept = Path(folder).absolute().resolve()
+        if target == kept or target in kept.parents:
+            where = "is" if target == kept else "holds"
+            raise ValueError(f"{what} {str(path)!r} {where} the {name} ({str(folder)!r}); an export replaces the whole "
+                             "folder and would delete it. Choose a separate folder, e.g. "
+                             f"{str(Path(folder).parent / (Path(folder).name + '-pruned'))!r}")
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{what} {str(path)!r} already exists; pass overwrite=True to replace an earlier "
+                              "taskprune export, or choose another folder")
+    check_replaceable(path, "export", what)
+
+
 # ---------------------------------------------------------------------------------------------------- save
 def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, tokenizer=None,
                 overwrite: bool = False) -> Path:
@@ -77,7 +114,9 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         spec: the spec the model was (or is to be) shrunk by.
         path: the output folder.
         tokenizer: a transformers tokenizer, or the path of one, saved alongside (optional).
-        overwrite: replace an existing folder (otherwise ``FileExistsError``).
+        overwrite: replace an existing folder written by an earlier ``save_pruned`` (its ``.taskprune`` marker) or an
+            empty one (otherwise ``FileExistsError``). A folder with files taskprune did not write, and the folder
+            the model was loaded from, are never replaced.
 
     Everything is checked before anything is written: a spec made for another model raises ``ValueError`` and
     leaves no folder. For a module that merely *contains* a HF model (not a ``TaskModel``), only the HF model is
@@ -87,6 +126,9 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         raise TypeError(f"expected a taskprune PruneSpec, got {type(spec).__name__}; load one with PruneSpec.load")
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch nn.Module (a Hugging Face model or a TaskModel), got {type(model).__name__}")
+    for folder in input_folders(model):
+        check_export_dir(path, overwrite, {"folder the model was loaded from": folder})
+    check_export_dir(path, overwrite)
     if active_mask(model) is not None:
         raise ValueError("the model carries a soft mask (apply_mask / MaskBank.activate); a mask is not saved. Call "
                          "taskprune.surgery.remove_mask(model) first, or export through MaskBank.export")
@@ -105,7 +147,7 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, marker="export") as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -308,4 +350,4 @@ def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
     return multi.for_task(task).eval()
 
 
-__all__ = ["save_pruned", "load_pruned", "find_hf_model", "atomic_dir"]
+__all__ = ["save_pruned", "load_pruned", "check_export_dir", "find_hf_model", "atomic_dir", "MARKER"]

@@ -11,6 +11,7 @@ absent from ``keep`` keeps all its units.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -18,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from taskprune.arch import UNIT_KINDS, get_architecture
@@ -38,7 +40,9 @@ class PruneSpec:
         fingerprint: :meth:`taskprune.arch.Architecture.fingerprint` of the dense model the spec was made for.
         method: the scoring method that produced the spec (informative).
         budget: the budget it was selected under (informative, JSON-serialisable).
-        meta: anything else worth keeping with it (task, calibration size...; JSON-serialisable).
+        meta: anything else worth keeping with it (JSON-serialisable). The Lightning callback records ``task`` (the
+            task's name) and ``weights`` (:func:`weights_fingerprint` of the dense model) and refuses at ``test`` a
+            spec recorded for another task or other weights.
         scales: ``{kind: {block_name: [one float per kept unit, in keep order]}}``: real-valued unit scales (mask
             tuning, :mod:`taskprune.tuning`); absent blocks have scale 1. :func:`taskprune.tuning.fold_scales_`
             folds them into the weights, after which the spec needs none.
@@ -292,3 +296,20 @@ def fingerprint_diff(expected: dict, actual: dict) -> list[str]:
             if e[name] != a[name]:
                 diffs.append(f"{label} of block {name!r}: spec says {e[name]}, model has {a[name]}")
     return diffs
+
+
+def weights_fingerprint(model: nn.Module, n_tensors: int = 8, n_values: int = 4096) -> str:
+    """``"sha256:<hex>"`` over a strided sample of ``n_values`` values from each of ``n_tensors`` parameters (the
+    first, the last and evenly between, with their names, shapes and dtypes): cheap at any model size, and different
+    for two models of the same shapes but other weights. Computed on the dense model (a shrink changes it)."""
+    params = list(model.named_parameters())
+    h = hashlib.sha256()
+    if params:
+        last = len(params) - 1
+        for i in sorted({round(k * last / max(1, n_tensors - 1)) for k in range(n_tensors)}):
+            name, p = params[i]
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // n_values)][:n_values].to("cpu", copy=True).contiguous()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]

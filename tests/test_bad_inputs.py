@@ -253,7 +253,8 @@ def test_full_disk_during_a_calibration_checkpoint_keeps_the_previous_one(tmp_pa
     import zipfile
 
     assert zipfile.is_zipfile(tmp_path / "calibration.ckpt")  # the first checkpoint, complete
-    assert {p.name for p in tmp_path.iterdir()} == {"calibration.ckpt"}  # no half-written temporary left
+    # no half-written temporary and no lock left; the marker says taskprune writes this folder
+    assert {p.name for p in tmp_path.iterdir()} == {"calibration.ckpt", ".taskprune"}
 
 
 # ------------------------------------------------------------------------------------------------ specs, checkpoints
@@ -302,8 +303,9 @@ def test_resume_from_a_truncated_checkpoint_refused(tmp_path):
 
 
 def test_resume_into_an_output_dir_holding_a_spec_is_not_refused(tmp_path):
-    """The refusal of a second run (row 6) must not block resuming the first one from its checkpoint."""
-    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
+    """The refusal of a second run (row 6) must not block resuming the first one from its own checkpoint (a run
+    killed after it wrote its spec, before it removed the checkpoint; kept here with keep_checkpoint)."""
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1, keep_checkpoint=True)]).fit(
         AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule(n=8))
     first = UnitScores.load(tmp_path / "scores.safetensors")
     trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
@@ -318,7 +320,7 @@ def test_resume_into_an_output_dir_holding_a_spec_is_not_refused(tmp_path):
     ({"n": 12}, r"samples=8 \(now 12\)"),
 ])
 def test_resume_with_other_settings_refused(tmp_path, change, match):
-    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)]).fit(
+    trainer([TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1, keep_checkpoint=True)]).fit(
         AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1)), datamodule(n=8))
     module = AttributionModule(tiny_classifier(), task="sst2",
                                attribution=AttributionConfig(steps=change.get("steps", 1)))

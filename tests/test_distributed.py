@@ -73,4 +73,5 @@ def test_only_rank_zero_writes_each_file_once(runs, world):
         assert sorted(p.name for p in out.glob("writes-rank*.log")) == ["writes-rank0.log"]
         writes = (out / "writes-rank0.log").read_text().split()
         assert writes == ["scores", str(out / "scores.safetensors"), "spec", str(out / "spec.json")]
-        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+        # no temporary file and no lock left behind; only taskprune's marker of a run (rank zero's)
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".taskprune"]

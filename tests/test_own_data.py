@@ -57,7 +57,8 @@ def test_fit_then_test_through_the_cli_reports_the_ood_set(model_dir, tmp_path, 
     report = json.loads((out / "test_report.json").read_text())
     assert report["task"] == "reviews" and report["eval_sets"] == ["reviews", "restaurants"]
     assert report["size"]["params_pruned"] < report["size"]["params_dense"]
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+    # no temporary and no lock left; only taskprune's marker of a run
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".taskprune"]
 
 
 def test_inline_task_definition_under_data(model_dir, tmp_path):

@@ -35,9 +35,10 @@ from dataclasses import replace
 
 from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibrate, loader_batches
+from taskprune.io import MARKER, acquire_lock, read_marker, release_lock, write_marker
 from taskprune.pipeline import PRESETS, Pipeline
 from taskprune.selection import Budget, check_budget
-from taskprune.spec import PruneSpec
+from taskprune.spec import PruneSpec, weights_fingerprint
 from taskprune.surgery import apply_mask, shrink_
 from taskprune.tuning import TuningConfig, fold_scales_
 from taskprune.unitscores import UnitScores
@@ -69,22 +70,30 @@ class TaskPruning(L.Callback):
             normalize, min_heads, min_neurons, seq_len, split). ``seq_len`` follows the datamodule's ``max_length``
             when there is one (logged).
         preset: a named pipeline (:data:`taskprune.pipeline.PRESETS`: ``taskprune``, ``kwon``, baselines). It fills
-            the budget's scope (when left at auto) and the tuning (when left at its defaults); its attribution must
-            be the one in force (the module's, or this callback's), else it is refused with the config to set.
+            the budget fields left at their defaults (scope, floors, seq_len...) and the tuning when left at its
+            defaults; its attribution must be the one in force (the module's, or this callback's), else it is refused
+            with the config to set.
         attribution: how units are scored (:class:`~taskprune.attribution.AttributionConfig`). A module with
             ``unit_scores()`` scores with its own config: leave this out (the CLI links it to the module's); a
             different one is refused. Otherwise the callback calibrates with it (default ``AttributionConfig()``).
             Its ``units`` also names the kinds that may be removed.
         apply: ``shrink`` (physical removal: real speed), ``mask`` (soft gates: reversible, no speed), ``none``.
-        output_dir: where ``spec.json`` and ``scores.safetensors`` go.
+        output_dir: where ``spec.json`` and ``scores.safetensors`` go (with a ``.taskprune`` marker). One run at a
+            time: ``fit`` holds ``output_dir/.taskprune.lock`` until it ends.
         spec_path: an existing spec to apply at test/validate/predict (default: ``output_dir/spec.json``).
-        overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused).
+        overwrite: replace a spec already in ``output_dir`` (otherwise a second run there is refused, a resume from
+            another run's checkpoint too), and an ``export_dir`` written by an earlier export. It never deletes what
+            taskprune did not write: a folder without taskprune's marker, the input model's folder and the run's own
+            ``output_dir`` are refused before any work.
         calib_batches: batches the callback's own calibration reads (modules without ``unit_scores()``), **per
             process** (N processes read N x calib_batches batches); all the train loader's if None. Rearrangement and
             tuning read the same batches. The calibration size summed over processes is logged.
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
-            so ``ModelCheckpoint(every_n_train_steps=...)`` never fires).
+            so ``ModelCheckpoint(every_n_train_steps=...)`` never fires). Removed once the spec is written.
+        keep_checkpoint: keep ``calibration.ckpt`` after a successful run (default: removed with the spec written).
+        allow_foreign_spec: at test / validate / predict, apply a spec recorded for another task or for other weights
+            (``spec.meta``: ``task``, ``weights``); refused otherwise. The report then says the spec is foreign.
         tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): Kwon
             et al.'s mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales,
             folded into the weights when it is applied; default: off).
@@ -105,6 +114,8 @@ class TaskPruning(L.Callback):
         tuning: TuningConfig = TuningConfig(),
         export_dir: str | None = None,
         preset: str | None = None,
+        keep_checkpoint: bool = False,
+        allow_foreign_spec: bool = False,
     ) -> None:
         super().__init__()
         if preset is not None and preset not in PRESETS:
@@ -117,8 +128,9 @@ class TaskPruning(L.Callback):
                             "TuningConfig(tune='schedule')")
         if preset is not None:  # the preset fills what was left at its default
             base = Pipeline.preset(preset)
-            if budget.scope == "auto":
-                budget = replace(budget, scope=base.budget.scope)
+            defaults = Budget()
+            budget = replace(budget, **{k: v for k, v in base.budget.to_dict().items()
+                                        if k != "amount" and getattr(budget, k) == getattr(defaults, k)})
             if tuning == TuningConfig():
                 tuning = base.tuning
         if tuning.active and apply == "none":
@@ -130,6 +142,14 @@ class TaskPruning(L.Callback):
         for name, value in (("calib_batches", calib_batches), ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name, value in (("overwrite", overwrite), ("keep_checkpoint", keep_checkpoint),
+                            ("allow_foreign_spec", allow_foreign_spec)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if export_dir is not None and str(export_dir) == "":
+            raise ValueError("export_dir is empty; give a folder for the shrunk model, or leave it out (None)")
+        if str(output_dir) == "":
+            raise ValueError("output_dir is empty; give the folder for spec.json and scores, e.g. 'runs/taskprune'")
         if export_dir is not None and apply != "shrink":
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
         self.attribution, self.apply = attribution, apply
@@ -138,9 +158,15 @@ class TaskPruning(L.Callback):
         self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
         self.budget, self.tuning, self.preset = budget, tuning, preset
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.keep_checkpoint, self.allow_foreign_spec = keep_checkpoint, allow_foreign_spec
         self.spec: PruneSpec | None = None
         self.applied: str | None = None
+        self.foreign: str | None = None  # why the applied spec is foreign (allow_foreign_spec), else None
         self._config: AttributionConfig | None = None  # the one in force, resolved in setup
+        self._lock: Path | None = None  # output_dir/.taskprune.lock while fit runs (rank zero)
+        self._created_dir = False  # output_dir did not exist before this fit
+        self._identity: dict = {}  # task and weights fingerprint of the dense model, recorded in spec.meta
+        self._calibrated = False
 
     # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -189,12 +215,49 @@ class TaskPruning(L.Callback):
         return self.spec_path or self.output_dir / "spec.json"
 
     # ------------------------------------------------------------------------------------------ hooks
+    @staticmethod
+    def _task_name(trainer: L.Trainer, pl_module) -> str | None:
+        """The task's name: the module's ``task`` (a Task or a string), else the datamodule's; None without one."""
+        for owner in (pl_module, getattr(trainer, "datamodule", None)):
+            task = getattr(owner, "task", None)
+            name = getattr(task, "name", task)
+            if isinstance(name, str) and name:
+                return name
+        return None
+
+    @staticmethod
+    def _input_folders(pl_module, model) -> dict[str, Path]:
+        """Folders the model came from (its config's ``name_or_path``, the module's ``tokenizer_path``): an export
+        must never replace them."""
+        from taskprune.export import input_folders
+
+        found = {"input model's folder": f for f in input_folders(model)}
+        tokenizer = getattr(pl_module, "tokenizer_path", None)
+        if isinstance(tokenizer, (str, os.PathLike)) and Path(tokenizer).is_dir():
+            found["input model's tokenizer folder"] = Path(tokenizer)
+        return found
+
+    @staticmethod
+    def _check_trainer_runs(trainer: L.Trainer) -> None:
+        """An empty calibration is refused before any work (Lightning would skip fit and write nothing)."""
+        for name, value in (("limit_train_batches", trainer.limit_train_batches), ("max_epochs", trainer.max_epochs),
+                            ("max_steps", trainer.max_steps)):
+            if value == 0:
+                raise ValueError(f"trainer {name}={value!r} leaves nothing to calibrate on: taskprune's fit is one pass "
+                                 f"over the calibration set and would write no spec. Leave {name} out (the CLI "
+                                 "defaults to max_epochs=1), or set it to at least 1; calib_batches (or "
+                                 "--data.calib_samples) sets the calibration size")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = self._model(pl_module)
         if stage == "fit":
-            if self.export_dir is not None and self.export_dir.exists() and not self.overwrite:
-                raise FileExistsError(f"export_dir {self.export_dir} already exists; pass overwrite=True or choose "
-                                      "another export_dir")
+            self._check_trainer_runs(trainer)
+            if self.export_dir is not None:
+                from taskprune.export import check_export_dir
+
+                check_export_dir(self.export_dir, self.overwrite,
+                                 {"run's output_dir": self.output_dir, **self._input_folders(pl_module, model)},
+                                 what="export_dir")
             _check_writable(self.output_dir, "output_dir")
             if self.export_dir is not None:
                 _check_writable(self.export_dir.parent, "export_dir's parent")
@@ -205,35 +268,118 @@ class TaskPruning(L.Callback):
 
             # fail before any work when the budget is unreachable for this model or an option does not apply
             probe = Attributor(model, self._config)
-            check_budget(get_architecture(model).fingerprint(), self.budget, units=self._units(),
+            probe_budget = self.budget if self.budget.seq_len != "mean" else replace(self.budget, seq_len=128)
+            check_budget(get_architecture(model).fingerprint(), probe_budget, units=self._units(),
                          method=probe.method, options=probe.options)
             if self.budget.split == "loss" and self._holdout_loader(trainer, pl_module) is None:
                 raise ValueError("budget.split='loss' needs rows held out from calibration, and neither the "
                                  "datamodule nor the module serves them (holdout_dataloader()); set "
                                  "TaskDataModule(holdout_samples=256) (--data.holdout_samples 256) or "
                                  "split='score'")
+            self._identity = {"task": self._task_name(trainer, pl_module), "weights": weights_fingerprint(model)}
+            self._calibrated = False
             return
-        self._apply_existing(pl_module, model, required=self.spec_path is not None)
+        self._apply_existing(pl_module, model, required=self.spec_path is not None,
+                             task=self._task_name(trainer, pl_module))
 
     def _follow_max_length(self, trainer: L.Trainer) -> None:
         """MACs are counted at the data's sequence length: the datamodule's ``max_length`` when it has one."""
         length = getattr(getattr(trainer, "datamodule", None), "max_length", None)
+        if self.budget.seq_len == "mean":  # the calibration batches' mean length, resolved at the end of fit
+            return
         if isinstance(length, int) and not isinstance(length, bool) and length != self.budget.seq_len:
             rank_zero_info(f"taskprune: counting MACs at the datamodule's max_length={length} "
                            f"(budget.seq_len was {self.budget.seq_len})")
             self.budget = replace(self.budget, seq_len=length)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # here, not in setup: Lightning sets trainer.ckpt_path only when it restores, after setup
+        # here, not in setup: Lightning sets trainer.ckpt_path only when it restores, after setup. The lock comes
+        # first, so two runs cannot both pass the check below; rank zero takes it and every rank learns the outcome.
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self._created_dir = not self.output_dir.exists()
+                self._lock = acquire_lock(self.output_dir, "output_dir")
+                self._check_earlier_run(trainer.ckpt_path)
+            except (FileExistsError, ValueError) as e:
+                error = f"{type(e).__name__}: {e}"
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            kind, _, message = error.partition(": ")
+            raise (FileExistsError if kind == "FileExistsError" else ValueError)(message)
+
+    def _check_earlier_run(self, ckpt_path) -> None:
+        """A spec already in output_dir is replaced only with ``overwrite``, and only in a folder taskprune marked as a
+        run. Resuming from this folder's own ``calibration.ckpt`` (a run killed after it wrote its spec) is the same
+        run; a checkpoint from anywhere else is another run."""
         existing = self.output_dir / "spec.json"
-        if existing.exists() and not self.overwrite and trainer.ckpt_path is None:
+        if not existing.exists():
+            return
+        own = self.output_dir / "calibration.ckpt"
+        if ckpt_path is not None and own.exists() and Path(ckpt_path).resolve() == own.resolve():
+            return
+        if not self.overwrite:
+            resume = (f" (resuming from another run's checkpoint {str(ckpt_path)!r} would replace it too)"
+                      if ckpt_path is not None else "")
             raise FileExistsError(
-                f"{existing} already holds a spec from an earlier run; pass overwrite=True "
+                f"{existing} already holds a spec from an earlier run{resume}; pass overwrite=True "
                 "(--pruning.overwrite true or TaskPruning(overwrite=True)) or choose another output_dir, so runs "
                 "never mix"
             )
+        if read_marker(self.output_dir) != "run":
+            raise FileExistsError(
+                f"{existing} was not written by a taskprune run (output_dir has no {MARKER} marker of a run), so "
+                "overwrite does not replace it; choose another output_dir, or remove that spec.json yourself"
+            )
 
-    def _apply_existing(self, pl_module, model, required: bool) -> None:
+    def _mark_output_dir(self) -> None:
+        """Rank zero, before the first output: the marker that says taskprune writes this folder."""
+        if read_marker(self.output_dir) != "run":
+            write_marker(self.output_dir, "run")
+
+    def _release(self) -> None:
+        """Drop the lock; remove output_dir again if this run created it and wrote nothing else into it."""
+        if self._lock is None:
+            return
+        release_lock(self._lock)
+        self._lock = None
+        if self._created_dir and self.output_dir.is_dir():
+            left = {p.name for p in self.output_dir.iterdir()}
+            if left <= {MARKER}:
+                (self.output_dir / MARKER).unlink(missing_ok=True)
+                try:
+                    self.output_dir.rmdir()
+                except OSError:
+                    pass
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        self._release()
+        if isinstance(exception, SIGTERMException):
+            # Lightning ends a SIGTERMed fit with SystemExit(None): exit status 0 and no spec. Make it a failure.
+            exception.code = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
+            ckpt = self.output_dir / "calibration.ckpt"
+            hint = (f"resume it with --ckpt_path {ckpt} (same settings)" if ckpt.exists() else
+                    "run it again; with --pruning.checkpoint_every N a stopped calibration resumes from "
+                    f"{ckpt} (--ckpt_path)")
+            if not self._calibrated:
+                log.error("taskprune: calibration stopped by SIGTERM before it finished; no spec was written. %s", hint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._calibrated:
+            raise ValueError(
+                "fit ended without calibrating: Lightning ran no training batch (an empty train dataloader, "
+                "limit_train_batches=0, or a checkpoint whose epochs were already done), so no spec was written. "
+                "Check the calibration data (--data.calib_samples, limit_train_batches, max_epochs), or start "
+                "again without ckpt_path"
+            )
+
+    def _apply_existing(self, pl_module, model, required: bool, task: str | None = None) -> None:
         path = self._spec_file()
         if self.spec is None:
             if not path.exists():
@@ -244,11 +390,35 @@ class TaskPruning(L.Callback):
                 return
             self.spec = PruneSpec.load(path)
         state = self.spec.validate(model)  # raises for a spec of another model
+        self._check_foreign(path, model, state, task)
         if state == "shrunk" or self.apply == "none":
             return
         if getattr(pl_module, "spec", None) is not None and getattr(pl_module, "spec_mode", None):
             return  # already applied (e.g. right after fit in the same process)
         self._apply(pl_module, model)
+
+    def _check_foreign(self, path: Path, model, state: str, task: str | None) -> None:
+        """Refuse a spec recorded for another task or other weights (``spec.meta``), unless allow_foreign_spec."""
+        meta = self.spec.meta
+        made_task, made_weights = meta.get("task"), meta.get("weights")
+        problems = []
+        if made_task and task and made_task != task:
+            problems.append(f"task {made_task!r} (this run's task is {task!r})")
+        if made_weights and state == "dense" and made_weights != weights_fingerprint(model):
+            problems.append(f"other weights (fingerprint {made_weights}, this model's "
+                            f"{weights_fingerprint(model)})")
+        if not problems:
+            self.foreign = None
+            return
+        what = " and ".join(problems)
+        if not self.allow_foreign_spec:
+            raise ValueError(
+                f"spec {str(path)!r} was made for {what}: its units were chosen for something else. Fit a spec for "
+                "this task and model (into another output_dir), or pass allow_foreign_spec=True "
+                "(--pruning.allow_foreign_spec true) to apply it anyway"
+            )
+        self.foreign = f"made for {what}"
+        log.warning("taskprune: applying spec %s %s (allow_foreign_spec=True)", path, self.foreign)
 
     def _apply(self, pl_module, model) -> None:
         if hasattr(pl_module, "keep_dense_copy"):
@@ -278,6 +448,8 @@ class TaskPruning(L.Callback):
         spec = None
         if trainer.is_global_zero:
             pipeline = self.pipeline()
+            if self.budget.seq_len == "mean":
+                pipeline = pipeline.resolve(list(self._batches(trainer, pl_module)[1]))
             forward = getattr(pl_module, "forward_fn", None) or default_forward
             held_out = self._held_out(trainer, pl_module) if self.budget.split != "score" else None
             spec = pipeline.allocate(model, scores, held_out, forward)
@@ -290,14 +462,21 @@ class TaskPruning(L.Callback):
                            f"of prunable MACs at seq_len {spec.budget['seq_len']} "
                            f"({spec.n_kept('heads')} heads, {spec.n_kept('neurons')} neurons kept)"
                            + (f"; tuning {self.tuning.to_dict()}" if self.tuning.active else ""))
+            spec.meta.update({k: v for k, v in self._identity.items() if v is not None})  # what it was made for
         spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
         self.spec = PruneSpec.from_dict(spec_dict)
+        self._calibrated = True
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._mark_output_dir()
             scores.save(self.output_dir / "scores.safetensors")
             self.spec.save(self.output_dir / "spec.json")
             rank_zero_info(f"taskprune: wrote {self.output_dir / 'spec.json'} ({scores.count} samples, "
                            f"method {scores.method})")
+            ckpt = self.output_dir / "calibration.ckpt"
+            if ckpt.exists() and not self.keep_checkpoint:
+                ckpt.unlink()  # the spec is written: the checkpoint would only resume a finished run
+                rank_zero_info(f"taskprune: removed {ckpt} (keep it with keep_checkpoint=True)")
         trainer.strategy.barrier("taskprune_spec_written")
         if self.apply != "none":
             self._apply(pl_module, model)
@@ -325,6 +504,7 @@ class TaskPruning(L.Callback):
                 tmp.unlink(missing_ok=True)  # e.g. a full disk: no half-written file stays beside the last good one
             raise
         if trainer.is_global_zero:
+            self._mark_output_dir()
             os.replace(tmp, path)
         trainer.strategy.barrier("taskprune_calibration_checkpoint")
         return path
@@ -366,7 +546,7 @@ class TaskPruning(L.Callback):
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"spec_path": str(self._spec_file()), "applied": self.applied}
+        return {"spec_path": str(self._spec_file()), "applied": self.applied, "foreign": self.foreign}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.applied = state_dict.get("applied")

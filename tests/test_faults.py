@@ -1,0 +1,215 @@
+"""Faults that lost data or gave a silently wrong result (issue 22): ``overwrite`` never deletes what taskprune did not
+write, one run per output_dir, specs that know what they were made for, one-line CLI errors, runs that stop without
+a spec exit non-zero, files written with the user's umask, old keywords named. Tiny models, seconds each; the rows
+are in tests/README.md ("Faults")."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import transformers as tf
+
+from lightning_tiny import TOKENIZER, tiny_classifier
+from taskprune.attribution import AttributionConfig
+from taskprune.io import LOCK, MARKER
+from taskprune.lightning.callback import TaskPruning
+from taskprune.lightning.data import TaskDataModule
+from taskprune.lightning.module import AttributionModule
+from taskprune.spec import PruneSpec
+
+MAGNITUDE = AttributionConfig(method="magnitude")
+
+
+def trainer(callbacks, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=kw.pop("max_epochs", 1), logger=False,
+                     enable_checkpointing=False, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def datamodule(n=4, task="sst2", **kw):
+    return TaskDataModule(task, tokenizer=TOKENIZER, calib_samples=n, batch_size=4, eval_samples=4, ood=[], **kw)
+
+
+def module(model=None, task="sst2", attribution=MAGNITUDE):
+    return AttributionModule(model if model is not None else tiny_classifier(), task=task, attribution=attribution)
+
+
+def fit(out: Path, mod=None, dm=None, **cb):
+    """One calibration fit into ``out``; returns the module (for ``scores.batches``: 0 means refused before work)."""
+    mod = mod if mod is not None else module()
+    trainer([TaskPruning(output_dir=str(out), **{"apply": "none", **cb})]).fit(mod, dm or datamodule())
+    return mod
+
+
+def fit_ckpt(out: Path, ckpt_path, mod=None, **cb):
+    mod = mod if mod is not None else module()
+    trainer([TaskPruning(output_dir=str(out), **{"apply": "none", **cb})]).fit(mod, datamodule(), ckpt_path=ckpt_path)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny SST-2 classifier saved as a local HF folder with the MiniLM tokenizer (what model: takes)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_classifier().save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ------------------------------------------------------------------------ 1. nothing deleted that taskprune did not write
+def test_export_dir_equal_to_the_output_dir_refused_in_setup_before_calibration(tmp_path):
+    out = tmp_path / "run"
+    fit(out)
+    before = listing(out)
+    mod = module(attribution=AttributionConfig(steps=1))
+    with pytest.raises(ValueError, match=r"export_dir '.*run' is the run's output_dir .* would delete it"):
+        fit(out, mod, apply="shrink", export_dir=str(out), overwrite=True)
+    assert int(mod.scores.batches) == 0  # found in setup: no calibration batch ran
+    assert listing(out) == before  # spec.json and scores still there
+
+
+def test_export_dir_holding_the_output_dir_refused(tmp_path):
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "spec.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"export_dir '.*runs' holds the run's output_dir"):
+        fit(tmp_path / "runs" / "mine", apply="shrink", export_dir=str(tmp_path / "runs"), overwrite=True)
+    assert (tmp_path / "runs" / "other" / "spec.json").read_text() == "{}"
+
+
+def test_export_dir_equal_to_the_input_model_folder_refused(model_dir, tmp_path):
+    before = listing(model_dir)
+    mod = module(str(model_dir))
+    with pytest.raises(ValueError, match=r"export_dir '.*' is the input model's folder"):
+        fit(tmp_path / "out", mod, apply="shrink", export_dir=str(model_dir), overwrite=True)
+    assert listing(model_dir) == before and not (tmp_path / "out").exists()
+
+
+def test_export_dir_with_other_files_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"export_dir '.*mine' holds files taskprune did not write .*nothing "
+                                              r"was deleted"):
+        fit(tmp_path / "out", apply="shrink", export_dir=str(tmp_path / "mine"), overwrite=True)
+    assert listing(tmp_path / "mine") == {"thesis.tex": b"years of work"} and not (tmp_path / "out").exists()
+
+
+def test_export_dir_of_an_earlier_export_is_replaced_with_overwrite(tmp_path):
+    from taskprune.export import load_pruned
+
+    fit(tmp_path / "a", apply="shrink", export_dir=str(tmp_path / "pruned"))
+    assert json.loads((tmp_path / "pruned" / MARKER).read_text())["kind"] == "export"
+    fit(tmp_path / "b", apply="shrink", export_dir=str(tmp_path / "pruned"), overwrite=True)
+    assert load_pruned(tmp_path / "pruned") is not None
+
+
+def test_save_pruned_never_replaces_a_foreign_folder_or_the_models_own(model_dir, tmp_path):
+    from taskprune.arch import get_architecture
+    from taskprune.export import save_pruned
+
+    model = tf.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    spec = PruneSpec({}, get_architecture(model).fingerprint())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds files taskprune did not write"):
+        save_pruned(model, spec, tmp_path / "other", overwrite=True)
+    before = listing(model_dir)
+    with pytest.raises(ValueError, match="is the folder the model was loaded from"):
+        save_pruned(model, spec, model_dir, overwrite=True)
+    assert listing(model_dir) == before and listing(tmp_path / "other") == {"notes.txt": b"keep me"}
+
+
+def test_a_run_folder_is_not_replaced_by_an_export(tmp_path):
+    from taskprune.arch import get_architecture
+    from taskprune.export import save_pruned
+
+    fit(tmp_path / "run")
+    model = tiny_classifier()
+    with pytest.raises(FileExistsError, match=r"is a taskprune run folder, not an export"):
+        save_pruned(model, PruneSpec({}, get_architecture(model).fingerprint()), tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "spec.json").is_file()
+
+
+def test_mask_bank_save_never_replaces_a_foreign_folder(tmp_path):
+    from taskprune.bank import MaskBank
+
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "bank" / "data.csv").write_text("a,b\n")
+    with pytest.raises(FileExistsError, match="holds files taskprune did not write"):
+        MaskBank(tiny_classifier()).save(tmp_path / "bank", overwrite=True)
+    MaskBank(tiny_classifier()).save(tmp_path / "bank2")
+    MaskBank(tiny_classifier()).save(tmp_path / "bank2", overwrite=True)  # its own earlier save: replaced
+    assert (tmp_path / "bank" / "data.csv").read_text() == "a,b\n"
+
+
+def test_overwrite_does_not_replace_a_spec_taskprune_did_not_mark(tmp_path):
+    fit(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "spec.json").write_bytes((tmp_path / "a" / "spec.json").read_bytes())  # no marker
+    mod = module()
+    with pytest.raises(FileExistsError, match=r"was not written by a taskprune run .*remove that spec.json yourself"):
+        fit(tmp_path / "b", mod, overwrite=True)
+    assert int(mod.scores.batches) == 0 and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["spec.json"]
+
+
+def test_resume_from_another_runs_checkpoint_into_a_finished_output_dir_needs_overwrite(tmp_path):
+    steps = AttributionConfig(steps=1)
+    fit(tmp_path / "a", module(attribution=steps), checkpoint_every=1, keep_checkpoint=True)
+    fit(tmp_path / "b", module(attribution=steps))
+    spec_b = (tmp_path / "b" / "spec.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a spec from an earlier run \(resuming from another "
+                                              r"run's checkpoint '.*calibration.ckpt' would replace it too\)"):
+        fit_ckpt(tmp_path / "b", str(tmp_path / "a" / "calibration.ckpt"), module(attribution=steps))
+    assert (tmp_path / "b" / "spec.json").read_bytes() == spec_b
+    fit_ckpt(tmp_path / "b", str(tmp_path / "a" / "calibration.ckpt"), module(attribution=steps), overwrite=True)
+
+
+def write_lock(out: Path, pid: int, host: str | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "then"}))
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused(tmp_path):
+    write_lock(tmp_path / "out", os.getppid())  # a live process of this host holds it (here: pytest's parent)
+    mod = module()
+    with pytest.raises(FileExistsError, match=r"output_dir '.*out' is in use by another taskprune run: pid \d+ on "
+                                              r"host .*; it is still running\. Wait for it .* rm '.*\.taskprune\.lock'"):
+        fit(tmp_path / "out", mod)
+    assert int(mod.scores.batches) == 0 and not (tmp_path / "out" / "spec.json").exists()
+    assert json.loads((tmp_path / "out" / LOCK).read_text())["pid"] == os.getppid()  # the other run's lock stays
+
+
+def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
+    write_lock(tmp_path / "out", 12345, "some-other-node")
+    with pytest.raises(FileExistsError, match=r"in use by another taskprune run: pid 12345 on host 'some-other-node'"
+                                              r".*if that run is gone, remove the lock: rm "):
+        fit(tmp_path / "out")
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_the_lock_is_gone_after_the_run(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "out", dead.pid)
+    with caplog.at_level("WARNING"):
+        fit(tmp_path / "out")
+    assert f"locked by pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
+    assert (tmp_path / "out" / "spec.json").is_file() and not (tmp_path / "out" / LOCK).exists()
+
+
+def test_a_failed_run_leaves_no_lock_and_no_folder_it_created(tmp_path):
+    mod = module()
+    mod.unit_scores = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # calibration fails after the lock
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path / "fresh", mod)
+    assert not (tmp_path / "fresh").exists()
