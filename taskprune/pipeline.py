@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from taskprune.attribution import AttributionConfig, default_forward, pseudo_labels, score_units
@@ -39,10 +40,12 @@ PRESETS: dict[str, tuple[AttributionConfig, dict, TuningConfig]] = {
     # the same with the heads / neurons split chosen by the task loss on held-out rows (opt-in: docs/defaults.md)
     "taskprune_holdout": (AttributionConfig(), {"split": "loss"}, TuningConfig()),
     # Kwon et al. 2022: Fisher of the masks (per batch), mask search, rearrangement, tuning against their teacher
-    "kwon": (AttributionConfig(method="fisher", per="batch"), {"scope": "search"},
-             TuningConfig(rearrange=True, tune="schedule")),
-    "kwon_notune": (AttributionConfig(method="fisher", per="batch"), {"scope": "search"},
-                    TuningConfig(rearrange=True)),
+    # (their code: no head floor, MACs at the task's mean length, tuning of the pre-LayerNorm sum with LSMR, layer-0
+    # attention untuned; the project's heads pool every token, so the last FFN is fitted on all of them)
+    "kwon": (AttributionConfig(method="fisher", per="batch"), {"scope": "search", "min_heads": 0, "seq_len": "mean"},
+             TuningConfig(rearrange=True, tune="schedule", target="residual", solver="lsmr", skip_first_attention=True)),
+    "kwon_notune": (AttributionConfig(method="fisher", per="batch"),
+                    {"scope": "search", "min_heads": 0, "seq_len": "mean"}, TuningConfig(rearrange=True)),
     # the paper's IG (all-off path, |attribution|), and the usual baselines, each kind cut in proportion
     "ig_paper": (AttributionConfig(baseline=0.0, aggregate="abs"), {"scope": "per_kind"}, TuningConfig()),
     "grad_x_gate": (AttributionConfig(method="grad_x_gate", aggregate="abs"), {"scope": "per_kind"}, TuningConfig()),
@@ -86,6 +89,18 @@ class Pipeline:
         """The same pipeline with another budget amount (and any other :class:`Budget` field)."""
         return replace(self, budget=replace(self.budget, amount=amount, **budget))
 
+    def resolve(self, batches: Sequence[dict]) -> Pipeline:
+        """The pipeline with ``budget.seq_len="mean"`` replaced by the batches' mean number of real tokens
+        (``attention_mask`` sums; rounded); any other pipeline as it is."""
+        if self.budget.seq_len != "mean":
+            return self
+        lengths = [b["attention_mask"].sum(-1).double() for b in batches if "attention_mask" in b]
+        if not lengths:
+            raise ValueError("seq_len='mean' needs calibration batches with an attention_mask; give a number")
+        mean = float(torch.cat(lengths).mean())
+        log.info("counting MACs at the calibration batches' mean length %.1f -> %d tokens", mean, round(mean))
+        return self.at(self.budget.amount, seq_len=max(1, round(mean)))
+
     def score(self, model: nn.Module, batches: Sequence[dict], forward: Callable | None = None) -> UnitScores:
         """Stage 1: score every unit on the calibration batches (:func:`taskprune.attribution.score_units`)."""
         return score_units(model, batches, self.attribution, forward=forward)
@@ -113,10 +128,11 @@ class Pipeline:
         """
         forward = forward or default_forward
         batches = list(batches)
+        pipeline = self.resolve(batches)
         if scores is None:
-            scores = self.score(model, batches, forward)
-        spec = self.allocate(model, scores, held_out, forward)
-        return self.finish(model, spec, scores, batches, held_out, forward)
+            scores = pipeline.score(model, batches, forward)
+        spec = pipeline.allocate(model, scores, held_out, forward)
+        return pipeline.finish(model, spec, scores, batches, held_out, forward)
 
     def finish(self, model: nn.Module, spec: PruneSpec, scores: UnitScores, batches: Sequence[dict],
                held_out: Sequence[dict] | None = None, forward: Callable | None = None) -> PruneSpec:
@@ -136,7 +152,9 @@ class Pipeline:
             if self.tuning.tune == "schedule":
                 amount = 1.0 - teacher_keep(1.0 - float(self.budget.amount))
                 teacher = self.allocate(model, scores, held_out, forward, amount=amount)
-            spec = tune_masks(model, spec, batches, teacher, self.tuning.damping, self.tuning.max_scale, forward)
+            t = self.tuning
+            spec = tune_masks(model, spec, batches, teacher, t.damping, t.max_scale, forward, t.target, t.solver,
+                              t.skip_first_attention, t.last_ffn_tokens)
         log.info("pipeline %s: %s", self.name, spec.summary())
         return replace(spec, meta={**spec.meta, **meta})
 

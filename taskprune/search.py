@@ -56,8 +56,9 @@ def search_macs(scores: UnitScores, macs: float, seq_len: int = 128, min_heads: 
     costs = unit_costs(fp, seq_len)
     budget = (1.0 - macs) * count_macs(fp, seq_len)
     values = scores.mean()
-    if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
-        raise ValueError(f"min_heads={min_heads!r} must be an int >= 1 (a block cannot lose every head)")
+    if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 0:
+        raise ValueError(f"min_heads={min_heads!r} must be an int >= 0 (0: a block may lose every head, as in Kwon "
+                         "et al.'s search)")
     floor = {name: sorted(torch.argsort(-v.double(), stable=True)[:min_heads].tolist())
              for name, v in values["heads"].items() if v.numel()}
     budget -= sum(costs["heads"][name][0] * len(idx) for name, idx in floor.items())

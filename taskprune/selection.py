@@ -123,11 +123,13 @@ class Budget:
     """Per-block score normalisation before a ranking across blocks (scopes global and per_kind only; refused with
     search and layerwise): l1 (the default there, measured best), none, l2, max."""
     min_heads: int = 1
-    """Attention units every block keeps, at least 1 (a block cannot lose all its heads)."""
+    """Attention units every block keeps (1 by default; 0 lets a block lose every head, as Kwon et al.'s search does:
+    the shrunk attention module then adds only its output bias, the residual and its norm stay)."""
     min_neurons: int | None = None
     """FFN neurons every block keeps (1 by default; refused with scope search, whose allocation has no FFN floor)."""
-    seq_len: int = 128
-    """Sequence length at which MACs are counted. The CLI links it to data.max_length, and the callback takes the
+    seq_len: int | Literal["mean"] = 128
+    """Sequence length at which MACs are counted, or mean: the calibration batches' mean number of real tokens
+    (Kwon et al. count at the task's mean length; resolved by :class:`taskprune.pipeline.Pipeline`). The CLI links it to data.max_length, and the callback takes the
     datamodule's max_length when there is one (and says so)."""
     split: Split = "auto"
     """How the mask search splits a MAC budget between heads and neurons (scope search, or auto resolving to it): score
@@ -149,11 +151,12 @@ class Budget:
         if self.scope == "search" and self.kind != "macs":
             raise ValueError(f"scope='search' searches under a MAC budget; got kind={self.kind!r}. Use kind='macs' "
                              "or another scope")
-        _check_floor("min_heads", self.min_heads, 1)
+        _check_floor("min_heads", self.min_heads, 0)
         if self.min_neurons is not None:
             _check_floor("min_neurons", self.min_neurons, 0)
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
+        if self.seq_len != "mean" and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
+                                       or self.seq_len < 1):
+            raise ValueError(f"seq_len must be a positive int or 'mean', got {self.seq_len!r}")
 
     @property
     def request(self) -> dict[str, float]:
@@ -269,6 +272,9 @@ def _select(scores: UnitScores, budget: Budget, request: dict[str, float], units
     fp = fingerprint_of(scores.fingerprint)
     values = scores.mean()
     seq_len = budget.seq_len
+    if seq_len == "mean":
+        raise ValueError("seq_len='mean' is the calibration batches' mean length, which select_units does not see; "
+                         "run it through taskprune.pipeline.Pipeline (prune / resolve), or give a number")
     kinds = _prunable_kinds(units, values, fp)
     scope = resolve_scope(budget, request, kinds, scores)
     _refuse_inapplicable(budget, scope)

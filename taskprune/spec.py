@@ -263,11 +263,6 @@ def _check_indices(kind: str, name: str, idx, n_units: int) -> list[int]:
         raise ValueError(f"{where} holds duplicate index(es) {dup[:5]}; each kept unit must be listed once")
     if idx != sorted(idx):
         raise ValueError(f"{where} is not sorted ({idx[:8]}...); list kept unit indices in increasing order")
-    if kind == "heads" and not idx:
-        raise ValueError(
-            f"{where} is empty: every head of attention block {name!r} would be removed, which the surgery cannot "
-            "do. Keep at least one head per attention block (raise the per-layer floor of the selection)"
-        )
     return idx
 
 

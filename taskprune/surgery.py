@@ -157,6 +157,9 @@ def _plan_attention(base: nn.Module, adapter: Adapter, block: AttentionBlock, ke
         slices = [_Slice(_linear(base, block.q), q_idx, "out"), _Slice(_linear(base, block.k), kv_idx, "out"),
                   _Slice(_linear(base, block.v), kv_idx, "out")]
     slices.append(_Slice(_linear(base, block.out), q_idx, "in"))
+    if not keep and not adapter.empty_attention:
+        raise ValueError(f"the spec removes every head of {block.name!r}, which a {adapter.family} attention module "
+                         "cannot run without; keep at least one head per attention block (Budget(min_heads=1))")
     return _Step(block, slices, base.get_submodule(block.name), keep, adapter)
 
 

@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 Tune = Literal["none", "dense", "schedule"]
 TUNES: tuple[str, ...] = get_args(Tune)
+FitTarget = Literal["output", "residual"]
+FIT_TARGETS: tuple[str, ...] = get_args(FitTarget)
+Solver = Literal["exact", "lsmr"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+Tokens = Literal["all", "first"]
+TOKENS: tuple[str, ...] = get_args(Tokens)
+FIT_OPTIONS = ("damping", "max_scale", "target", "solver", "skip_first_attention", "last_ffn_tokens")  # of tune only
 
 
 @dataclass(frozen=True)
@@ -62,15 +69,36 @@ class TuningConfig:
     """Damping of the scales' least squares (their value, on sums over calibration tokens)."""
     max_scale: float = 10.0
     """A solve with a scale beyond +-max_scale stops the tuning there (their rule); later blocks keep scale 1."""
+    target: FitTarget = "output"
+    """What each sub-layer's scales fit: output (the teacher's output-projection output) or residual (Kwon et al.'s:
+    the teacher's sum entering the residual add / LayerNorm, teacher output + x_teacher - x_student, so every sub-layer
+    also cancels the drift accumulated upstream; the residual stream's place comes from the architecture adapter)."""
+    solver: Solver = "exact"
+    """exact (a float64 damped least-squares solve) or lsmr (theirs: scipy's LSMR in float32 on the normal equations,
+    damp = damping, atol = btol = 1e-6, conlim = 1e8, at most 5n iterations; an attention fit has an intercept column,
+    solved and dropped; LSMR's stop code >= 3 ends the tuning)."""
+    skip_first_attention: bool = False
+    """Leave the first attention block untuned (their code does)."""
+    last_ffn_tokens: Tokens = "all"
+    """Tokens the last feed-forward block is fitted on: all real tokens, or the first one (their rule for
+    classifiers that read the [CLS] token; the project's multi-task heads pool the mean of all tokens)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rearrange, bool):
             raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
-        if self.tune not in TUNES:
-            raise ValueError(f"tune={self.tune!r} is not allowed; use one of {list(TUNES)}")
+        for name, value, allowed in (("tune", self.tune, TUNES), ("target", self.target, FIT_TARGETS),
+                                     ("solver", self.solver, SOLVERS), ("last_ffn_tokens", self.last_ffn_tokens, TOKENS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not allowed; use one of {list(allowed)}")
+        if not isinstance(self.skip_first_attention, bool):
+            raise ValueError(f"skip_first_attention must be true or false, got {self.skip_first_attention!r}")
         for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
                 raise ValueError(f"{name}={v!r} must be a finite number >= {low}")
+        changed = {k: getattr(self, k) for k in FIT_OPTIONS if getattr(self, k) != self.__dataclass_fields__[k].default}
+        if self.tune == "none" and changed:
+            raise ValueError(f"{changed} configure mask tuning, which is off (tune='none'); set tune='schedule' or "
+                             "'dense', or leave them at their defaults")
 
     @property
     def active(self) -> bool:
@@ -166,16 +194,23 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: PruneSpec | None = None,
-               damping: float = 1.0, max_scale: float = 10.0, forward: Callable = default_forward) -> PruneSpec:
-    """Fit real-valued scales of ``spec``'s kept units, block by block, to a teacher's block outputs.
+               damping: float = 1.0, max_scale: float = 10.0, forward: Callable = default_forward,
+               target: FitTarget = "output", solver: Solver = "exact", skip_first_attention: bool = False,
+               last_ffn_tokens: Tokens = "all") -> PruneSpec:
+    """Fit real-valued scales of ``spec``'s kept units, sub-layer by sub-layer in forward order, to a teacher.
 
     ``model`` must be the dense model (masks are applied with gates; no weight changes). ``teacher`` is a spec
-    (Kwon et al.: a less-pruned one, see :func:`teacher_keep`) or ``None`` for the dense model. For block ``k`` with
-    kept units ``K``, unit contributions ``c_i = W[:, cols_i] x[cols_i]`` at the student's input ``x`` and teacher
-    output ``y`` (both over real tokens), the scales solve ``min |A u - r|² + damping²|u|²`` with ``s = 1 + u``,
-    ``A = Σ_tokens c cᵀ`` and ``r = Σ_tokens c (y - b) - A 1``: the damped least squares of their code, which never
-    increases the block's error on these batches. Returns the spec with ``scales``; blocks after a failed solve
-    (non-finite, or a scale beyond ±``max_scale``) keep scale 1, as their code stops there.
+    (Kwon et al.: a less-pruned one, see :func:`teacher_keep`) or ``None`` for the dense model. For a sub-layer with
+    kept units ``K``, unit contributions ``c_i = W[:, cols_i] x[cols_i]`` at the student's input ``x`` (the student's
+    earlier sub-layers already tuned) and a target ``y`` over real tokens, the scales ``s = 1 + u`` solve
+    ``min |A u - r|² + damping²|u|²`` with ``A = Σ_tokens c cᵀ`` and ``r = Σ_tokens c (y - b) - A 1``: the damped
+    least squares of their code, which shrinks the scales towards 1. ``target="output"``: ``y`` is the teacher's
+    output-projection output; ``"residual"`` (theirs): the teacher's output plus the residual stream entering the
+    teacher's residual add minus the student's (``y_T + x_T - x_S``), so the student's sum before the LayerNorm (post-norm)
+    or after the residual add (pre-norm) is fitted to the teacher's. ``solver``, ``skip_first_attention``,
+    ``last_ffn_tokens``: see :class:`TuningConfig`. Returns the spec with ``scales``; the tuning stops at the first
+    failed solve (non-finite, a scale beyond ±``max_scale``, or LSMR's stop code >= 3), later sub-layers keep scale
+    1, as their code stops there.
     """
     if damping < 0 or max_scale <= 0:
         raise ValueError(f"damping={damping!r} must be >= 0 and max_scale={max_scale!r} > 0")
@@ -187,29 +222,58 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     tuned = replace(spec, scales={})
     with Gates(model) as gates:
         order = _forward_order(model, gates, batches[0], forward)
-        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward)
+        residual = target == "residual"
+        if residual and any(s.block.residual is None for s in order):
+            raise ValueError(f"target='residual' needs the residual stream's place, which the {type(get_architecture(model).adapter).__name__} "
+                             "does not give; use target='output'")
+        last_ffn = next((s.block.name for s in reversed(order) if s.kind == "neurons"), None)
+        first_attention = next((s.block.name for s in order if s.kind == "heads"), None)
+        first = {last_ffn} if last_ffn_tokens == "first" else set()
+        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward, residual, first)
         for slot in order:
             kind, name = slot.kind, slot.block.name
             kept = spec.kept(kind, name)
-            if not kept or len(kept) == slot.n_units and teacher is None:
+            if not kept or len(kept) == slot.n_units and teacher is None and not residual:
                 continue  # nothing to fit (a full block against the dense teacher is already exact)
+            if skip_first_attention and name == first_attention:
+                continue
             proj = base.get_submodule(slot.block.out if kind == "heads" else slot.block.down)
+            res = base.get_submodule(slot.block.residual[0]) if residual else None
             cols = unit_channels(kept, slot.block.unit_width)
             w = weight_in_out(proj).detach().double()[cols]  # [Kc, d_out]
             bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
+            xs, ys, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0.0, 0
             for batch, y in zip(batches, targets[name]):
-                x = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input")
-                x, y = x.double()[_real_tokens(batch, x)][:, cols], y.double()
+                got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
+                               (res, slot.block.residual[1]) if residual else None)
+                x, x_res = got if residual else (got, None)
+                keep_tok = _tokens(batch, x, name in first)
+                x, y = x.double()[keep_tok][:, cols], y.double()
+                if residual:
+                    y = y - x_res.double()[keep_tok]
                 if bias is not None:
                     y = y - bias
                 xx += x.t() @ x
                 xt += x.t() @ y
+                xs += x.sum(0)
+                ys += float(y.sum())
+                n_tok += x.shape[0]
             width = slot.block.unit_width
             a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
-            r = (w * xt).sum(1).view(len(kept), width).sum(1) - a.sum(1)  # [K]
-            u = _damped_lstsq(a, r, damping)
+            b = (w * xt).sum(1).view(len(kept), width).sum(1)  # [K]
+            if solver == "lsmr":
+                intercept = None
+                if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped after
+                    intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), ys, n_tok * w.shape[1])
+                u, ok = _lsmr(a, b, damping, intercept)
+                if not ok:
+                    log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: ill-conditioned, "
+                                "condition number above 1e8); later sub-layers keep scale 1", name)
+                    break
+            else:
+                u = _damped_lstsq(a, b - a.sum(1), damping)
             s = 1.0 + u
             if not torch.isfinite(s).all() or s.abs().max() > max_scale:
                 log.warning("mask tuning stopped at %s: scales out of range (max |s| = %.3g > %g); later blocks keep "
@@ -219,7 +283,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             tuned = replace(spec, scales=scales)
     return replace(spec, scales=scales, meta={**spec.meta, "tuned": {"damping": damping,
                                                                      "teacher": "dense" if teacher is None else
-                                                                     teacher.meta.get("name", "spec")}})
+                                                                     teacher.meta.get("name", "spec"),
+                                                                     "target": target, "solver": solver}})
 
 
 def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
@@ -230,6 +295,31 @@ def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
     lhs = torch.cat([a, damping * torch.eye(k, dtype=a.dtype)])
     rhs = torch.cat([r, torch.zeros(k, dtype=a.dtype)])
     return torch.linalg.lstsq(lhs, rhs[:, None], driver="gels").solution[:, 0]
+
+
+def _lsmr(a: Tensor, b: Tensor, damping: float, intercept=None) -> tuple[Tensor, bool]:
+    """Their solver: ``u = s - 1`` from LSMR on the normal equations ``A s = b`` in float32 (``damp``, tolerances
+    1e-6, condition limit 1e8, at most 5n iterations); one unknown is solved exactly, as in their code.
+    ``intercept = (Σ c_i, Σ y, n_elements)`` adds their all-ones column (solved, then dropped). Returns ``(u, ok)``,
+    ``ok`` false for LSMR's stop codes >= 3."""
+    try:
+        from scipy.sparse.linalg import lsmr
+    except ImportError as e:  # pragma: no cover - scipy is a dependency
+        raise ImportError("solver='lsmr' needs scipy (pip install scipy), or use solver='exact'") from e
+    if intercept is not None:
+        c, ysum, n = intercept
+        k = a.shape[0]
+        aug = torch.zeros(k + 1, k + 1, dtype=a.dtype)
+        aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = a, c, c, float(n)
+        a, b = aug, torch.cat([b, torch.tensor([ysum], dtype=b.dtype)])
+    r = b - a.sum(1)
+    if a.shape[0] == 1:
+        u, ok = r / a[0, 0], True
+    else:
+        out = lsmr(a.float().numpy(), r.float().numpy(), damp=damping, atol=1e-6, btol=1e-6, conlim=1e8,
+                   maxiter=5 * a.shape[0])
+        u, ok = torch.from_numpy(out[0]).double(), int(out[1]) < 3
+    return (u[:-1] if intercept is not None else u), ok
 
 
 def _block_sum(m: Tensor, width: int) -> Tensor:
@@ -246,12 +336,24 @@ def _real_tokens(batch: dict, x: Tensor) -> Tensor:
     return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
-def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dict], forward) -> dict[str, list]:
-    """Every block's output-projection output under the teacher's gates, over real tokens, one pass per batch
-    (float32 ``[n_real_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned)."""
+def _tokens(batch: dict, x: Tensor, first: bool) -> Tensor:
+    """The token positions a sub-layer is fitted on: every real token, or the first token of each row."""
+    if not first:
+        return _real_tokens(batch, x)
+    pick = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    pick[:, 0] = True
+    return pick
+
+
+def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dict], forward, residual: bool = False,
+                     first: set[str] = frozenset()) -> dict[str, list]:
+    """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
+    residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
+    (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned)."""
     base, _ = find_base(model)
     out: dict[str, list] = {s.block.name: [] for s in order}
     current: dict = {}
+    streams: dict = {}
     handles = []
     for s in order:
         proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
@@ -260,13 +362,23 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
             current[name] = result.detach()
 
         handles.append(proj.register_forward_hook(hook))
+        if residual:
+            module, index = s.block.residual
+
+            def pre_hook(m, args, name=s.block.name, index=index):
+                streams[name] = args[index].detach()
+
+            handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
     gates.set(values)
     try:
         for batch in batches:
             current.clear()
+            streams.clear()
             forward(model, batch)
             for name, y in current.items():
-                out[name].append(y[_real_tokens(batch, y)].float())
+                if residual:
+                    y = y + streams[name]
+                out[name].append(y[_tokens(batch, y, name in first)].float())
     finally:
         for h in handles:
             h.remove()
@@ -274,15 +386,20 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     return out
 
 
-def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward, what: str) -> Tensor:
-    """Run ``model`` with ``values`` as gates up to ``proj`` and return its (gated) input or its output."""
+def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward, what: str,
+             residual: tuple[nn.Module, int] | None = None):
+    """Run ``model`` with ``values`` as gates up to ``proj`` and return its (gated) input or its output; with
+    ``residual = (module, arg)`` also the residual stream (that module's input ``arg``): ``(x, stream)``."""
     out: list[Tensor] = []
+    stream: list[Tensor] = []
 
     def hook(module, args, result):
         out.append((args[0] if what == "input" else result).detach())
         raise _Stop
 
     h = proj.register_forward_hook(hook)
+    hr = residual[0].register_forward_pre_hook(lambda m, args: stream.append(args[residual[1]].detach())) \
+        if residual is not None else None
     gates.set(values)
     try:
         forward(model, batch)
@@ -290,10 +407,17 @@ def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward,
         pass
     finally:
         h.remove()
+        if hr is not None:
+            hr.remove()
         gates.set(None)
     if not out:
         raise RuntimeError(f"the forward pass never reached {type(proj).__name__}; is the block used by the model?")
-    return out[0]
+    if residual is None:
+        return out[0]
+    if not stream:
+        raise RuntimeError(f"the residual stream's module {type(residual[0]).__name__} did not run before "
+                           f"{type(proj).__name__}; check the adapter's residual paths")
+    return out[0], stream[-1]
 
 
 def _forward_order(model, gates: Gates, batch: dict, forward) -> list:

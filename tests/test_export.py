@@ -50,6 +50,36 @@ def test_round_trip_equals_in_memory_shrunk_model(arch, tmp_path):
     assert spec.validate(reloaded) == "shrunk"
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gpt2"])
+def test_a_block_without_heads_shrinks_matches_the_mask_and_round_trips(arch, tmp_path):
+    """Kwon et al.'s search may leave an attention block no head: the shrunk module adds only its output bias (the
+    sub-layer is gone, the residual and its norm stay), as the masked model does, and the export reloads it."""
+    model = tiny_model(arch).eval()
+    spec = random_spec(model, seed=7)
+    first = next(iter(spec.keep["heads"]))
+    spec = PruneSpec({**spec.keep, "heads": {**spec.keep["heads"], first: []}}, spec.fingerprint)
+    batch = tiny_batch(arch)
+    masked = tiny_model(arch).eval()
+    apply_mask(masked, spec)
+    shrink_(model, spec)
+    torch.testing.assert_close(logits(model, batch), logits(masked, batch), rtol=0, atol=1e-5)
+    save_pruned(model, spec, tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned")
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=1e-6)
+    assert spec.validate(reloaded) == "shrunk"
+
+
+def test_gpt2_block_without_heads_refused_before_any_change():
+    model = tiny_model("gpt2")
+    spec = random_spec(model, seed=1)
+    first = next(iter(spec.keep["heads"]))
+    spec = PruneSpec({**spec.keep, "heads": {**spec.keep["heads"], first: []}}, spec.fingerprint)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"removes every head of .*gpt2 attention module cannot run without"):
+        shrink_(model, spec)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_dense_model_is_exported_as_a_shrunk_copy_and_left_unchanged(tmp_path):
     model = tiny_model("bert")
     spec = random_spec(model)

@@ -302,7 +302,10 @@ def test_preset_fills_scope_and_tuning_and_refuses_another_attribution(tmp_path)
     from taskprune.tuning import TuningConfig
 
     cb = TaskPruning(preset="kwon", output_dir=str(tmp_path / "kwon"))
-    assert cb.budget.scope == "search" and cb.tuning == TuningConfig(rearrange=True, tune="schedule")
+    assert (cb.budget.scope, cb.budget.min_heads, cb.budget.seq_len) == ("search", 0, "mean")
+    assert cb.tuning == TuningConfig(rearrange=True, tune="schedule", target="residual", solver="lsmr",
+                                     skip_first_attention=True)
+    assert TaskPruning(preset="kwon", budget=Budget(amount=0.6, min_heads=2)).budget.min_heads == 2  # given wins
     assert TaskPruning(preset="kwon", tuning=TuningConfig(tune="dense")).tuning.tune == "dense"  # given wins
     module = AttributionModule(tiny_classifier(), task="sst2")  # scores with squared IG, not Kwon's Fisher
     with pytest.raises(ValueError, match=r"preset 'kwon' scores with .*'method': 'fisher'.*--model.attribution"):

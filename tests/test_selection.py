@@ -202,9 +202,11 @@ def test_bad_normalize_raises():
         select_units(_scores(), heads=0.2, normalize="l3")
 
 
-def test_zero_head_floor_raises():
-    with pytest.raises(ValueError, match="min_heads must be an int >= 1"):
-        select_units(_scores(), heads=0.2, min_heads=0)
+def test_negative_head_floor_raises_and_zero_lets_a_block_lose_every_head():
+    with pytest.raises(ValueError, match="min_heads must be an int >= 0"):
+        select_units(_scores(), heads=0.2, min_heads=-1)
+    spec = select_units(_scores(), heads=0.9, min_heads=0, scope="global")
+    assert any(not spec.kept("heads", n) for n in spec.keep["heads"])
 
 
 def test_budget_for_unpruned_kind_raises():

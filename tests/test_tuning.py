@@ -11,7 +11,9 @@ import torch
 from tiny import tiny_batch, tiny_model, widen_
 from torch import nn
 
-from taskprune.arch import find_base, get_architecture, unit_channels
+from dataclasses import replace
+
+from taskprune.arch import find_base, get_architecture, unit_channels, weight_in_out
 from taskprune.attribution import score_units
 from taskprune.flops import count_macs, unit_costs
 from taskprune.gates import Gates
@@ -335,3 +337,96 @@ def test_select_units_splits_by_held_out_loss_when_rows_are_given_or_asked_for()
         "allocation"] is None
     with pytest.raises(ValueError, match=r"split='split' is not allowed; use one of \['auto', 'score', 'loss'\]"):
         Budget(split="split")
+
+
+# ------------------------------------------------------------------------------------ faithful Kwon et al.
+@pytest.mark.parametrize("name", ["bert", "llama_gqa", "gpt2"])
+def test_residual_target_leaves_the_pre_norm_error_stationary_in_every_kept_scale(name):
+    """Their least squares (damping 0, exact solve): after tuning a feed-forward block, the gradient of
+    |sum_S - sum_T|² (sum = output + residual stream: before the LayerNorm, or after the residual add for pre-norm)
+    w.r.t. each kept scale is ~0: |Σ_tok c_i · (sum_S - sum_T)| <= 1e-6 x its value at scale 1."""
+    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
+
+    model = wide_model(name).eval()
+    calib = labelled(name, 3)
+    spec = select_units(random_scores(model, seed=3), sparsity=0.5)
+    tuned = tune_masks(model, spec, calib, damping=0.0, forward=_fwd, target="residual")
+    base, _ = find_base(model)
+    arch = get_architecture(model)
+    block = arch.ffn[0]
+    assert block.name in tuned.scales.get("neurons", {})
+    before = {k: {n: v for n, v in d.items() if not (k == "neurons" and n == block.name)} for k, d in tuned.scales.items()}
+    upstream = replace(spec, scales=before)
+    proj, res = base.get_submodule(block.down), base.get_submodule(block.residual[0])
+    kept = spec.kept("neurons", block.name)
+    w = weight_in_out(proj).detach().double()[kept]
+    b = proj.bias.detach().double() if proj.bias is not None else 0.0
+    with Gates(model) as gates:
+        order = _forward_order(model, gates, calib[0], _fwd)
+        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
+        grads = {}
+        for label, s in (("tuned", torch.tensor(tuned.scales["neurons"][block.name], dtype=torch.float64)),
+                         ("ones", torch.ones(len(kept), dtype=torch.float64))):
+            g = torch.zeros(len(kept), dtype=torch.float64)
+            for batch, y_t in zip(calib, teacher):
+                x, stream = _capture(model, gates, gates.values_of(upstream), proj, batch, _fwd, "input",
+                                     (res, block.residual[1]))
+                pick = _tokens(batch, x, False)
+                xk = x.double()[pick][:, kept]
+                diff = (xk * s) @ w + b + stream.double()[pick] - y_t.double()
+                g += torch.einsum("tk,kd,td->k", xk, w, diff)  # Σ_tok c_i · (sum_S - sum_T)
+            grads[label] = g
+    assert grads["ones"].abs().max() > 1e-6
+    assert grads["tuned"].abs().max() <= 1e-6 * grads["ones"].abs().max()
+
+
+def test_kwons_options_skip_the_first_attention_and_stop_on_lsmr_failure(monkeypatch):
+    import taskprune.tuning as tuning
+
+    model = wide_model("bert").eval()
+    calib = labelled("bert", 3)
+    spec = select_units(random_scores(model, seed=4), sparsity=0.5)
+    first = get_architecture(model).attention[0].name
+    tuned = tune_masks(model, spec, calib, forward=_fwd, target="residual", solver="lsmr", skip_first_attention=True)
+    assert first not in tuned.scales.get("heads", {}) and tuned.scales["neurons"]
+    assert get_architecture(model).attention[1].name in tuned.scales["heads"]
+    calls = []
+
+    def failing(a, b, damping, intercept=None):
+        calls.append(intercept is not None)
+        return torch.zeros(a.shape[0]), False
+
+    monkeypatch.setattr(tuning, "_lsmr", failing)
+    stopped = tune_masks(model, spec, calib, forward=_fwd, target="residual", solver="lsmr")
+    assert stopped.scales == {} and calls == [True]  # the first solve (attention, with its intercept) fails: stop
+
+
+def test_lsmr_solves_a_good_system_and_maps_stop_codes_from_3_to_failure(monkeypatch):
+    import scipy.sparse.linalg
+
+    from taskprune.tuning import _lsmr
+
+    good = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    rhs = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    u, ok = _lsmr(good, rhs, 0.0)
+    assert ok and torch.allclose(1 + u, torch.linalg.solve(good, rhs), atol=1e-5)
+    damped, _ = _lsmr(good, rhs, 1.0)
+    assert (damped.abs() < u.abs()).all()  # damping shrinks the scales towards 1
+    seen = {}
+
+    def fake(a, b, **kw):
+        seen.update(kw)
+        return (b * 0, 3) + (0,) * 6  # istop 3: the condition estimate exceeded conlim
+
+    monkeypatch.setattr(scipy.sparse.linalg, "lsmr", fake)
+    assert _lsmr(good, rhs, 1.0)[1] is False
+    assert seen == {"damp": 1.0, "atol": 1e-6, "btol": 1e-6, "conlim": 1e8, "maxiter": 10}
+
+
+def test_tuning_options_are_refused_when_tuning_is_off():
+    from taskprune.tuning import TuningConfig
+
+    with pytest.raises(ValueError, match=r"\{'target': 'residual'\} configure mask tuning, which is off"):
+        TuningConfig(target="residual")
+    with pytest.raises(ValueError, match=r"solver='cg' is not allowed; use one of \['exact', 'lsmr'\]"):
+        TuningConfig(tune="dense", solver="cg")

@@ -36,10 +36,13 @@ class AttentionBlock:
     head_dim: int
     fused_qkv: bool = False  # q, k and v are one projection whose outputs are [q | k | v]
     d_model: int = 0
+    residual: tuple[str, int] | None = None  # (module, positional arg) whose input is the residual stream this
+    #   sub-layer's output is added to: the LayerNorm's other summand (post-norm) or the pre-norm's input (pre-norm)
+    group: int = 1  # query heads per KV head, for a block shrunk to no head (nothing left to count them from)
 
     @property
     def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else self.group
 
     @property
     def n_units(self) -> int:
@@ -60,6 +63,7 @@ class FFNBlock:
     down: str  # projection out of it; its input is gated
     n_neurons: int
     d_model: int = 0
+    residual: tuple[str, int] | None = None  # as AttentionBlock.residual
 
     @property
     def n_units(self) -> int:
@@ -122,6 +126,8 @@ class Adapter(ABC):
     model_types: tuple[str, ...] = ()  # config.model_type values this adapter handles
     layouts: tuple[LayerLayout, ...] = ()  # projection classes other than nn.Linear (e.g. GPT-2's [in, out] Conv1D)
     ffn_width_field: str | None = None  # config field Hugging Face builds every feed-forward block's width from
+    empty_attention: bool = True  # whether an attention module shrunk to no head still runs (its sub-layer then adds
+    #   only the output projection's bias to the residual stream: the sub-layer is removed, residual and norm kept)
 
     # ---------------------------------------------------------------------------------------- discovery
     @abstractmethod

@@ -24,9 +24,11 @@ class BertAdapter(Adapter):
             n = out_features(sa.query) // hd
             att.append(AttentionBlock(f"{p}.attention.self", f"{p}.attention.self.query", f"{p}.attention.self.key",
                                       f"{p}.attention.self.value", f"{p}.attention.output.dense", n, n, hd,
-                                      d_model=in_features(sa.query)))
+                                      d_model=in_features(sa.query), residual=(f"{p}.attention.output", 1)))
+            # post-norm: BertSelfOutput / BertOutput.forward(hidden_states, input_tensor) -> LN(dense(h) + input)
             ffn.append(FFNBlock(f"{p}.intermediate", (f"{p}.intermediate.dense",), f"{p}.output.dense",
-                                out_features(layer.intermediate.dense), d_model=in_features(sa.query)))
+                                out_features(layer.intermediate.dense), d_model=in_features(sa.query),
+                                residual=(f"{p}.output", 1)))
         return att, ffn
 
     def shrink_attention_(self, attn: nn.Module, block: AttentionBlock, keep: list[int]) -> None:

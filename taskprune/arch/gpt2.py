@@ -19,6 +19,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     layouts = (CONV1D,)
     ffn_width_field = "n_inner"
+    empty_attention = False  # the fused c_attn output is split in three: with no head there is nothing to split
 
     def discover(self, base: nn.Module) -> tuple[list[AttentionBlock], list[FFNBlock]]:
         att, ffn = [], []
@@ -30,9 +31,9 @@ class GPT2Adapter(Adapter):
             n = in_features(a.c_proj) // a.head_dim
             c = f"{p}.attn.c_attn"
             att.append(AttentionBlock(f"{p}.attn", c, c, c, f"{p}.attn.c_proj", n, n, a.head_dim, fused_qkv=True,
-                                      d_model=in_features(a.c_attn)))
+                                      d_model=in_features(a.c_attn), residual=(f"{p}.ln_1", 0)))
             ffn.append(FFNBlock(f"{p}.mlp", (f"{p}.mlp.c_fc",), f"{p}.mlp.c_proj", in_features(block.mlp.c_proj),
-                                d_model=out_features(block.mlp.c_proj)))
+                                d_model=out_features(block.mlp.c_proj), residual=(f"{p}.ln_2", 0)))
         return att, ffn
 
     def shrink_attention_(self, attn: nn.Module, block: AttentionBlock, keep: list[int]) -> None:

@@ -23,10 +23,13 @@ class LlamaAdapter(Adapter):
             hd = a.head_dim
             att.append(AttentionBlock(f"{p}.self_attn", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
                                       f"{p}.self_attn.v_proj", f"{p}.self_attn.o_proj", out_features(a.q_proj) // hd,
-                                      out_features(a.k_proj) // hd, hd, d_model=in_features(a.q_proj)))
-            m = layer.mlp
+                                      out_features(a.k_proj) // hd, hd, d_model=in_features(a.q_proj),
+                                      residual=(f"{p}.input_layernorm", 0),
+                                      group=getattr(a, "num_key_value_groups", 1)))
+            m = layer.mlp  # pre-norm: the residual stream is the input of the sub-layer's norm
             ffn.append(FFNBlock(f"{p}.mlp", (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"), f"{p}.mlp.down_proj",
-                                in_features(m.down_proj), d_model=out_features(m.down_proj)))
+                                in_features(m.down_proj), d_model=out_features(m.down_proj),
+                                residual=(f"{p}.post_attention_layernorm", 0)))
         return att, ffn
 
     def shrink_attention_(self, attn: nn.Module, block: AttentionBlock, keep: list[int]) -> None:

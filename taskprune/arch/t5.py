@@ -40,13 +40,14 @@ class T5Adapter(Adapter):
                         ap = f"{lp}.{attr}"
                         n = out_features(a.q) // a.key_value_proj_dim
                         att.append(AttentionBlock(ap, f"{ap}.q", f"{ap}.k", f"{ap}.v", f"{ap}.o", n, n,
-                                                  a.key_value_proj_dim, d_model=in_features(a.q)))
+                                                  a.key_value_proj_dim, d_model=in_features(a.q),
+                                                  residual=(f"{lp}.layer_norm", 0)))
                     dense = getattr(sub, "DenseReluDense", None)
                     if dense is not None:
                         dp = f"{lp}.DenseReluDense"
                         up = ("wi",) if hasattr(dense, "wi") else ("wi_0", "wi_1")
                         ffn.append(FFNBlock(dp, tuple(f"{dp}.{u}" for u in up), f"{dp}.wo", in_features(dense.wo),
-                                            d_model=out_features(dense.wo)))
+                                            d_model=out_features(dense.wo), residual=(f"{lp}.layer_norm", 0)))
         return att, ffn
 
     def shrink_attention_(self, attn: nn.Module, block: AttentionBlock, keep: list[int]) -> None:

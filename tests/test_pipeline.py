@@ -1,0 +1,49 @@
+"""taskprune.pipeline: the one composition of the stages, its presets, and what it resolves from the data."""
+
+import pytest
+import torch
+from tiny import tiny_batch, tiny_model, widen_
+
+from taskprune.flops import count_macs
+from taskprune.pipeline import PRESETS, Pipeline, prune
+from taskprune.selection import Budget, select_units
+
+
+def labelled(n, seed=0):
+    out = []
+    for i in range(n):
+        b = tiny_batch("bert", batch_size=8, seq_len=12, seed=seed + i)
+        b["labels"] = torch.arange(8) % 3
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_prunes_to_its_budget_and_records_itself(name):
+    model = widen_(tiny_model("bert", seed=0)).eval()
+    batches, held_out = labelled(3), labelled(2, seed=20)
+    pipeline = Pipeline.preset(name).at(0.4) if Pipeline.preset(name).budget.seq_len == "mean" else \
+        Pipeline.preset(name).at(0.4, seq_len=12)
+    spec = pipeline.prune(model, batches, held_out=held_out if pipeline.budget.split == "loss" else None)
+    seq = spec.budget["seq_len"]
+    assert count_macs(model, seq, spec) <= 0.6 * count_macs(model, seq) + 1e-6
+    assert spec.meta["pipeline"] == name and bool(spec.scales) == (pipeline.tuning.tune != "none")
+
+
+def test_mean_seq_len_is_the_batches_mean_real_length():
+    batches = labelled(2)
+    mean = float(torch.cat([b["attention_mask"].sum(-1).double() for b in batches]).mean())
+    assert Pipeline.preset("kwon").resolve(batches).budget.seq_len == round(mean)
+    assert Pipeline().resolve(batches) == Pipeline()  # a number stays
+    with pytest.raises(ValueError, match="seq_len='mean' is the calibration batches' mean length"):
+        select_units(Pipeline().score(tiny_model("bert"), batches), Budget(seq_len="mean"))
+
+
+def test_prune_function_and_bad_presets():
+    model = tiny_model("bert").eval()
+    spec = prune(model, labelled(2), "magnitude", amount=0.3)
+    assert spec.meta["pipeline"] == "magnitude" and spec.budget["request"] == {"macs": 0.3}
+    with pytest.raises(ValueError, match=r"unknown preset 'kwan'; allowed: \['taskprune'"):
+        Pipeline.preset("kwan")
+    with pytest.raises(TypeError, match="budget must be a taskprune.selection.Budget"):
+        Pipeline(budget={"amount": 0.4})
