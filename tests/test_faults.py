@@ -213,3 +213,48 @@ def test_a_failed_run_leaves_no_lock_and_no_folder_it_created(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path / "fresh", mod)
     assert not (tmp_path / "fresh").exists()
+
+
+# ------------------------------------------------------------------------ 2. a spec knows what it was made for
+def test_fit_records_the_task_and_a_weights_fingerprint(tmp_path):
+    from taskprune.spec import weights_fingerprint
+
+    model = tiny_classifier()
+    fit(tmp_path, module(model))
+    meta = PruneSpec.load(tmp_path / "spec.json").meta
+    assert meta["task"] == "sst2" and meta["weights"] == weights_fingerprint(tiny_classifier())
+    assert meta["weights"].startswith("sha256:") and weights_fingerprint(tiny_classifier(seed=1)) != meta["weights"]
+
+
+def test_a_spec_of_another_task_is_refused_at_test(tmp_path):
+    fit(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(ValueError, match=r"spec '.*spec.json' was made for task 'sst2' \(this run's task is 'rte'\)"
+                                         r".*allow_foreign_spec=True"):
+        trainer([TaskPruning(output_dir=str(tmp_path))]).test(module(task="rte"), datamodule(), verbose=False)
+    assert listing(tmp_path) == before
+
+
+def cli_run(stage: str, model: Path, out: Path, *extra: str):
+    from taskprune.lightning.cli import main
+
+    return main([stage, "--model.model", str(model), "--model.attribution.method", "magnitude",
+                 "--data.calib_samples", "4", "--data.eval_samples", "4", "--data.batch_size", "4", "--data.ood", "[]",
+                 "--pruning.output_dir", str(out), *extra])
+
+
+def test_a_spec_of_other_weights_is_refused_at_test_unless_allowed_and_the_report_says_so(model_dir, tmp_path):
+    other = tmp_path / "other_model"  # same shapes, other weights
+    tiny_classifier(seed=1).save_pretrained(other)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(other)
+    out = tmp_path / "run"
+    cli_run("fit", model_dir, out)
+    with pytest.raises(ValueError, match=r"was made for other weights \(fingerprint sha256:\w+, this model's "
+                                         r"sha256:\w+\).*--pruning.allow_foreign_spec true"):
+        cli_run("test", other, out)
+    assert not (out / "test_report.json").exists()
+    cli_run("test", other, out, "--pruning.allow_foreign_spec", "true")
+    report = json.loads((out / "test_report.json").read_text())
+    assert report["foreign_spec"].startswith("made for other weights")
+    cli_run("test", model_dir, out)  # its own model: no complaint
+    assert json.loads((out / "test_report.json").read_text())["foreign_spec"] is None

@@ -70,12 +70,15 @@ class TaskPruneCLI(LightningCLI):
             "macs_dense": count_macs(dense, seq_len), "macs_pruned": count_macs(module.model, seq_len),
             "throughput_dense": module.throughput.get("dense"), "throughput_pruned": module.throughput.get("pruned"),
         }
-        title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"
-        print_table(comparison_table(module.results, size, title=title))
         pruning = next((c for c in self.trainer.callbacks if isinstance(c, TaskPruning)), None)
+        foreign = pruning.foreign if pruning is not None and module.spec_mode else None
+        title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"
+        if foreign:
+            title += f" (FOREIGN spec: {foreign}; allowed by allow_foreign_spec)"
+        print_table(comparison_table(module.results, size, title=title))
         if pruning is not None:
             meta = {"stage": stage, "task": module.task.name, "spec": module.spec_mode or "none (dense)",
-                    "eval_sets": list(module.eval_names)}
+                    "eval_sets": list(module.eval_names), "foreign_spec": foreign}
             paths = write_report(module.results, size, pruning.output_dir, stage, meta)
             logging.getLogger(__name__).info("taskprune: wrote %s", ", ".join(str(p) for p in paths))
 
