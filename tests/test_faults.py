@@ -258,3 +258,43 @@ def test_a_spec_of_other_weights_is_refused_at_test_unless_allowed_and_the_repor
     assert report["foreign_spec"].startswith("made for other weights")
     cli_run("test", model_dir, out)  # its own model: no complaint
     assert json.loads((out / "test_report.json").read_text())["foreign_spec"] is None
+
+
+# ------------------------------------------------------------------------ 3. one-line CLI errors
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_cli_prints_a_bad_input_as_one_line_and_exits_2(model_dir, tmp_path, capsys):
+    from taskprune.lightning.cli import main
+
+    cli_run("fit", model_dir, tmp_path)
+    capsys.readouterr()
+    args = ["fit", "--model.model", str(model_dir), "--model.attribution.method", "magnitude", "--data.calib_samples",
+            "4", "--data.ood", "[]", "--pruning.output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main(args, one_line_errors=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"taskprune: error: {tmp_path / 'spec.json'} already holds a spec")
+    with pytest.raises(FileExistsError, match="already holds a spec"):  # --verbose: the exception and its traceback
+        main([*args, "--verbose"], one_line_errors=True)
+
+
+def test_taskprune_verbose_keeps_the_traceback(model_dir, tmp_path, monkeypatch):
+    from taskprune.lightning.cli import main
+
+    monkeypatch.setenv("TASKPRUNE_VERBOSE", "1")
+    with pytest.raises(ValueError, match="output_dir is empty"):
+        main(["fit", "--model.model", str(model_dir), "--data.ood", "[]", "--pruning.output_dir", ""],
+             one_line_errors=True)
+
+
+def test_train_py_prints_one_line_and_exits_2(tmp_path):
+    env = {**os.environ, "TASKPRUNE_VERBOSE": "0"}
+    result = subprocess.run([sys.executable, "train.py", "fit", "--model.model", str(tmp_path / "no_model"),
+                             "--data.ood", "[]", "--pruning.output_dir", str(tmp_path / "out")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("taskprune: error: cannot load model '") and "no_model" in last

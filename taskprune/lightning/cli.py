@@ -13,11 +13,17 @@ The task is data: ``data.task`` (a shipped name, a task definition file, or the 
 ``model.attribution`` ->
 ``pruning.attribution`` (method, units...: one source of truth) and ``data.max_length`` -> ``pruning.budget.seq_len``.
 Field docstrings of the config dataclasses are the ``--help`` text.
+
+Errors in what was given (a ``ValueError``, ``TypeError``, ``FileExistsError``, ``FileNotFoundError``,
+``NotADirectoryError`` or ``PermissionError``) are printed as one line, ``taskprune: error: <message>``, with exit status
+2; ``--verbose`` (anywhere on the command line) or ``TASKPRUNE_VERBOSE=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -93,18 +99,44 @@ def _help_from_field_docstrings() -> None:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
-def main(args=None, run: bool = True) -> TaskPruneCLI:
+BAD_INPUT = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+"""Exceptions that say what was given is wrong: one line and exit status 2 on the command line."""
+
+
+def main(args: list[str] | None = None, run: bool = True, one_line_errors: bool | None = None) -> TaskPruneCLI:
+    """Run the CLI on ``args`` (default: the command line).
+
+    ``one_line_errors`` (default: on when reading the command line, off when ``args`` are given, so Python callers
+    get the exception): a :data:`BAD_INPUT` error is printed as ``taskprune: error: <message>`` on stderr and the
+    process exits with status 2. ``--verbose`` in the arguments, or ``TASKPRUNE_VERBOSE=1``, keeps the traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    verbose = "--verbose" in argv or os.environ.get("TASKPRUNE_VERBOSE", "0") not in ("", "0")
+    if "--verbose" in argv:
+        argv = [a for a in argv if a != "--verbose"]
+        if args is None:  # the command line: what LightningCLI and the processes of a multi-device run read
+            sys.argv[1:] = argv
+            os.environ["TASKPRUNE_VERBOSE"] = "1"
+    if one_line_errors is None:
+        one_line_errors = args is None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _help_from_field_docstrings()
-    return TaskPruneCLI(
-        AttributionModule,
-        TaskDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=None,
-        seed_everything_default=0,
-        args=args,
-        run=run,
-    )
+    try:
+        return TaskPruneCLI(
+            AttributionModule,
+            TaskDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=None,
+            seed_everything_default=0,
+            args=None if args is None else argv,
+            run=run,
+        )
+    except BAD_INPUT as e:
+        if verbose or not one_line_errors:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"taskprune: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
