@@ -298,3 +298,57 @@ def test_train_py_prints_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("taskprune: error: cannot load model '") and "no_model" in last
+
+
+# ------------------------------------------------------------------------ 4. runs that stop without a spec fail
+@pytest.mark.parametrize("kw, name", [({"limit_train_batches": 0}, "limit_train_batches=0"),
+                                      ({"max_epochs": 0}, "max_epochs=0")])
+def test_an_empty_calibration_is_refused_before_work(tmp_path, kw, name):
+    mod = module()
+    with pytest.raises(ValueError, match=rf"trainer {name} leaves nothing to calibrate on: .*would write no spec"):
+        trainer([TaskPruning(output_dir=str(tmp_path / "out"), apply="none")], **kw).fit(mod, datamodule())
+    assert int(mod.scores.batches) == 0 and not (tmp_path / "out").exists()
+
+
+def test_an_empty_calibration_from_the_cli_exits_2(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        from taskprune.lightning.cli import main
+
+        main(["fit", "--model.model", str(model_dir), "--data.ood", "[]", "--pruning.output_dir", str(tmp_path / "o"),
+              "--trainer.limit_train_batches", "0"], one_line_errors=True)
+    assert exit_.value.code == 2
+    assert "taskprune: error: trainer limit_train_batches=0 leaves nothing" in capsys.readouterr().err
+
+
+def test_a_fit_that_runs_no_batch_fails_instead_of_ending_without_a_spec(tmp_path):
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError, match=r"fit ended without calibrating: Lightning ran no training batch .*no spec "
+                                         r"was written"):
+        trainer([TaskPruning(output_dir=str(tmp_path / "out"), apply="none")]).fit(module(), DataLoader([]))
+    assert not (tmp_path / "out").exists()
+
+
+class SigtermAfterFirstBatch(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            os.kill(os.getpid(), __import__("signal").SIGTERM)  # what SLURM / Kubernetes send at a time limit
+
+
+def test_sigterm_mid_calibration_exits_non_zero_with_what_to_do(tmp_path, caplog):
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))  # never let the signal end pytest
+    try:
+        cb = TaskPruning(output_dir=str(tmp_path), apply="none", checkpoint_every=1)
+        mod = module(attribution=AttributionConfig(steps=1))
+        with caplog.at_level("ERROR"), pytest.raises(SystemExit) as exit_:
+            trainer([cb, SigtermAfterFirstBatch()]).fit(mod, datamodule(n=8))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_.value.code == 143  # was SystemExit(None): exit status 0 with no spec
+    assert "calibration stopped by SIGTERM before it finished; no spec was written. resume it with --ckpt_path" \
+        in caplog.text
+    assert not (tmp_path / "spec.json").exists() and (tmp_path / "calibration.ckpt").is_file()
+    assert not (tmp_path / LOCK).exists()
