@@ -15,7 +15,8 @@ run. Around it, this script only prepares data and measures:
 
 * model ``minilm-glue-large`` (``../shared/models`` holds it prebuilt; see its README), each task's head;
 * calibration: ``--calib`` training rows per seed (never from the selection reserve the build set aside), in
-  length-sorted batches of 32; ``--holdout`` further rows of the same draw for pipelines that split by loss;
+  length-sorted batches of 32; ``--holdout`` further rows of the same draw for pipelines that split by loss; the kwon
+  presets get their own sampling (``--kwon-calib`` rows with replacement, unsorted batches of 32);
 * evaluation of the shrunk model (scales folded, ``shrink_``): ``--split dev`` the dev sets (QNLI / MNLI: seeded
   2000-row subsets) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
   QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them.
@@ -80,6 +81,18 @@ def batches_of(tok, task: str, ds, batch_size: int) -> list[dict]:
     return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
+def kwon_batches(tok, task: str, data_dir: str, reserve: list[int], n: int, seed: int) -> list[dict]:
+    """Kwon et al.'s calibration: ``n`` training rows drawn *with replacement* (never from the reserve), in random,
+    unsorted batches of 32 (their sampler), the same rows for gradients and tuning."""
+    t = get_task(task)
+    train = load_split(task, "train", data_dir)
+    allowed = np.setdiff1d(np.arange(len(train)), np.asarray(reserve, dtype=np.int64))
+    pick = np.random.default_rng([seed, 13]).choice(allowed, size=n, replace=True)
+    rows = train.select([int(i) for i in pick]).to_list()
+    collate = Collator(tok, t.text_fields, SEQ, t.regression)
+    return [collate(rows[i : i + 32]) for i in range(0, len(rows), 32)]
+
+
 def calibration_rows(task: str, data_dir: str, reserve: list[int], n: int, seed: int, skip: int = 0):
     """``n`` training rows (seeded), never from the selection reserve; ``skip`` > 0: the ``n`` rows after the first
     ``skip`` of the same permutation (disjoint from the calibration rows)."""
@@ -124,6 +137,7 @@ def run(args, path: Path) -> dict:
     info = read_build_info(resolve_model_dir(MODEL))
     raw = json.loads(path.read_text()) if path.exists() else {}
     settings = {"model": MODEL, "recipe_hash": info["recipe_hash"], "calib": args.calib, "holdout": args.holdout,
+                "kwon_calib": args.kwon_calib,
                 "split": args.split, "seq": SEQ, "dev_rows": DEV_ROWS, "ood_rows": OOD_ROWS}
     if raw.get("_settings", settings) != settings:
         sys.exit(f"{path} was made with other settings {raw['_settings']}; use another --name")
@@ -147,6 +161,7 @@ def run(args, path: Path) -> dict:
         reserve = info["selection_reserve"][task]
         for seed in args.seeds:
             calib = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.calib, seed), 32)
+            kwon_calib = None  # their sampling, for the kwon presets (--kwon-calib rows; 0: the same rows as the rest)
             held_out = None
             scores: dict = {}  # one scoring per (seed, attribution), reused by every cut
             for name in args.pipelines:
@@ -154,16 +169,23 @@ def run(args, path: Path) -> dict:
                     key = f"{name}|{seed}|{cut}"
                     if t_raw.get(key, {}).get("code") == code:
                         continue
-                    pipeline = Pipeline.preset(name).at(cut, seq_len=SEQ)
+                    pipeline = Pipeline.preset(name)
+                    pipeline = pipeline.at(cut, **({} if pipeline.budget.seq_len == "mean" else {"seq_len": SEQ}))
                     if pipeline.budget.split == "loss" and held_out is None:
                         held_out = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.holdout,
                                                                           seed, skip=args.calib), 64)
-                    att = pipeline.attribution
+                    rows = calib
+                    if name.startswith("kwon") and args.kwon_calib:
+                        if kwon_calib is None:
+                            kwon_calib = kwon_batches(tok, task, args.data_dir, reserve, args.kwon_calib, seed)
+                        rows = kwon_calib
+                    pipeline = pipeline.resolve(rows)
+                    att = (pipeline.attribution, id(rows))
                     if att not in scores:
                         t0 = time.perf_counter()
-                        scores[att] = (pipeline.score(dense, calib), time.perf_counter() - t0)
+                        scores[att] = (pipeline.score(dense, rows), time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    spec = pipeline.prune(dense, calib, held_out if pipeline.budget.split == "loss" else None,
+                    spec = pipeline.prune(dense, rows, held_out if pipeline.budget.split == "loss" else None,
                                           scores=scores[att][0])
                     seconds = {"score": round(scores[att][1], 1), "allocate_tune": round(time.perf_counter() - t0, 1)}
                     tm = pruned_copy(model, task, spec)
@@ -171,6 +193,7 @@ def run(args, path: Path) -> dict:
                                   "seconds": seconds,
                                   "macs_kept": count_macs(spec.fingerprint, SEQ, spec) / count_macs(spec.fingerprint,
                                                                                                      SEQ),
+                                  "seq_len": spec.budget["seq_len"],  # where the pipeline counted its MACs
                                   "heads_kept": spec.n_kept("heads"), "neurons_kept": spec.n_kept("neurons"),
                                   "metrics": {k: evaluate(tm, task, b) for k, b in sets.items()}}
                     save()
@@ -308,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--holdout", type=int, default=256, help="held-out rows for pipelines that split by loss")
+    p.add_argument("--kwon-calib", type=int, default=2048,
+                   help="rows for the kwon presets, drawn with replacement in unsorted batches (their sampling); 0: "
+                        "the same --calib rows as the other pipelines")
     p.add_argument("--split", choices=("dev", "selection", "both"), default="dev")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--render-only", action="store_true", help="re-render <name>.md from <name>.json")
