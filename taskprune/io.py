@@ -103,8 +103,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, marker: str | N
     An existing ``path`` is refused (``FileExistsError``) unless ``overwrite``; then it is replaced only once the new
     folder is complete, so a reader sees the old folder or the new one, never a half-written one. With ``marker``
     (a kind: ``"export"``, ``"bank"``) the new folder gets a taskprune marker of that kind, and ``overwrite`` replaces
-    only an empty folder or one holding that marker (:func:`check_replaceable`). The folder gets the mode a plain
-    ``mkdir`` would give it (``0o777`` less the umask), not ``mkdtemp``'s ``0o700``.
+    only an empty folder or one holding that marker (:func:`check_replaceable`). The folder and what is written into
+    it get the modes a plain ``mkdir`` / ``open`` would give them (``0o777`` / ``0o666`` less the umask), not
+    ``mkdtemp``'s ``0o700`` or a writer's ``0o600``.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -121,6 +122,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, marker: str | N
         yield tmp
         if marker is not None:
             write_marker(tmp, marker)
+        _umask_modes(tmp)
         if path.exists() and _exchange(tmp, path):  # one atomic swap: `path` is never missing
             shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
         elif path.exists():  # no atomic swap here: a crash between the two renames leaves the old folder in `old`
@@ -133,6 +135,19 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, marker: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode a plain ``open`` / ``mkdir`` would (some writers, e.g.
+    safetensors, create files ``0o600``): a pruned model is readable by whom the user's umask says."""
+    mask = umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -352,3 +352,37 @@ def test_sigterm_mid_calibration_exits_non_zero_with_what_to_do(tmp_path, caplog
         in caplog.text
     assert not (tmp_path / "spec.json").exists() and (tmp_path / "calibration.ckpt").is_file()
     assert not (tmp_path / LOCK).exists()
+
+
+# ------------------------------------------------------------------------ 5. leftovers and file modes
+@pytest.mark.parametrize("keep", [False, True])
+def test_calibration_checkpoint_removed_after_success_unless_kept(tmp_path, keep):
+    fit(tmp_path, module(attribution=AttributionConfig(steps=1)), checkpoint_every=1, keep_checkpoint=keep)
+    assert (tmp_path / "spec.json").is_file() and (tmp_path / "calibration.ckpt").exists() == keep
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_outputs_are_written_with_the_users_umask(tmp_path, umask_027):
+    from taskprune.export import save_pruned
+
+    fit(tmp_path / "run", apply="shrink", export_dir=str(tmp_path / "pruned"))
+    for name in ("spec.json", "scores.safetensors", MARKER):
+        assert mode(tmp_path / "run" / name) == 0o640, name  # mkstemp's 0o600 made them unreadable to the group
+    assert mode(tmp_path / "pruned") == 0o750  # mkdtemp's 0o700 made the export unreadable to a serving user
+    assert {p.name: mode(p) for p in (tmp_path / "pruned").iterdir()} == \
+        {p.name: 0o640 for p in (tmp_path / "pruned").iterdir()}
+    os.umask(0o022)
+    save_pruned(tiny_classifier(), PruneSpec.load(tmp_path / "run" / "spec.json"), tmp_path / "p2")
+    assert mode(tmp_path / "p2") == 0o755 and mode(tmp_path / "p2" / "taskprune_spec.json") == 0o644
