@@ -386,3 +386,25 @@ def test_outputs_are_written_with_the_users_umask(tmp_path, umask_027):
     os.umask(0o022)
     save_pruned(tiny_classifier(), PruneSpec.load(tmp_path / "run" / "spec.json"), tmp_path / "p2")
     assert mode(tmp_path / "p2") == 0o755 and mode(tmp_path / "p2" / "taskprune_spec.json") == 0o644
+
+
+# ------------------------------------------------------------------------ 6. old keywords name their replacement
+@pytest.mark.parametrize("kw, match", [
+    ({"budget_kind": "params"}, r"TaskPruning no longer takes budget_kind -> budget=Budget\(amount=\.\.\., kind=\.\.\.\)"),
+    ({"scope": "global"}, r"scope -> budget=Budget\(scope=\.\.\.\) .*YAML: pruning\.budget\.scope"),
+    ({"method": "fisher", "steps": 4}, r"method -> attribution=AttributionConfig\(method=\.\.\.\) .*; steps -> "
+                                       r"attribution=AttributionConfig\(steps=\.\.\.\)"),
+    ({"reconstruct": "lstsq"}, r"reconstruct -> nothing: it was removed in 0\.2; the tuning stage .*TuningConfig"),
+    ({"budgte": 0.4}, r"unexpected keyword argument\(s\) \['budgte'\]; see help\(TaskPruning\)"),
+])
+def test_old_keywords_are_refused_with_their_replacement(kw, match):
+    with pytest.raises(TypeError, match=match):
+        TaskPruning(**kw)
+
+
+def test_the_cli_still_parses_the_callbacks_signature():
+    from taskprune.lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--print_config"])
+    assert exit_.value.code == 0

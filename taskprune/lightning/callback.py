@@ -62,6 +62,32 @@ def _check_writable(folder: Path, what: str) -> None:
                               "choose another folder or fix its permissions")
 
 
+# keywords of taskprune 0.1 -> where the value goes now (CHANGELOG.md, 0.2.0)
+_BUDGET_FIELDS = ("scope", "normalize", "seq_len", "min_heads", "min_neurons")
+_ATTRIBUTION_FIELDS = ("method", "target", "steps", "aggregate", "units")
+REMOVED_KEYWORDS: dict[str, str] = {
+    "budget_kind": "budget=Budget(amount=..., kind=...) (YAML: pruning.budget.kind)",
+    **{k: f"budget=Budget({k}=...) (taskprune.selection.Budget; YAML: pruning.budget.{k})" for k in _BUDGET_FIELDS},
+    **{k: f"attribution=AttributionConfig({k}=...) (taskprune.attribution.AttributionConfig; YAML: "
+          f"model.attribution.{k})" for k in _ATTRIBUTION_FIELDS},
+    "reconstruct": "nothing: it was removed in 0.2; the tuning stage covers its least-squares fits "
+                   "(tuning=TuningConfig(...), YAML: pruning.tuning)",
+}
+
+
+def _removed_keywords(given: dict) -> str:
+    """The message for keywords ``TaskPruning`` does not take: each old one with its replacement."""
+    known = [f"{k} -> {REMOVED_KEYWORDS[k]}" for k in given if k in REMOVED_KEYWORDS]
+    unknown = [k for k in given if k not in REMOVED_KEYWORDS]
+    parts = []
+    if known:
+        parts.append("TaskPruning no longer takes " + "; ".join(known) + " (see CHANGELOG.md, 0.2.0)")
+    if unknown:
+        parts.append(f"TaskPruning got unexpected keyword argument(s) {unknown}; see help(TaskPruning) for its "
+                     "arguments")
+    return ". ".join(parts)
+
+
 class TaskPruning(L.Callback):
     """Select and apply a structured pruning spec from attribution scores.
 
@@ -116,8 +142,11 @@ class TaskPruning(L.Callback):
         preset: str | None = None,
         keep_checkpoint: bool = False,
         allow_foreign_spec: bool = False,
+        **removed,
     ) -> None:
         super().__init__()
+        if removed:
+            raise TypeError(_removed_keywords(removed))
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
         if not isinstance(budget, Budget):
