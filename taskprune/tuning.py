@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -316,8 +317,10 @@ def _lsmr(a: Tensor, b: Tensor, damping: float, intercept=None) -> tuple[Tensor,
     if a.shape[0] == 1:
         u, ok = r / a[0, 0], True
     else:
-        out = lsmr(a.float().numpy(), r.float().numpy(), damp=damping, atol=1e-6, btol=1e-6, conlim=1e8,
-                   maxiter=5 * a.shape[0])
+        with warnings.catch_warnings():  # its float32 condition estimate may overflow: that is stop code 3 anyway
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = lsmr(a.float().numpy(), r.float().numpy(), damp=damping, atol=1e-6, btol=1e-6, conlim=1e8,
+                       maxiter=5 * a.shape[0])
         u, ok = torch.from_numpy(out[0]).double(), int(out[1]) < 3
     return (u[:-1] if intercept is not None else u), ok
 
