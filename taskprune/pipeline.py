@@ -39,6 +39,10 @@ PRESETS: dict[str, tuple[AttributionConfig, dict, TuningConfig]] = {
     "taskprune": (AttributionConfig(), {}, TuningConfig()),
     # the same with the heads / neurons split chosen by the task loss on held-out rows (opt-in: docs/defaults.md)
     "taskprune_holdout": (AttributionConfig(), {"split": "loss"}, TuningConfig()),
+    # the default followed by Kwon et al.'s faithful mask tuning (a candidate default, to be chosen on the selection
+    # reserve: issue #21)
+    "taskprune_tuned": (AttributionConfig(), {}, TuningConfig(tune="schedule", target="residual", solver="lsmr",
+                                                             skip_first_attention=True)),
     # Kwon et al. 2022: Fisher of the masks (per batch), mask search, rearrangement, tuning against their teacher
     # (their code: no head floor, MACs at the task's mean length, tuning of the pre-LayerNorm sum with LSMR, layer-0
     # attention untuned; the project's heads pool every token, so the last FFN is fitted on all of them)
