@@ -408,3 +408,61 @@ def test_the_cli_still_parses_the_callbacks_signature():
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--print_config"])
     assert exit_.value.code == 0
+
+
+# ------------------------------------------------------------------------------ #22 points 1-6 (rows F28...)
+def reviews_task(tmp_path: Path, train_split: str = "", labels: str = "[negative, positive]") -> Path:
+    """A task file over a tiny csv of star ratings; ``train_split`` replaces the train split's label_map / drop."""
+    (tmp_path / "r.csv").write_text("text,stars\ngood,5\nbad,1\nfine,yes\nawful,no\n")
+    split = "{files: r.csv, text: text, label: stars, %s}"
+    plain = "label_map: {1: negative, 5: positive}, drop: ['yes', 'no']"
+    (tmp_path / "task.yaml").write_text(f"name: reviews\nlabels: {labels}\nmetrics: [accuracy]\n"
+                                        f"train: {split % (train_split or plain)}\neval: {split % plain}\n")
+    return tmp_path / "task.yaml"
+
+
+@pytest.mark.parametrize("label_map, match", [
+    ({1: "negative", "1": "positive"}, r"label_map: keys 1, '1' are all the raw label '1' .* keep one key"),
+    ({"5": "positive", " 5 ": "negative", 1: "negative"}, r"keys '5', ' 5 ' are all the raw label '5'"),
+])
+def test_label_map_keys_that_are_one_raw_label_are_refused(label_map, match):
+    from taskprune.tasks import task_from_dict
+
+    split = {"files": "r.csv", "text": "text", "label": "stars", "label_map": label_map}
+    with pytest.raises(ValueError, match=match):
+        task_from_dict({"name": "reviews", "labels": ["negative", "positive"], "metrics": ["accuracy"],
+                        "train": split, "eval": split})
+
+
+def test_a_key_repeated_in_a_task_file_is_refused_with_its_lines(tmp_path):
+    from taskprune.tasks import get_task
+
+    path = reviews_task(tmp_path, "label_map: {1: negative, 5: positive, 1.0: positive}")
+    with pytest.raises(ValueError, match=r"task.yaml', line 4: key 1.0 repeats key 1 of line 4 in one mapping "
+                                         r"\(YAML would keep only the last, silently\); keep one\.$"):
+        get_task(str(path))
+
+
+@pytest.mark.parametrize("train_split, labels, match", [
+    ("label_map: {yes: positive, 5: positive, 1: negative}, drop: ['no']", None,
+     r"key 1 repeats key yes of line 4 .*\(yes is read as a boolean, which equals 1 or 0: .* quote it"),
+    ("label_map: {yes: positive, 5: positive}, drop: ['no', '1']", None,
+     r"label_map entry True: 'positive' holds a boolean.*quote it \(e.g. 'yes': positive"),
+    ("label_map: {'yes': on, 1: negative, 5: positive}, drop: ['no']", None, r"label_map entry 'yes': True holds"),
+    ("label_map: {1: negative, 5: positive, 'yes': positive}, drop: [no]", None, r"drop \[False\] holds a boolean"),
+    ("", "[yes, no]", r"labels \[True, False\] holds a boolean"),
+])
+def test_yaml_booleans_in_a_label_map_are_refused_with_the_hint_to_quote(tmp_path, train_split, labels, match):
+    from taskprune.tasks import get_task
+
+    with pytest.raises(ValueError, match=match):
+        get_task(str(reviews_task(tmp_path, train_split, labels or "[negative, positive]")))
+
+
+def test_quoted_yes_and_no_are_raw_labels(tmp_path):
+    from taskprune.lightning.data import load_split
+    from taskprune.tasks import get_task
+
+    task = get_task(str(reviews_task(tmp_path, "label_map: {'yes': positive, 'no': negative, 1: negative, "
+                                               "5: positive}")))
+    assert load_split(task, "train")["label"] == [1, 0, 1, 0]

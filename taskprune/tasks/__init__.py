@@ -236,8 +236,14 @@ def _check_keys(d: Any, allowed: tuple[str, ...], required: tuple[str, ...], whe
     return d
 
 
+YAML_BOOL_HINT = ("YAML 1.1 reads an unquoted yes / no / on / off / true / false as a boolean; quote it "
+                  "(e.g. 'yes': positive, or drop: ['no'])")
+
+
 def _str_list(value: Any, what: str, where: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and any(isinstance(x, bool) for x in items):
+        raise ValueError(f"{where}: {what} {list(items)!r} holds a boolean, not a name: {YAML_BOOL_HINT}.")
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x for x in items):
         raise ValueError(f"{where}: {what} must be a name or a non-empty list of names, got {value!r}")
     return tuple(items)
@@ -250,6 +256,20 @@ def raw_key(raw: Any) -> str:
     if isinstance(raw, float) and raw.is_integer():
         return str(int(raw))
     return str(raw).strip()
+
+
+def _refuse_colliding_keys(keys: list, where: str) -> None:
+    """``ValueError`` when two keys are one raw label after :func:`raw_key` (``1``, ``"1"``, ``" 1 "``): the map
+    would keep the last silently."""
+    groups: dict[str, list] = {}
+    for k in keys:
+        groups.setdefault(raw_key(k), []).append(k)
+    clash = {key: ks for key, ks in groups.items() if len(ks) > 1}
+    if clash:
+        key, ks = next(iter(clash.items()))
+        raise ValueError(f"{where}: keys {', '.join(repr(k) for k in ks)} are all the raw label {key!r} (numbers, "
+                         "their text and surrounding spaces read alike), so only the last would count; keep one "
+                         "key per raw label.")
 
 
 def _source(d: Any, where: str, labels: tuple[str, ...], regression: bool, default_description: str) -> Source:
@@ -302,6 +322,13 @@ def _source(d: Any, where: str, labels: tuple[str, ...], regression: bool, defau
             raw_map = {n: n for n in labels}
         if not isinstance(raw_map, dict):
             raise ValueError(f"{where}: label_map must map raw values to label names, got {raw_map!r}")
+        for raw, name in raw_map.items():
+            if isinstance(raw, bool) or isinstance(name, bool):
+                raise ValueError(f"{where}: label_map entry {raw!r}: {name!r} holds a boolean, not a raw label / "
+                                 f"label name: {YAML_BOOL_HINT}.")
+        _refuse_colliding_keys(list(raw_map), f"{where}: label_map")
+        if any(isinstance(raw, bool) for raw in drop):
+            raise ValueError(f"{where}: drop {drop!r} holds a boolean, not a raw label: {YAML_BOOL_HINT}.")
         for raw, name in raw_map.items():
             if name not in labels:
                 raise ValueError(f"{where}: label_map maps {raw!r} to {name!r}, which is not a label of the task; "
@@ -364,6 +391,34 @@ def task_from_dict(d: Any, root: str | os.PathLike | None = None, origin: str = 
     return Task(name, labels, metrics, train, evals, ood, problem, base, origin, copy.deepcopy(d))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (``1`` and ``1.0`` too): PyYAML keeps the last."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error follows
+                if first is not key_node:
+                    bools = [n.value for n in (first, key_node) if isinstance(self.construct_object(n), bool)]
+                    hint = (f" ({bools[0]} is read as a boolean, which equals 1 or 0: {YAML_BOOL_HINT})" if bools
+                            else "")
+                    raise _RepeatedKey(f"line {key_node.start_mark.line + 1}: key {key_node.value} repeats key "
+                                       f"{first.value} of line {first.start_mark.line + 1} in one mapping (YAML would "
+                                       f"keep only the last, silently){hint}; keep one")
+        return super().construct_mapping(node, deep)
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
 def load_task_file(path: str | os.PathLike) -> Task:
     """Read one task definition file (YAML)."""
     path = Path(path)
@@ -371,7 +426,9 @@ def load_task_file(path: str | os.PathLike) -> Task:
         raise ValueError(f"task definition file {str(path)!r} not found; pass a shipped task name "
                          f"({sorted(TASKS)}), a YAML file, or an inline mapping.")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _RepeatedKey as e:
+        raise ValueError(f"task definition file {str(path)!r}, {e}.") from None
     except yaml.YAMLError as e:
         raise ValueError(f"task definition file {str(path)!r} is not valid YAML: {e}") from None
     return task_from_dict(d, root=path.resolve().parent, origin=str(path))
