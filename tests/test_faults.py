@@ -466,3 +466,26 @@ def test_quoted_yes_and_no_are_raw_labels(tmp_path):
     task = get_task(str(reviews_task(tmp_path, "label_map: {'yes': positive, 'no': negative, 1: negative, "
                                                "5: positive}")))
     assert load_split(task, "train")["label"] == [1, 0, 1, 0]
+
+
+def regression_task(tmp_path: Path, bad_split: str, value: str) -> dict:
+    """A regression task over two tiny csv files; ``bad_split``'s file has ``value`` as the label of its row 2."""
+    for split in ("train", "eval"):
+        rows = ["good,4.5", f"bad,{value if split == bad_split else '1.0'}", "fine,3"]
+        (tmp_path / f"{split}.csv").write_text("text,score\n" + "\n".join(rows) + "\n")
+    return {"name": "rating", "problem_type": "regression", "metrics": ["pearson", "mse"], "data_dir": str(tmp_path),
+            "train": {"files": "train.csv", "text": "text", "label": "score"},
+            "eval": {"files": "eval.csv", "text": "text", "label": "score"}}
+
+
+@pytest.mark.parametrize("stage", ["fit", "test"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity"])
+def test_nan_or_inf_regression_labels_are_refused_with_the_row_and_file(tmp_path, stage, value):
+    bad = "train" if stage == "fit" else "eval"
+    dm = TaskDataModule(regression_task(tmp_path, bad, value), tokenizer=TOKENIZER, calib_samples=3, batch_size=3)
+    mod = AttributionModule(tiny_classifier(n_labels=1), task=dm.task, attribution=MAGNITUDE)
+    t = trainer([TaskPruning(output_dir=str(tmp_path / "run"), apply="none")])
+    with pytest.raises(ValueError, match=rf"task 'rating', {bad}: '.*{bad}.csv', row 2: label '{value}' in column "
+                                         r"'score' is -?(nan|inf), not a finite number; .* Fix or remove the row\.$"):
+        t.fit(mod, dm) if stage == "fit" else t.test(mod, dm)
+    assert not (tmp_path / "run" / "spec.json").exists() and not (tmp_path / "run" / "test_report.json").exists()

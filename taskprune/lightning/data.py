@@ -5,8 +5,8 @@ its text and label columns and its label map; :func:`load_split` reads the split
 (cached as Arrow under ``<taskprune cache>/datasets``, memory-mapped; no network for local files) and returns a
 :class:`datasets.Dataset` with the columns ``sentence`` (or ``sentence1``/``sentence2``), ``label`` (label index,
 ``int64``; ``float32`` score for regression) and ``idx`` (row number among the kept rows). A missing file or column,
-a label outside the map, a text column that is not text, a regression label that is not a number, an empty split or
-one whose map drops every row raise ``ValueError`` naming the file, column, row and value.
+a label outside the map, a text column that is not text, a regression label that is not a finite number (NaN, inf),
+an empty split or one whose map drops every row raise ``ValueError`` naming the file, column, row and value.
 
 Batches (dicts of tensors, padded to the longest row of the batch)::
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,6 +173,10 @@ def _read_source(source: Source, text_fields: Sequence[str], root: Path, regress
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: {name!r}, row {i + 1}: label {v!r} in column {source.label!r} is not a "
                                  "number; a regression task needs numeric scores.") from None
+            if not math.isfinite(labels[-1]):
+                raise ValueError(f"{where}: {name!r}, row {i + 1}: label {v!r} in column {source.label!r} is "
+                                 f"{labels[-1]}, not a finite number; a regression task needs a finite score on "
+                                 "every row (metrics and attributions of NaN / inf are NaN). Fix or remove the row.")
         keep = None
     else:
         mapping = source.label_dict
