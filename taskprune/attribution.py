@@ -66,6 +66,12 @@ METHOD_OPTIONS = {
 # batch keys that are not model inputs
 NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
 
+PSEUDO_REGRESSION = (
+    "target='pseudo' on a regression head (1 output): its pseudo-label is its own output, so the squared error it "
+    "explains is 0 along the whole path, every attribution is ~0 and the units would be chosen from noise. Use "
+    "target='label' with the split's scores (--model.attribution.target label), or a method that reads no labels "
+    "(magnitude)"
+)
 TargetFn = Callable[[object, dict], Tensor]  # (model outputs, batch) -> per-sample scalar [batch]
 
 
@@ -236,6 +242,13 @@ def make_target(target: str | TargetFn, model: nn.Module) -> TargetFn:
             return total / n.clamp(min=1) if mean else total
         if logits.shape[-1] == 1 and labels.is_floating_point():  # regression
             return -(logits.squeeze(-1).float() - labels.float()) ** 2
+        if logits.shape[-1] == 1:
+            raise ValueError(
+                f"target {target!r}: the head has 1 output (a regression head) but the labels are integers "
+                f"({labels.dtype}, e.g. {labels.reshape(-1)[:4].tolist()}): the log-probability of a single output is "
+                "always 0, so every attribution would be 0. For a regression task give float scores (problem_type: "
+                "regression); for classification load a head with one output per class"
+            )
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
 
     return fn
@@ -436,7 +449,10 @@ class Attributor:
 
     def _with_pseudo_labels(self, batch: dict) -> dict:
         self.gates.set(None)
-        return pseudo_labels(self.model, batch, self.forward)
+        batch = pseudo_labels(self.model, batch, self.forward)
+        if self.method in AGGREGATED and batch["labels"].dim() == 1 and batch["labels"].is_floating_point():
+            raise ValueError(PSEUDO_REGRESSION)
+        return batch
 
     def _grads(self, batch: dict, gate_values: Tensor) -> Tensor:
         """Gradient of Σ target w.r.t. per-row gates ``[rows, n_units]``."""

@@ -489,3 +489,40 @@ def test_nan_or_inf_regression_labels_are_refused_with_the_row_and_file(tmp_path
                                          r"'score' is -?(nan|inf), not a finite number; .* Fix or remove the row\.$"):
         t.fit(mod, dm) if stage == "fit" else t.test(mod, dm)
     assert not (tmp_path / "run" / "spec.json").exists() and not (tmp_path / "run" / "test_report.json").exists()
+
+
+def test_target_pseudo_on_a_regression_head_is_refused_when_the_module_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"task 'rating': target='pseudo' on a regression head \(1 output\): its "
+                                         r"pseudo-label is its own output.*--model.attribution.target label"):
+        AttributionModule(tiny_classifier(n_labels=1), task=regression_task(tmp_path, "none", "1"),
+                          attribution=AttributionConfig(target="pseudo"))
+    # methods that read no target take it as before
+    AttributionModule(tiny_classifier(n_labels=1), task=regression_task(tmp_path, "none", "1"),
+                      attribution=AttributionConfig(method="activation", target="pseudo"))
+
+
+def one_output_batch(labels: torch.Tensor) -> dict:
+    return {"input_ids": torch.randint(5, 1000, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+            "labels": labels}
+
+
+@pytest.mark.parametrize("method", ["ig", "grad_x_gate", "fisher"])
+def test_target_pseudo_on_a_regression_head_is_refused_by_score_units(method):
+    from taskprune.attribution import score_units
+
+    with pytest.raises(ValueError, match=r"target='pseudo' on a regression head \(1 output\).*every attribution is "
+                                         r"~0 and the units would be chosen from noise"):
+        score_units(tiny_classifier(n_labels=1), [one_output_batch(torch.tensor([0.5, 2.0]))], method,
+                    target="pseudo")
+
+
+def test_a_one_output_head_with_integer_labels_is_refused():
+    from taskprune.attribution import score_units
+
+    with pytest.raises(ValueError, match=r"target 'label': the head has 1 output \(a regression head\) but the labels "
+                                         r"are integers \(torch.int64, e.g. \[0, 1\]\).*give float scores \(problem_"
+                                         r"type: regression\); for classification load a head with one output per "
+                                         r"class$"):
+        score_units(tiny_classifier(n_labels=1), [one_output_batch(torch.tensor([0, 1]))], "ig")
+    scores = score_units(tiny_classifier(n_labels=1), [one_output_batch(torch.tensor([0.0, 1.0]))], "ig")
+    assert scores.count == 2

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from taskprune.attribution import AttributionConfig, Attributor, default_forward
+from taskprune.attribution import AGGREGATED, PSEUDO_REGRESSION, AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibration_step, real_samples
 from taskprune.lightning.evaluation import Evaluation, MetricRow, Stopwatch
 from taskprune.models import head_size, label_order, load_task_model, reorder_logits
@@ -92,6 +92,9 @@ class AttributionModule(L.LightningModule):
                 f"labels {list(self.task.label_names)}; load the head trained for this task, or pass "
                 "--model.label_map to pick the outputs that predict the task's labels"
             )
+        if self.attribution.target_name == "pseudo" and self.attribution.method in AGGREGATED and \
+                (self.task.regression or n_out == 1):
+            raise ValueError(f"task {self.task.name!r}: {PSEUDO_REGRESSION}")
         self.label_order = None if self.task.regression else \
             label_order(self.model, self.task.label_names, label_map, f"task {self.task.name!r}")
         if self.label_order is not None:
