@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,20 @@ def test_preset_fills_scope_and_tuning_and_refuses_another_attribution(tmp_path)
     assert spec.meta["pipeline"] == "kwon" and spec.scales and spec.budget["allocation"] == "score"
     with pytest.raises(ValueError, match=r"unknown preset 'kwan'; allowed: \['taskprune'"):
         TaskPruning(preset="kwan")
+
+
+def test_callback_exports_onnx_int8_after_fit_and_refuses_options_without_a_folder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from taskprune.deploy import OnnxOptions
+
+    with pytest.raises(ValueError, match=r"configures the ONNX export, which is off; set onnx_dir"):
+        TaskPruning(onnx=OnnxOptions(quantize="int8"))
+    with pytest.raises(ValueError, match=r"onnx_dir='x' needs a folder name and apply='shrink'"):
+        TaskPruning(onnx_dir="x", apply="mask")
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
+                               compare_dense=False)
+    cb = TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path / "run"), onnx_dir=str(tmp_path / "onnx"),
+                     onnx=OnnxOptions(quantize="int8"))
+    trainer([cb]).fit(module, datamodule())
+    info = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and info["quantize"] == "int8"

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dataclasses import replace
 
 from taskprune.attribution import AttributionConfig, Attributor, default_forward
+from taskprune.deploy import OnnxOptions
 from taskprune.calibration import calibrate, loader_batches
 from taskprune.io import MARKER, acquire_lock, read_marker, release_lock, write_marker
 from taskprune.pipeline import PRESETS, Pipeline
@@ -123,6 +124,10 @@ class TaskPruning(L.Callback):
         tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): Kwon
             et al.'s mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales,
             folded into the weights when it is applied; default: off).
+        onnx_dir: with ``apply="shrink"``, also export the shrunk model to ONNX there at the end of ``fit``
+            (:func:`taskprune.deploy.save_onnx`: checked against PyTorch before the folder is written; needs
+            ``pip install -e '.[deploy]'``, checked before calibration). ``onnx``: its options
+            (:class:`~taskprune.deploy.OnnxOptions`: opset, optimize, quantize ``int8``).
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
     """
@@ -139,6 +144,8 @@ class TaskPruning(L.Callback):
         checkpoint_every: int | None = None,
         tuning: TuningConfig = TuningConfig(),
         export_dir: str | None = None,
+        onnx_dir: str | None = None,
+        onnx: OnnxOptions = OnnxOptions(),
         preset: str | None = None,
         keep_checkpoint: bool = False,
         allow_foreign_spec: bool = False,
@@ -179,6 +186,17 @@ class TaskPruning(L.Callback):
             raise ValueError("export_dir is empty; give a folder for the shrunk model, or leave it out (None)")
         if str(output_dir) == "":
             raise ValueError("output_dir is empty; give the folder for spec.json and scores, e.g. 'runs/taskprune'")
+        if not isinstance(onnx, OnnxOptions):
+            raise TypeError(f"onnx must be a taskprune.deploy.OnnxOptions, got {onnx!r}; e.g. OnnxOptions(quantize='int8')")
+        if onnx_dir is not None and (str(onnx_dir) == "" or apply != "shrink"):
+            raise ValueError(f"onnx_dir={onnx_dir!r} needs a folder name and apply='shrink' (got apply={apply!r}): only "
+                             "a shrunk model is exported")
+        if onnx_dir is None and onnx != OnnxOptions():
+            raise ValueError(f"onnx={onnx} configures the ONNX export, which is off; set onnx_dir or leave onnx out")
+        if onnx_dir is not None:
+            from taskprune.deploy import require_extra
+
+            require_extra()  # a missing extra fails here, before any calibration
         if export_dir is not None and apply != "shrink":
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
         self.attribution, self.apply = attribution, apply
@@ -187,6 +205,7 @@ class TaskPruning(L.Callback):
         self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
         self.budget, self.tuning, self.preset = budget, tuning, preset
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.onnx_dir, self.onnx = (Path(onnx_dir) if onnx_dir is not None else None), onnx
         self.keep_checkpoint, self.allow_foreign_spec = keep_checkpoint, allow_foreign_spec
         self.spec: PruneSpec | None = None
         self.applied: str | None = None
@@ -287,9 +306,17 @@ class TaskPruning(L.Callback):
                 check_export_dir(self.export_dir, self.overwrite,
                                  {"run's output_dir": self.output_dir, **self._input_folders(pl_module, model)},
                                  what="export_dir")
+            if self.onnx_dir is not None:
+                from taskprune.export import check_export_dir
+
+                others = {"run's output_dir": self.output_dir, **self._input_folders(pl_module, model)}
+                if self.export_dir is not None:
+                    others["export_dir"] = self.export_dir
+                check_export_dir(self.onnx_dir, self.overwrite, others, what="onnx_dir")
             _check_writable(self.output_dir, "output_dir")
-            if self.export_dir is not None:
-                _check_writable(self.export_dir.parent, "export_dir's parent")
+            for folder, what in ((self.export_dir, "export_dir's parent"), (self.onnx_dir, "onnx_dir's parent")):
+                if folder is not None:
+                    _check_writable(folder.parent, what)
             self._config = self._resolve_attribution(pl_module)
             self._check_preset(self._config)
             self._follow_max_length(trainer)
@@ -517,6 +544,20 @@ class TaskPruning(L.Callback):
                 save_pruned(model, self.spec, self.export_dir, tokenizer=tokenizer, overwrite=self.overwrite)
                 rank_zero_info(f"taskprune: exported the shrunk model to {self.export_dir}")
             trainer.strategy.barrier("taskprune_exported")
+        if self.onnx_dir is not None:
+            if trainer.is_global_zero:
+                from taskprune.deploy import save_onnx
+
+                tokenizer = getattr(pl_module, "tokenizer", None) or getattr(pl_module, "tokenizer_path", None)
+                batches = self._batches(trainer, pl_module)[1]
+                first = next(iter(batches), None)
+                example = None if first is None else {k: v[:8] for k, v in first.items()
+                                                      if k in ("input_ids", "attention_mask", "token_type_ids")}
+                o = self.onnx
+                save_onnx(model, self.onnx_dir, tokenizer=tokenizer, spec=self.spec, opset=o.opset,
+                          optimize=o.optimize, quantize=o.quantize, example=example, overwrite=self.overwrite)
+                rank_zero_info(f"taskprune: exported the shrunk model to ONNX in {self.onnx_dir} ({o})")
+            trainer.strategy.barrier("taskprune_onnx_exported")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.checkpoint_every and (batch_idx + 1) % self.checkpoint_every == 0:
