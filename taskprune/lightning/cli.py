@@ -99,7 +99,8 @@ def _help_from_field_docstrings() -> None:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
-BAD_INPUT = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+BAD_INPUT = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,
+             ImportError)  # ImportError: an optional extra that is not installed (e.g. deploy)
 """Exceptions that say what was given is wrong: one line and exit status 2 on the command line."""
 
 
