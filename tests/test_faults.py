@@ -526,3 +526,36 @@ def test_a_one_output_head_with_integer_labels_is_refused():
         score_units(tiny_classifier(n_labels=1), [one_output_batch(torch.tensor([0, 1]))], "ig")
     scores = score_units(tiny_classifier(n_labels=1), [one_output_batch(torch.tensor([0.0, 1.0]))], "ig")
     assert scores.count == 2
+
+
+@pytest.fixture(scope="module")
+def bare_model_dir(tmp_path_factory) -> Path:
+    """A tiny SST-2 classifier folder without tokenizer files (config.json + model.safetensors only)."""
+    folder = tmp_path_factory.mktemp("bare_model")
+    tiny_classifier().save_pretrained(folder)
+    return folder
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_in_setup(tmp_path, bare_model_dir):
+    mod = AttributionModule(str(bare_model_dir), task="sst2", attribution=AttributionConfig(steps=1))
+    dm = TaskDataModule("sst2", calib_samples=4, batch_size=4, eval_samples=4, ood=[])
+    with pytest.raises(ValueError, match=rf"the tokenizer '{bare_model_dir}' has 5 tokens but the model's input "
+                                         rf"embedding has 30522 rows: '{bare_model_dir}' \(the model's folder\) holds "
+                                         r"no tokenizer files .* nearly every word would become \[UNK\]\. Pass the "
+                                         r"tokenizer the model was trained with: --data.tokenizer <folder or hub id>"):
+        fit(tmp_path / "run", mod, dm)
+    assert int(mod.scores.batches) == 0 and not (tmp_path / "run").exists()
+    # the fix the message names: --data.tokenizer wins over the model's folder
+    mod = AttributionModule(str(bare_model_dir), task="sst2", attribution=AttributionConfig(steps=1))
+    fit(tmp_path / "run", mod, TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=4, batch_size=4, ood=[]))
+    assert int(mod.scores.batches) == 1 and (tmp_path / "run" / "spec.json").is_file()
+
+
+def test_a_folder_whose_tokenizer_cannot_be_built_names_the_missing_files(tmp_path):
+    from taskprune.lightning.data import load_tokenizer
+    from tiny import tiny_model
+
+    tiny_model("llama_gqa").save_pretrained(tmp_path)  # transformers raises a ValueError of its own for LLaMA
+    with pytest.raises(ValueError, match=rf"cannot load a tokenizer from '{tmp_path}': the folder holds no tokenizer "
+                                         r"files \(none of \['tokenizer.json', 'vocab\*'.*--data.tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -289,13 +289,33 @@ class Collator:
         return batch
 
 
+VOCAB_FILES = ("tokenizer.json", "vocab*", "*.model", "*.spm", "merges.txt", "*.tiktoken")
+"""Files that hold a tokenizer's vocabulary (BERT vocab.txt, GPT-2 vocab.json + merges.txt, sentencepiece *.model)."""
+
+
+def has_vocab_file(name_or_path: str) -> bool | None:
+    """Whether the local folder ``name_or_path`` holds a vocabulary file (:data:`VOCAB_FILES`); ``None`` when it is
+    not a local folder (a hub id, a tokenizer object)."""
+    folder = Path(str(name_or_path)) if name_or_path else None
+    if folder is None or not folder.is_dir():
+        return None
+    return any(next(folder.glob(pattern), None) is not None for pattern in VOCAB_FILES)
+
+
+NO_TOKENIZER_HINT = ("Pass the tokenizer the model was trained with: --data.tokenizer <folder or hub id> (Python: "
+                     "TaskDataModule(tokenizer=...) or dm.set_tokenizer(tokenizer))")
+
+
 def load_tokenizer(name_or_path: str):
     """A fast tokenizer from a local folder or hub name (``trust_remote_code`` off)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if has_vocab_file(name_or_path) is False:
+            raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: the folder holds no tokenizer files "
+                             f"(none of {list(VOCAB_FILES)}). {NO_TOKENIZER_HINT}.") from None
         raise ValueError(
             f"cannot load a tokenizer from {name_or_path!r} ({e}). Pass a local folder with tokenizer files "
             "(e.g. the saved multi-task model folder) or call dm.set_tokenizer(tokenizer)."
@@ -423,15 +443,17 @@ class TaskDataModule(L.LightningDataModule):
     def fit_to(self, model, tokenizer: str | None = None) -> None:
         """Fit the data to ``model`` before any work (called by ``AttributionModule.setup``).
 
-        ``tokenizer``: the model's own tokenizer folder, used unless a tokenizer is already loaded. Then refuse a
-        tokenizer whose vocabulary is larger than the model's input embedding (a tokenizer of another model), and
-        lower ``max_length`` (with a warning) to the model's position limit.
+        ``tokenizer``: the model's own tokenizer folder, used unless a tokenizer is loaded or named (``tokenizer=``,
+        ``--data.tokenizer``). Then refuse a tokenizer whose vocabulary is larger than the model's input embedding
+        (a tokenizer of another model) or under a tenth of it (a model folder without tokenizer files: transformers
+        builds one of special tokens, every word [UNK]), and lower ``max_length`` (with a warning) to the model's
+        position limit.
         """
         from taskprune.models import max_positions, vocab_rows
 
-        if tokenizer is not None and self._tokenizer is None:
+        if tokenizer is not None and self._tokenizer is None and self.tokenizer_name is None:
             self.set_tokenizer(load_tokenizer(tokenizer))
-        elif self._tokenizer is None and getattr(model, "tokenizer", None) is not None:
+        elif tokenizer is None and self._tokenizer is None and getattr(model, "tokenizer", None) is not None:
             self.set_tokenizer(model.tokenizer)  # a module that carries its tokenizer (taskprune.models.fewshot.PromptedLM)
         try:
             tok = self.tokenizer
@@ -444,6 +466,16 @@ class TaskDataModule(L.LightningDataModule):
                 f"the tokenizer {name!r} has a vocabulary of {len(tok)} tokens but the model's input embedding has "
                 f"{n_rows} rows: token ids >= {n_rows} would index past it. The tokenizer belongs to another model; "
                 "pass the model's own tokenizer (data.tokenizer, or the tokenizer saved with the model)"
+            )
+        if hasattr(tok, "__len__") and n_rows is not None and len(tok) * 10 < n_rows:
+            name = getattr(tok, "name_or_path", "") or type(tok).__name__
+            whose = " (the model's folder)" if tokenizer is not None and str(tokenizer) == str(name) else ""
+            why = (f"{name!r}{whose} holds no tokenizer files (none of {list(VOCAB_FILES)}), so transformers built a "
+                   "tokenizer of its special tokens alone" if has_vocab_file(name) is False
+                   else "it is far smaller than the model's vocabulary")
+            raise ValueError(
+                f"the tokenizer {name!r} has {len(tok)} tokens but the model's input embedding has {n_rows} rows: "
+                f"{why}, and nearly every word would become [UNK]. {NO_TOKENIZER_HINT}"
             )
         limit = max_positions(model)
         if limit is not None and self.max_length > limit:
