@@ -559,3 +559,45 @@ def test_a_folder_whose_tokenizer_cannot_be_built_names_the_missing_files(tmp_pa
     with pytest.raises(ValueError, match=rf"cannot load a tokenizer from '{tmp_path}': the folder holds no tokenizer "
                                          r"files \(none of \['tokenizer.json', 'vocab\*'.*--data.tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def test_test_before_fit_shows_the_dense_column_only_and_says_no_spec_was_applied(model_dir, tmp_path, capsys):
+    run = cli_run("test", model_dir, tmp_path / "run")
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "run" / "test_report.json").read_text())["rows"]
+    assert rows and all(r["pruned"] is None and 0 <= r["dense"] <= 1 and r["retained_pct"] is None for r in rows)
+    assert [r["dense"] for r in rows] == pytest.approx([r["dense"] for r in run.model.results])
+    header = next(line for line in out.splitlines() if "metric" in line)
+    assert "dense" in header and "pruned" not in header and "retained" not in header
+    assert "no spec was applied: the dense model only" in " ".join(out.split())
+
+
+def one_class_ood_task(tmp_path: Path) -> dict:
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"good film {i},1\nbad plot {i},0\n" for i in range(4)))
+    (tmp_path / "shop.csv").write_text("text,label\n" + "".join(f"great shop {i},1\n" for i in range(4)))
+    split = {"files": "train.csv", "text": "text", "label": "label", "label_map": {"0": "negative", "1": "positive"}}
+    return {"name": "reviews", "labels": ["negative", "positive"], "metrics": ["accuracy", "matthews"],
+            "data_dir": str(tmp_path), "train": split, "eval": split, "ood": {"shop": {**split, "files": "shop.csv"}}}
+
+
+def test_an_ood_set_of_one_class_reports_accuracy_and_says_mcc_is_undefined(tmp_path):
+    from taskprune.lightning.report import comparison_table, report_rows
+    from rich.console import Console
+
+    dm = TaskDataModule(one_class_ood_task(tmp_path), tokenizer=TOKENIZER, calib_samples=4, batch_size=4)
+    out = tmp_path / "run"
+    fit(out, module(task=dm.task), dm)
+    mod = module(task=dm.task)
+    t = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[TaskPruning(output_dir=str(out), apply="mask")])
+    t.test(mod, dm, verbose=False)
+    rows = {(r["set"], r["metric"]): r for r in report_rows(mod.results)}
+    assert rows["shop", "accuracy"]["pruned"] is not None and rows["shop", "accuracy"]["dense"] is not None
+    mcc = rows["shop", "matthews"]
+    assert mcc["pruned"] is None and mcc["dense"] is None and mcc["retained_pct"] is None
+    assert mcc["note"] == "MCC undefined: every row of 'shop' is 'positive' (one class); see accuracy"
+    assert rows["reviews", "matthews"]["pruned"] is not None  # two classes: defined
+    assert "ood/shop/matthews" not in t.callback_metrics and "ood/shop/accuracy" in t.callback_metrics
+    console = Console(width=200, record=True)
+    console.print(comparison_table(mod.results))
+    assert "MCC undefined: every row of 'shop' is 'positive'" in console.export_text()

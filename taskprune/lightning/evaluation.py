@@ -22,8 +22,9 @@ class MetricRow:
     set: str
     kind: Literal["in-domain", "ood"]
     metric: str
-    pruned: float
-    dense: float | None = None  # None when no dense copy was kept (compare_dense=False or no spec applied)
+    pruned: float | None  # None when no spec was applied (the model evaluated is the dense one: ``dense``)
+    dense: float | None = None  # None when no dense copy was kept (compare_dense=False)
+    note: str = ""  # why a value is missing (e.g. MCC of a set of one class)
 
 
 @dataclass(frozen=True)

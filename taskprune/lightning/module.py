@@ -204,17 +204,38 @@ class AttributionModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, dataloader_idx)
 
+    def _one_class_sets(self) -> dict[int, str]:
+        """Evaluation sets (by dataloader index) whose rows hold one class, with that class's name: their MCC is
+        undefined (torchmetrics returns a number). Read from the datamodule's sets when it has them."""
+        sets = getattr(getattr(self.trainer, "datamodule", None), "eval_sets", None)
+        if self.task.regression or not sets:
+            return {}
+        out = {}
+        for i, s in enumerate(sets):
+            present = set(s["label"]) if "label" in getattr(s, "column_names", ()) else None
+            if present is not None and len(present) == 1:
+                out[i] = self.task.label_names[int(next(iter(present)))]
+        return out
+
     def _end_eval(self) -> None:
         rows = []
+        applied = self.spec is not None  # without a spec the model evaluated is the dense one
+        one_class = self._one_class_sets()
         for i, name in enumerate(self.eval_names):
             prefix = f"test/{name}" if i == 0 else f"ood/{name}"
             values = {v: {k: float(x) for k, x in ms[i].compute().items()} for v, ms in self.eval_metrics.items()}
             for metric, pruned in values["pruned"].items():
                 dense = values.get("dense", {}).get(metric)
+                kind = "in-domain" if i == 0 else "ood"
+                if metric == "matthews" and i in one_class:
+                    rows.append(MetricRow(name, kind, metric, None, None, f"MCC undefined: every row of {name!r} is "
+                                          f"{one_class[i]!r} (one class); see accuracy"))
+                    continue
                 self.log(f"{prefix}/{metric}", pruned, sync_dist=False, add_dataloader_idx=False)
                 if dense is not None:
                     self.log(f"{prefix}/{metric}_dense", dense, sync_dist=False, add_dataloader_idx=False)
-                rows.append(MetricRow(name, "in-domain" if i == 0 else "ood", metric, pruned, dense))
+                rows.append(MetricRow(name, kind, metric, pruned, dense) if applied
+                            else MetricRow(name, kind, metric, None, pruned, "no spec applied: the dense model"))
         throughput = self._stopwatch.throughput()
         for variant, rate in throughput.items():
             if rate is not None:

@@ -17,17 +17,36 @@ def _fmt(x, digits: int = 4) -> str:
 
 
 def comparison_table(rows: list[dict], size: dict | None = None, title: str = "taskprune: dense vs pruned") -> Table:
-    """``rows``: ``{"set", "kind", "metric", "dense", "pruned"}``; ``size``: params / MACs / throughput per model."""
-    table = Table(title=title)
-    for col, just in (("task / dataset", "left"), ("metric", "left"), ("dense", "right"), ("pruned", "right"),
-                      ("Δ", "right"), ("% retained", "right")):
+    """``rows``: ``{"set", "kind", "metric", "dense", "pruned"[, "note"]}``; ``size``: params / MACs / throughput per
+    model. When no row has a pruned value (no spec was applied) only the dense column is shown, and the caption says
+    so; a row's ``note`` (e.g. MCC undefined on a set of one class) goes to the caption."""
+    records = report_rows(rows)
+    dense_only = bool(records) and all(r["pruned"] is None for r in records)
+    notes = sorted({r["note"] for r in records if r["note"] and not r["note"].startswith("no spec applied")})
+    caption = ["no spec was applied: the dense model only (run fit first, or point pruning.output_dir at a fit's "
+               "spec)"] if dense_only else []
+    table = Table(title=title, caption="\n".join(caption + notes) or None)
+    columns = (("task / dataset", "left"), ("metric", "left"), ("dense", "right"))
+    if not dense_only:
+        columns += (("pruned", "right"), ("Δ", "right"), ("% retained", "right"))
+    for col, just in columns:
         table.add_column(col, justify=just)
-    for r in report_rows(rows):
+    for r in records:
         name = r["set"] if r["kind"] == "in-domain" else f"{r['set']} (OOD)"
         kept = r["retained_pct"]
-        table.add_row(name, r["metric"], _fmt(r["dense"]), _fmt(r["pruned"]), _fmt(r["delta"]),
-                      "—" if kept is None else f"{kept:.1f}")
-    if size:
+        cells = [name, r["metric"], _fmt(r["dense"])]
+        if not dense_only:
+            cells += [_fmt(r["pruned"]), _fmt(r["delta"]), "—" if kept is None else f"{kept:.1f}"]
+        table.add_row(*cells)
+    if size and dense_only:
+        table.add_section()
+        for key, label, scale, unit in (("params", "parameters", 1e6, "M"),
+                                        ("macs", f"MACs (seq {size.get('seq_len', 128)})", 1e9, "G"),
+                                        ("throughput", "throughput", 1, " samples/s")):
+            v = size.get(f"{key}_pruned")  # without a spec the model evaluated is the dense one
+            if v is not None:
+                table.add_row(label, "", f"{v / scale:.2f}{unit}")
+    elif size:
         table.add_section()
         for key, label, scale, unit in (("params", "parameters", 1e6, "M"), ("macs", f"MACs (seq {size.get('seq_len', 128)})", 1e9, "G"),
                                         ("throughput", "throughput", 1, " samples/s")):
@@ -40,18 +59,19 @@ def comparison_table(rows: list[dict], size: dict | None = None, title: str = "t
     return table
 
 
-REPORT_COLUMNS = ("set", "kind", "metric", "dense", "pruned", "delta", "retained_pct")
+REPORT_COLUMNS = ("set", "kind", "metric", "dense", "pruned", "delta", "retained_pct", "note")
 
 
 def report_rows(rows: list[dict]) -> list[dict]:
-    """The table's rows as plain records: :data:`REPORT_COLUMNS` (``delta`` / ``retained_pct`` ``None`` when there
-    is no dense value)."""
+    """The table's rows as plain records: :data:`REPORT_COLUMNS` (``delta`` / ``retained_pct`` ``None`` when a
+    dense or pruned value is missing; ``pruned`` ``None`` when no spec was applied; ``note`` says why)."""
     out = []
     for r in rows:
         dense, pruned = r["dense"], r["pruned"]
+        both = dense is not None and pruned is not None
         out.append({"set": r["set"], "kind": r["kind"], "metric": r["metric"], "dense": dense, "pruned": pruned,
-                    "delta": None if dense is None else pruned - dense,
-                    "retained_pct": None if not dense else 100 * pruned / dense})
+                    "delta": pruned - dense if both else None,
+                    "retained_pct": 100 * pruned / dense if both and dense else None, "note": r.get("note", "")})
     return out
 
 
