@@ -217,8 +217,11 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
     lines += [f"| {i + 1} | `{r['command']}` | `{r['commit']}` | `{r['code']}` | {r['cpu']} | {r['threads']} | "
               f"{(r['wall_s'] or 0) / 60:.1f} min |" for i, r in enumerate(runs)]
     s = raw["_settings"]
-    lines += ["", f"Model `{s['model']}` (recipe `{s['recipe_hash']}`), {s['calib']} calibration rows per seed, MACs "
-              f"at seq {s['seq']}. Cells: % of the dense metric kept (mean ± std over seeds, n seeds).", ""]
+    kwon = (f"; the kwon presets: {s['kwon_calib']} rows drawn with replacement, unsorted batches (their sampling), "
+            "MACs searched at those rows' mean length" if s.get("kwon_calib") else "")
+    lines += ["", f"Model `{s['model']}` (recipe `{s['recipe_hash']}`), {s['calib']} calibration rows per seed in "
+              f"length-sorted batches{kwon}; reported MAC cuts at seq {s['seq']}. Cells: % of the dense metric kept "
+              "(mean ± std over seeds, n seeds).", ""]
     split_names = [k for k in ("selection", "dev") if any(k in raw.get(t, {}).get("dense", {}) for t in tasks)]
     cuts = sorted({r["cut"] for t in tasks for k, r in raw.get(t, {}).items() if "|" in k})
     for split in split_names:
@@ -241,18 +244,20 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
                 if any(cells):
                     lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
         lines.append("")
-    if "taskprune" in pipelines and "kwon" in pipelines:
-        lines += ["### paired by seed: taskprune − kwon (points of % retained, dev)", "",
+    for a, b in PAIRS:
+        if a not in pipelines or b not in pipelines:
+            continue
+        lines += [f"### paired by seed: {a} − {b} (points of % retained, dev)", "",
                   "| task | cut | per seed | mean | beyond the seed std? |", "|---|---|---|---|---|"]
         for t in tasks:
             for cut in cuts:
-                d = _paired(raw, t, cut)
+                d = _paired(raw, t, cut, a, b)
                 if d:
                     m = statistics.mean(d)
                     sd = statistics.stdev(d) if len(d) > 1 else 0.0
-                    verdict = "no" if len(d) < 2 or abs(m) <= sd else ("yes (taskprune ahead)" if m > 0
-                                                                     else "yes (kwon ahead)")
+                    verdict = "no" if len(d) < 2 or abs(m) <= sd else (f"yes ({a} ahead)" if m > 0 else f"yes ({b} ahead)")
                     lines.append(f"| {t} | {cut:.0%} | {', '.join(f'{x:+.1f}' for x in d)} | {m:+.2f} | {verdict} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -272,11 +277,15 @@ def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | 
     return f"{statistics.mean(vals):.1f}{sd} ({len(vals)})"
 
 
-def _paired(raw: dict, task: str, cut: float) -> list[float]:
+#: pairs compared seed by seed: the default against the peer, the peer's tuning against none
+PAIRS = (("taskprune", "kwon"), ("kwon", "kwon_notune"), ("taskprune_tuned", "taskprune"))
+
+
+def _paired(raw: dict, task: str, cut: float, first: str = "taskprune", second: str = "kwon") -> list[float]:
     recs = raw.get(task, {})
     out = []
     for seed in sorted({r["seed"] for k, r in recs.items() if "|" in k}):
-        a, b = recs.get(f"taskprune|{seed}|{cut}"), recs.get(f"kwon|{seed}|{cut}")
+        a, b = recs.get(f"{first}|{seed}|{cut}"), recs.get(f"{second}|{seed}|{cut}")
         if a and b and "dev" in a["metrics"]:
             out.append(_retained(raw, task, a, "dev") - _retained(raw, task, b, "dev"))
     return out
