@@ -28,3 +28,15 @@ def cli_refusal(tmp_path, capsys):
         return capsys.readouterr().err
 
     return refuse
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny SST-2 classifier saved as a local HF folder with the MiniLM tokenizer (what the CLI's model: takes)."""
+    import transformers as tf
+    from lightning_tiny import TOKENIZER, tiny_classifier
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tiny_classifier().save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder

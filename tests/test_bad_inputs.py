@@ -45,15 +45,6 @@ def bert(**cfg):
     return tf.BertForSequenceClassification(tf.BertConfig(**{**base, **cfg})).eval()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny SST-2 classifier saved as a local HF folder with the MiniLM tokenizer (what the CLI's model: takes)."""
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_classifier().save_pretrained(folder)
-    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
-    return folder
-
-
 def cli(model_dir: Path, out: Path, *extra: str):
     return main(["fit", "--model.model", str(model_dir), "--model.attribution.method", "magnitude",
                  "--data.calib_samples", "4", "--data.batch_size", "4", "--data.ood", "[]",

@@ -55,15 +55,6 @@ def fit_ckpt(out: Path, ckpt_path, mod=None, **cb):
     return mod
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny SST-2 classifier saved as a local HF folder with the MiniLM tokenizer (what model: takes)."""
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_classifier().save_pretrained(folder)
-    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
-    return folder
-
-
 def listing(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 

@@ -19,14 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own_data"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_review_model")
-    tiny_classifier().save_pretrained(folder)
-    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
-    return folder
-
-
 def test_the_example_task_reads_its_own_csv_files():
     task = get_task(str(EXAMPLE / "task.yaml"))
     assert task.name == "reviews" and task.ood_names == ("restaurants",) and task.root == EXAMPLE
