@@ -19,7 +19,9 @@ run. Around it, this script only prepares data and measures:
   presets get their own sampling (``--kwon-calib`` rows with replacement, unsorted batches of 32);
 * evaluation of the shrunk model (scales folded, ``shrink_``): ``--split dev`` the dev sets (QNLI / MNLI: seeded
   2000-row subsets) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
-  QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them.
+  QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them;
+* speed (``--speed after``, the default; ``only`` for rows already pruned): every row keeps its per-block widths, and
+  each distinct shape is shrunk and timed against the dense model at batch 32 x 128 tokens, beside its MAC bound.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -39,10 +42,12 @@ import torch
 
 from benchmarks.common import cpu_name, git_commit, write_text
 from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
+from taskprune.arch import get_architecture
 from taskprune.flops import count_macs
 from taskprune.io import atomic_write_json
 from taskprune.models.multitask import read_build_info
 from taskprune.pipeline import PRESETS, Pipeline
+from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
 from taskprune.tasks import get_task
 from taskprune.tuning import fold_scales_
@@ -124,6 +129,12 @@ def evaluate(tm, task: str, batches: list[dict]) -> dict:
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
+def widths_of(spec) -> dict:
+    """``{kind: {block: kept units}}``: the shapes of the shrunk model (its speed depends on nothing else)."""
+    fp = spec.shrunk_fingerprint()
+    return {kind: fp[kind] for kind in ("heads", "neurons")}
+
+
 def pruned_copy(model, task: str, spec):
     tm = copy.deepcopy(model).for_task(task).eval()
     shrink_(tm, fold_scales_(tm, spec) if spec.scales else spec)
@@ -195,12 +206,71 @@ def run(args, path: Path) -> dict:
                                                                                                      SEQ),
                                   "seq_len": spec.budget["seq_len"],  # where the pipeline counted its MACs
                                   "heads_kept": spec.n_kept("heads"), "neurons_kept": spec.n_kept("neurons"),
+                                  "widths": widths_of(spec),  # per-block kept units: all --speed needs
                                   "metrics": {k: evaluate(tm, task, b) for k, b in sets.items()}}
                     save()
                     log.info("%s %s seed %d cut %.1f: %s (%.0f s)", task, name, seed, cut,
                              {k: round(v[main_key(task)], 4) for k, v in t_raw[key]["metrics"].items()}, sum(seconds.values()))
     save()
     return raw
+
+
+# ---------------------------------------------------------------------------------------------------- speed
+SPEED_BATCH = 32
+
+
+def shape_spec(fingerprint: dict, widths: dict) -> PruneSpec:
+    """A spec keeping the first ``widths`` units of every block: a row's shrunk shapes (which units does not matter)."""
+    keep = {kind: {name: list(range(n)) for name, n in blocks.items() if n < fingerprint[kind][name]}
+            for kind, blocks in widths.items()}
+    return PruneSpec(keep=keep, fingerprint=fingerprint)
+
+
+@torch.inference_mode()
+def measure_speed(args, path: Path, raw: dict) -> None:
+    """Throughput of every row's shrunk model against the dense one at batch 32 x seq 128 (``--speed-repeats``
+    interleaved repeats, order rotating, medians of the per-repeat ratio), beside the MAC bound (dense / kept MACs of
+    the prunable layers at 128). Each distinct shape is measured once; rows already measured are skipped. Time it on an
+    idle machine: the run records the load average."""
+    rows = [r for t in raw if not t.startswith("_") for k, r in raw[t].items() if "|" in k and "widths" in r]
+    todo = [r for r in rows if "speed" not in r]
+    if not todo:
+        return
+    model = ensure_multitask(MODEL, data_dir=args.data_dir)
+    dense = model.for_task("sst2").eval()
+    fp = get_architecture(dense).fingerprint()
+    gen = torch.Generator().manual_seed(0)
+    vocab = dense.encoder.get_input_embeddings().num_embeddings
+    inputs = {"input_ids": torch.randint(1000, vocab, (SPEED_BATCH, SEQ), generator=gen),
+              "attention_mask": torch.ones(SPEED_BATCH, SEQ, dtype=torch.long)}
+    raw.setdefault("_speed_runs", []).append({"command": command(), "commit": git_commit(), "cpu": cpu_name(),
+                                              "threads": torch.get_num_threads(), "load_1min": os.getloadavg()[0],
+                                              "batch": SPEED_BATCH, "seq": SEQ, "repeats": args.speed_repeats})
+    done: dict[str, dict] = {}
+    dense_macs = count_macs(fp, SEQ)
+    for r in todo:
+        key = json.dumps(r["widths"], sort_keys=True)
+        if key not in done:
+            spec = shape_spec(fp, r["widths"])
+            small = shrink_(copy.deepcopy(dense), spec)
+            for m in (dense, small):
+                m(**inputs)  # warm-up
+            ratios = []
+            for i in range(args.speed_repeats):
+                t = {}
+                for name, m in ((("dense", dense), ("pruned", small)) if i % 2 == 0 else
+                                (("pruned", small), ("dense", dense))):
+                    t0 = time.perf_counter()
+                    m(**inputs)
+                    t[name] = time.perf_counter() - t0
+                ratios.append(t["dense"] / t["pruned"])
+            bound = dense_macs / count_macs(fp, SEQ, spec)
+            speedup = statistics.median(ratios)
+            done[key] = {"speedup": round(speedup, 3), "mac_bound": round(bound, 3), "of_bound": round(speedup / bound, 3)}
+            log.info("speed %s %s cut %.1f: %.2fx (bound %.2fx, %.2f of it)", r["pipeline"], r["seed"], r["cut"],
+                     speedup, bound, speedup / bound)
+        r["speed"] = done[key]
+        atomic_write_json(path, raw)
 
 
 def command() -> str:
@@ -258,7 +328,32 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
                     verdict = "no" if len(d) < 2 or abs(m) <= sd else (f"yes ({a} ahead)" if m > 0 else f"yes ({b} ahead)")
                     lines.append(f"| {t} | {cut:.0%} | {', '.join(f'{x:+.1f}' for x in d)} | {m:+.2f} | {verdict} |")
         lines.append("")
+    lines += _speed_table(raw, tasks, pipelines, cuts)
     return "\n".join(lines) + "\n"
+
+
+def _speed_table(raw: dict, tasks: list[str], pipelines: list[str], cuts: list[float]) -> list[str]:
+    runs = raw.get("_speed_runs")
+    if not runs:
+        return []
+    r0 = runs[-1]
+    lines = [f"### speed (batch {r0['batch']} × {r0['seq']} tokens, shrunk vs dense, {r0['threads']} threads)", "",
+             "Each row's shrunk shapes timed against the dense model, interleaved "
+             f"({r0['repeats']} repeats, median of the per-repeat ratio); bound: dense / kept MACs of the prunable "
+             "layers. " + "; ".join(f"run {i + 1}: `{r['commit']}`, {r['cpu']}, load {r['load_1min']:.2f}"
+                                     for i, r in enumerate(runs)) + ".", "",
+             "| pipeline | cut | rows | speedup (mean) | MAC bound (mean) | speed / bound (min, mean) | rows ≥ 0.9 of the bound |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pipelines:
+        for cut in cuts:
+            rs = [r["speed"] for t in tasks for k, r in raw.get(t, {}).items()
+                  if "|" in k and r["pipeline"] == p and r["cut"] == cut and "speed" in r]
+            if rs:
+                ob = [x["of_bound"] for x in rs]
+                lines.append(f"| {p} | {cut:.0%} | {len(rs)} | {statistics.mean(x['speedup'] for x in rs):.2f}× | "
+                             f"{statistics.mean(x['mac_bound'] for x in rs):.2f}× | {min(ob):.2f}, "
+                             f"{statistics.mean(ob):.2f} | {sum(v >= 0.9 for v in ob)} / {len(ob)} |")
+    return lines + [""]
 
 
 def _retained(raw: dict, task: str, rec: dict, split: str) -> float | None:
@@ -346,12 +441,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=("dev", "selection", "both"), default="dev")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--render-only", action="store_true", help="re-render <name>.md from <name>.json")
+    p.add_argument("--speed", choices=("after", "only", "off"), default="after",
+                   help="measure every row's shrunk shapes against dense at batch 32 (after the run, only that, or "
+                        "not); on an idle machine")
+    p.add_argument("--speed-repeats", type=int, default=7)
     p.add_argument("--compare", nargs="+", default=None, help="earlier raw files to compare every shared metric with")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
     path = Path(args.out) / f"{args.name}.json"
-    raw = json.loads(path.read_text()) if args.render_only else run(args, path)
+    raw = json.loads(path.read_text()) if args.render_only or args.speed == "only" else run(args, path)
+    if args.speed != "off" and not args.render_only:
+        measure_speed(args, path, raw)
     tasks = [t for t in TASKS if t in raw]
     pipelines = [q for q in PRESETS if any(r.get("pipeline") == q for t in tasks for r in raw[t].values()
                                           if isinstance(r, dict))]
