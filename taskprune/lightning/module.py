@@ -28,7 +28,8 @@ from torch import nn
 from taskprune.attribution import AGGREGATED, PSEUDO_REGRESSION, AttributionConfig, Attributor, default_forward
 from taskprune.calibration import calibration_step, real_samples
 from taskprune.lightning.evaluation import Evaluation, MetricRow, Stopwatch
-from taskprune.models import head_size, label_order, load_task_model, reorder_logits
+from taskprune.models import head_size, label_order, load_task_model, reorder_logits, task_head
+from taskprune.models.multitask import MultiTaskModel, TaskModel
 from taskprune.lightning.scores import UnitScoreMetric
 from taskprune.unitscores import UnitScores
 
@@ -52,6 +53,9 @@ class AttributionModule(L.LightningModule):
             folder, or an ``nn.Module`` (Python use).
         task: the task (its labels, problem type and metrics): a shipped name, a task definition file or an inline
             definition (see :mod:`taskprune.tasks`). The CLI links it from ``data.task``.
+        head: the head of a multi-task model that reads the task (``--model.head``; e.g. ``sst2`` for reviews);
+            overrides the task definition's ``head``; default: that, else the head named like the task. Metric keys,
+            reports and the spec keep the task's own name. Refused for a model that is not a multi-task model.
         label_map: task label name -> the model's label name or output index. Without it the model's own label
             names (``config.id2label``) are matched to the task's case-insensitively (a model with only
             ``LABEL_0``... names is taken in the task's order); a mismatch is an error before any work.
@@ -66,6 +70,7 @@ class AttributionModule(L.LightningModule):
         model: str | nn.Module = "minilm-glue",
         task: str | dict = "sst2",
         label_map: dict[str, str | int] | None = None,
+        head: str | None = None,
         attribution: AttributionConfig = AttributionConfig(),
         compare_dense: bool = True,
         trust_remote_code: bool = False,
@@ -78,25 +83,42 @@ class AttributionModule(L.LightningModule):
         self.task = get_task(task)
         # plain values only, so checkpoints load with weights_only and hand them back to __init__
         plain_task = task if isinstance(task, (str, dict)) else (self.task.definition or self.task.name)
-        self.save_hyperparameters({"task": plain_task, "label_map": label_map,
+        self.save_hyperparameters({"task": plain_task, "label_map": label_map, "head": head,
                                    "attribution": self.attribution.to_dict(), "compare_dense": compare_dense,
                                    "trust_remote_code": trust_remote_code})
-        if isinstance(model, nn.Module):
+        self.head = head if head is not None else self.task.head
+        if isinstance(model, MultiTaskModel):
+            self.model = task_head(model, self.task.name, self.head, labels=self.task.label_names)
+            self.tokenizer_path = model.tokenizer_path
+        elif isinstance(model, nn.Module):
+            if self.head is not None:
+                raise ValueError(f"head {self.head!r} picks a head of a taskprune MultiTaskModel, but the model given "
+                                 f"is a {type(model).__name__} (one head); remove `head:` from the task definition "
+                                 "(and leave out head=)")
             self.model, self.tokenizer_path = model, None
         else:
-            self.model, self.tokenizer_path = load_task_model(model, self.task.name, trust_remote_code)
+            self.model, self.tokenizer_path = load_task_model(model, self.task.name, trust_remote_code, self.head,
+                                                              self.task.label_names)
         n_out = head_size(self.model)
         if label_map is None and n_out is not None and n_out != self.task.n_labels:
             raise ValueError(
                 f"the model's head has {n_out} outputs but task {self.task.name!r} has {self.task.n_labels} "
-                f"labels {list(self.task.label_names)}; load the head trained for this task, or pass "
-                "--model.label_map to pick the outputs that predict the task's labels"
+                f"labels {list(self.task.label_names)}; load the head trained for this task"
+                + (f" (this is the multi-task model's head {self.model.task!r}: pick another with `head:` in the task "
+                   "definition or --model.head)" if isinstance(self.model, TaskModel) else "")
+                + ", or pass --model.label_map to pick the outputs that predict the task's labels"
             )
         if self.attribution.target_name == "pseudo" and self.attribution.method in AGGREGATED and \
                 (self.task.regression or n_out == 1):
             raise ValueError(f"task {self.task.name!r}: {PSEUDO_REGRESSION}")
-        self.label_order = None if self.task.regression else \
-            label_order(self.model, self.task.label_names, label_map, f"task {self.task.name!r}")
+        try:
+            self.label_order = None if self.task.regression else \
+                label_order(self.model, self.task.label_names, label_map, f"task {self.task.name!r}")
+        except ValueError as e:
+            if isinstance(self.model, TaskModel):  # a multi-task model's head: another head may fit
+                raise ValueError(f"{e} (the labels of the multi-task model's head {self.model.task!r}); or read the "
+                                 "task with another head: `head:` in the task definition or --model.head") from None
+            raise
         if self.label_order is not None:
             log.info("model outputs %s predict the task's labels %s", self.label_order, list(self.task.label_names))
             forward = reorder_logits(forward or default_forward, self.label_order)

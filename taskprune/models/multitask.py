@@ -200,13 +200,26 @@ def head_from_state(state: dict[str, torch.Tensor], task: str, source: str | os.
 
 
 def load_dir(path: str | os.PathLike) -> MultiTaskModel:
-    """Load the :class:`MultiTaskModel` saved in the folder ``path`` offline (safetensors + JSON only), in eval mode."""
+    """Load the :class:`MultiTaskModel` saved in the folder ``path`` offline (safetensors + JSON only), in eval mode.
+
+    ``ValueError`` naming the file when a ``*.safetensors`` file is truncated or corrupt (an interrupted copy)."""
+    from safetensors import SafetensorError
     from transformers import AutoModel
+
+    from taskprune.models import corrupt_weights
 
     path = Path(path)
     meta = json.loads((path / "tasks.json").read_text())
-    encoder = AutoModel.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    state = load_file(str(path / "heads.safetensors"))
+    try:
+        encoder = AutoModel.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        state = load_file(str(path / "heads.safetensors"))
+    except SafetensorError as e:
+        try:
+            name = (read_build_info(path) or {}).get("name")
+        except ValueError:  # build.json unreadable too
+            name = None
+        rebuild = f"python -m taskprune.zoo build {name} --force" if name else "save_multitask(model, folder)"
+        raise corrupt_weights(path, e, f"copy the model folder again, or rebuild it ({rebuild})") from None
     tasks, heads = {}, {}
     for t, d in meta["tasks"].items():
         info = HeadInfo(tuple(d["label_names"]), int(d["n_labels"]), bool(d["regression"]), float(d["output_scale"]))

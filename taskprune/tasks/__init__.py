@@ -5,7 +5,8 @@ The eight GLUE tasks taskprune ships (``sst2``, ``mrpc``, ``qnli``, ``mnli``, ``
 are definitions in this same format, one file each in this folder (``taskprune/tasks/<name>.yaml``). Your own task
 is a YAML file passed by path (``--data.task my_task.yaml``) or the same mapping inline under ``data.task``::
 
-    name: reviews                        # the task's name in metric keys (test/reviews/accuracy)
+    name: reviews                        # the task's name in metric keys (test/reviews/accuracy) and reports
+    head: sst2                           # optional: the head of a multi-task model that reads it (default: name)
     problem_type: single_label_classification   # or regression (one float label, metrics pearson / spearman / mse)
     labels: [negative, positive]         # head output order; a model's own id2label is matched to these names
     metrics: [accuracy, f1]              # torchmetrics by name: see METRICS
@@ -29,7 +30,10 @@ file without a header), ``hub`` (``{name, config, split}``: a hub dataset instea
 reports call it) and ``note``. Without ``label_map`` the raw labels must be the label names themselves. Unknown keys
 are an error. Relative paths start at ``--data.data_dir`` when given, else at ``data_dir`` of the definition (relative
 to its file; the shipped GLUE definitions point at the embedded subsets), else at the definition file's folder
-(the working directory for an inline definition).
+(the working directory for an inline definition). ``head`` is for a taskprune multi-task model (``minilm-glue``):
+the head that reads the task when its name is not a head's (``--model.head`` overrides it); metric keys and reports
+keep ``name``. A sequence-classification model has one head: a ``head`` given with it is refused. The definition
+file is read as UTF-8.
 
     task = get_task("sst2")                                  # or get_task("path/to/task.yaml") or get_task({...})
     metrics = task.make_metrics()
@@ -38,6 +42,7 @@ to its file; the shipped GLUE definitions point at the embedded subsets), else a
 
 from __future__ import annotations
 
+import codecs
 import copy
 import os
 from dataclasses import dataclass, field
@@ -149,6 +154,7 @@ class Task:
     root: Path | None = None  # where relative paths start when no data_dir is given (None: the working directory)
     origin: str = "inline"  # the definition's file, or "inline"
     definition: dict = field(default_factory=dict, compare=False, repr=False)  # the plain mapping it was read from
+    head: str | None = None  # the multi-task model's head that reads this task (None: the head named like the task)
 
     @property
     def regression(self) -> bool:
@@ -219,7 +225,7 @@ class Task:
 
 
 # ---------------------------------------------------------------------------------------------- reading YAML
-TASK_KEYS = ("name", "problem_type", "labels", "metrics", "data_dir", "train", "eval", "ood", "description")
+TASK_KEYS = ("name", "head", "problem_type", "labels", "metrics", "data_dir", "train", "eval", "ood", "description")
 SOURCE_KEYS = ("files", "format", "read", "hub", "text", "label", "label_map", "drop", "description", "note")
 HUB_KEYS = ("name", "config", "split")
 
@@ -352,6 +358,10 @@ def task_from_dict(d: Any, root: str | os.PathLike | None = None, origin: str = 
     name = d["name"]
     if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
         raise ValueError(f"{where}: name must be a word (it becomes a metric key), got {name!r}")
+    head = d.get("head")
+    if head is not None and (not isinstance(head, str) or not head or any(c in head for c in "/\\ ")):
+        raise ValueError(f"{where}: head must be the name of a head of the multi-task model (a word, e.g. sst2), "
+                         f"got {head!r}")
     problem = d.get("problem_type", "single_label_classification")
     if problem not in PROBLEM_TYPES:
         raise ValueError(f"{where}: unknown problem_type {problem!r}; allowed: {list(PROBLEM_TYPES)}")
@@ -388,7 +398,7 @@ def task_from_dict(d: Any, root: str | os.PathLike | None = None, origin: str = 
         if len(s.text) != len(train.text):
             raise ValueError(f"{where}: train has {len(train.text)} text column(s) {list(train.text)} but another "
                              f"split has {len(s.text)} {list(s.text)}; every split needs the same number.")
-    return Task(name, labels, metrics, train, evals, ood, problem, base, origin, copy.deepcopy(d))
+    return Task(name, labels, metrics, train, evals, ood, problem, base, origin, copy.deepcopy(d), head)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -425,8 +435,18 @@ def load_task_file(path: str | os.PathLike) -> Task:
     if not path.is_file():
         raise ValueError(f"task definition file {str(path)!r} not found; pass a shipped task name "
                          f"({sorted(TASKS)}), a YAML file, or an inline mapping.")
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is fine
     try:
-        d = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = raw[:at].count(b"\n") + 1
+        raise ValueError(f"task definition file {str(path)!r} is not UTF-8: byte 0x{raw[at]:02x} at position {at} "
+                         f"(line {line}) is not valid UTF-8 (a latin-1 / Windows-1252 file?); save it as UTF-8.") \
+            from None
+    try:
+        d = yaml.load(text, Loader=_UniqueKeyLoader)
     except _RepeatedKey as e:
         raise ValueError(f"task definition file {str(path)!r}, {e}.") from None
     except yaml.YAMLError as e:

@@ -336,7 +336,7 @@ def ensure_multitask(name: str = "minilm-glue", build_if_missing: bool = True,
     try:
         return load_multitask(name)
     except ValueError:
-        if not build_if_missing:
+        if not build_if_missing or (cache_dir() / name / "tasks.json").is_file():  # there but unreadable: say why
             raise
     log.info("multi-task model %r not cached under %s; building it (minutes on a CPU)", name, cache_dir())
     return load_multitask(build_multitask(name, data_dir=data_dir))
