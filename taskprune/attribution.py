@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from taskprune.arch import find_base, in_features, weight_in_out
-from taskprune.calibration import calibrate
+from taskprune.calibration import NON_INPUT_KEYS, calibrate, check_label_range
 from taskprune.gates import Gates, check_units
 from taskprune.unitscores import UnitScores
 
@@ -63,8 +63,6 @@ METHOD_OPTIONS = {
     "steps": ("ig",), "quadrature": ("ig",), "baseline": ("ig",), "alpha_batch": ("ig",),
     "aggregate": ("ig", "grad_x_gate"), "per": ("ig", "grad_x_gate", "fisher"), "seed": ("random",),
 }
-# batch keys that are not model inputs
-NON_INPUT_KEYS = ("labels", "idx", "sample_weight", "task")
 
 PSEUDO_REGRESSION = (
     "target='pseudo' on a regression head (1 output): its pseudo-label is its own output, so the squared error it "
@@ -238,6 +236,7 @@ def make_target(target: str | TargetFn, model: nn.Module) -> TargetFn:
             )
         labels = labels.to(logits.device)
         if labels.dim() == 2:  # sequence targets
+            check_label_range(labels, logits.shape[-1])
             total, n = _sequence_logprob(logits, labels, shift and logits.shape[1] == labels.shape[1])
             return total / n.clamp(min=1) if mean else total
         if logits.shape[-1] == 1 and labels.is_floating_point():  # regression
@@ -249,6 +248,7 @@ def make_target(target: str | TargetFn, model: nn.Module) -> TargetFn:
                 "always 0, so every attribution would be 0. For a regression task give float scores (problem_type: "
                 "regression); for classification load a head with one output per class"
             )
+        check_label_range(labels, logits.shape[-1])
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
 
     return fn

@@ -11,6 +11,9 @@ A pruned folder holds::
     .taskprune                  the marker of a taskprune export: ``overwrite`` replaces only such a folder (or an
                                 empty one), never the input model's folder nor one with files taskprune did not write
     heads.safetensors, tasks.json   only for a :class:`taskprune.models.multitask.TaskModel` (the zoo's own head format)
+    own_head.safetensors, own_head.json   only for a module of your own that holds the HF model (e.g. an encoder plus
+                                a head): the tensors of your module outside the HF model, and where the HF model sits
+                                and your class's name (``module:QualName``, for information: never imported)
 
 Loading replays the spec: the dense architecture is built from the config (the dense widths come back from the
 spec's fingerprint), :func:`~taskprune.surgery.shrink_` cuts it to the kept units -- which also installs any
@@ -27,6 +30,9 @@ Example::
     shrink_(model, spec)
     save_pruned(model, spec, "pruned/", tokenizer=tokenizer)
     model = load_pruned("pruned/")           # eval mode, same outputs as the in-memory shrunk model
+
+    # your own module (an encoder plus a head of yours): build it as usual, the pruned encoder and head go into it
+    mine = load_pruned("pruned/", into=MyModel(...))
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +50,7 @@ from torch import nn
 
 from taskprune.arch import adapter_for, find_hf_model, get_architecture
 from taskprune.io import MARKER, atomic_dir, check_replaceable
-from taskprune.spec import PruneSpec, fingerprint_diff
+from taskprune.spec import SHRUNK_BY, PruneSpec, fingerprint_diff
 from taskprune.surgery import active_mask, shrink_
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,9 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS_FILE = "heads.safetensors"  # zoo format (taskprune.models.multitask.save_multitask), for TaskModel exports
 TASKS_FILE = "tasks.json"
+OWN_HEAD_FILE = "own_head.safetensors"  # the tensors of the user's own module outside the HF model
+OWN_HEAD_META = "own_head.json"
+OWN_HEAD_FORMAT = "taskprune.own_head/1"
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -118,9 +128,11 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
             empty one (otherwise ``FileExistsError``). A folder with files taskprune did not write, and the folder
             the model was loaded from, are never replaced.
 
-    Everything is checked before anything is written: a spec made for another model raises ``ValueError`` and
-    leaves no folder. For a module that merely *contains* a HF model (not a ``TaskModel``), only the HF model is
-    saved; a warning names the parameters outside it that are not.
+    Everything is checked before anything is written: a spec made for another model, or another spec of the same
+    widths as the one ``shrink_`` applied, raises ``ValueError`` and leaves no folder. For a module of your own
+    that holds the HF model (not a ``TaskModel``; e.g. an encoder plus a head), the HF model is saved as above and
+    every tensor of your module outside it (its ``state_dict``: head, pooler, ...) goes to ``own_head.safetensors``;
+    ``load_pruned(path, into=YourModule(...))`` puts both back into a module you build.
     """
     if not isinstance(spec, PruneSpec):
         raise TypeError(f"expected a taskprune PruneSpec, got {type(spec).__name__}; load one with PruneSpec.load")
@@ -138,11 +150,7 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         model = shrink_(copy.deepcopy(model), spec)
     hf, where = find_hf_model(model)
     task_model = _is_task_model(model)
-    if not task_model:
-        outside = _n_params(model) - _n_params(hf)
-        if outside:
-            log.warning("only the Hugging Face model at %r is saved; %d parameters of %s outside it are not",
-                        where or "<root>", outside, type(model).__name__)
+    own = {} if task_model else _own_state(model, where)
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
@@ -154,8 +162,42 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         spec.save(tmp / SPEC_FILE)
         if task_model:
             _save_head(model, tmp)
+        if own:
+            _save_own_head(model, where, own, tmp)
     log.info("saved pruned %s (%d parameters) to %s", type(model).__name__, _n_params(model), path)
+    if own:
+        log.info("saved the %d tensor(s) of %s outside its Hugging Face model to %s; reload with "
+                 "load_pruned(path, into=%s(...))", len(own), type(model).__name__, OWN_HEAD_FILE, type(model).__name__)
     return Path(path)
+
+
+def _class_path(module: nn.Module) -> str:
+    return f"{type(module).__module__}:{type(module).__qualname__}"
+
+
+def _own_state(model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """The entries of ``model.state_dict()`` outside the HF model at ``where`` (nothing when ``model`` is it)."""
+    if not where:
+        return {}
+    prefix = where + "."
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    bad = [k for k, v in own.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{type(model).__name__} has state outside its Hugging Face model that is not a tensor "
+                         f"({bad[:3]}), which safetensors cannot hold; save_pruned(model.{where}, ...) saves the "
+                         "Hugging Face model alone, and save the rest yourself")
+    return own
+
+
+def _save_own_head(model: nn.Module, where: str, own: dict[str, torch.Tensor], folder: Path) -> None:
+    """``own_head.safetensors`` (the tensors outside the HF model) + ``own_head.json`` (where the HF model sits)."""
+    from safetensors.torch import save_file
+
+    from taskprune.io import atomic_write_json
+
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in own.items()}, str(folder / OWN_HEAD_FILE))
+    atomic_write_json(folder / OWN_HEAD_META, {"format": OWN_HEAD_FORMAT, "class": _class_path(model),
+                                               "hf_path": where})
 
 
 def _drops(spec: PruneSpec) -> bool:
@@ -176,17 +218,28 @@ def _save_head(task_model: nn.Module, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def load_pruned(path: str | os.PathLike, model_class=None) -> nn.Module:
+def load_pruned(path: str | os.PathLike, model_class=None, into: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned`; returns it in eval mode.
 
     Args:
         path: the folder written by :func:`save_pruned`.
         model_class: a ``transformers`` model class or Auto class to build (default: ``config.architectures[0]``,
             looked up in ``transformers``; remote code is never run).
+        into: for a folder saved from a module of your own (an encoder plus your head: ``own_head.safetensors``),
+            an instance of that module, built as you build it (its encoder may be dense or random). The pruned HF
+            model replaces the one at the saved path inside it, and its tensors outside that (your head) are loaded
+            from ``own_head.safetensors``, after checking that the names and shapes match. No code is imported.
 
-    Returns the Hugging Face model, or a :class:`taskprune.models.multitask.TaskModel` when the folder holds a task head.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a corrupt file or a config, spec and
-    weights that do not agree, each naming the file.
+    Returns, in eval mode:
+
+    * ``into`` (the same object, modified in place) when ``into`` is given;
+    * a :class:`taskprune.models.multitask.TaskModel` (encoder + task head) when the folder holds ``tasks.json``;
+    * otherwise the Hugging Face model that was saved, as its own class (``config.architectures[0]``): the whole
+      ``*ForSequenceClassification`` with its head when that is what was pruned, but only the bare encoder when
+      it was saved from a module of your own, whose head is not in it (a ``UserWarning`` says so; pass ``into``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a corrupt file, a config, spec and
+    weights that do not agree, or an ``into`` whose tensors do not match the folder's, each naming the file.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -195,6 +248,7 @@ def load_pruned(path: str | os.PathLike, model_class=None) -> nn.Module:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{str(folder / name)!r} is missing; {str(folder)!r} is not a complete folder "
                                     "written by taskprune.export.save_pruned")
+    own = _read_own_head(folder, into)  # checked before the model is built
     spec = PruneSpec.load(folder / SPEC_FILE)
     config = _dense_config(folder, spec)
     cls = _model_class(config, model_class, folder)
@@ -207,9 +261,90 @@ def load_pruned(path: str | os.PathLike, model_class=None) -> nn.Module:
     shrink_(model, spec)
     _load_state(model, state, source)
     model.eval()
+    if into is not None:
+        return _into(into, model, own, folder)
     if (folder / TASKS_FILE).is_file():
         return _task_model(model, folder)
+    if own is not None:
+        warnings.warn(f"{str(folder)!r} was saved from {own['class']} (a module of your own holding this model at "
+                      f"{own['hf_path']!r}); load_pruned returns the bare {type(model).__name__} without your head. "
+                      f"Pass into={own['class'].rpartition(':')[2]}(...) to get your module with its head back",
+                      UserWarning, stacklevel=2)
     return model
+
+
+def _read_own_head(folder: Path, into: nn.Module | None) -> dict | None:
+    """``own_head.json`` (+ the tensors of ``own_head.safetensors`` when ``into`` is given), or ``None``; checks
+    ``into`` against them before anything is built."""
+    meta_file, file = folder / OWN_HEAD_META, folder / OWN_HEAD_FILE
+    if into is not None and not isinstance(into, nn.Module):
+        raise TypeError(f"into must be your own nn.Module (an instance of the module save_pruned saved), got "
+                        f"{type(into).__name__}")
+    if into is not None and (folder / TASKS_FILE).is_file():
+        raise ValueError(f"{str(folder)!r} holds a TaskModel (tasks.json), which load_pruned rebuilds itself; leave "
+                         "into= out")
+    if not meta_file.is_file():
+        if into is None:
+            return None
+        _, where = find_hf_model(into)
+        if not where:
+            raise ValueError(f"into must be a module of your own that holds a Hugging Face model; "
+                             f"{type(into).__name__} is one itself: call load_pruned without into=")
+        outside = [k for k in into.state_dict() if not k.startswith(where + ".")]
+        if outside:
+            raise ValueError(f"{str(folder)!r} holds no {OWN_HEAD_FILE}: it was saved from a Hugging Face model, not "
+                             f"from a module of your own, so {type(into).__name__}'s tensors outside it "
+                             f"({outside[:3]}) would stay as built; call load_pruned without into= and put the "
+                             "model into your module yourself")
+        return {"class": _class_path(into), "hf_path": where, "state": {}}
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != OWN_HEAD_FORMAT or not isinstance(meta.get("hf_path"), str) or not meta["hf_path"]:
+            raise ValueError(f"format {meta.get('format')!r}, hf_path {meta.get('hf_path')!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{str(meta_file)!r} is not an own-head description written by save_pruned ({e}); export "
+                         "the model again") from None
+    if into is None:
+        return meta
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing; {str(meta_file)!r} says the folder holds your head")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") \
+            from None
+    where = meta["hf_path"]
+    try:
+        into.get_submodule(where)
+    except AttributeError:
+        raise ValueError(f"{str(folder)!r} was saved from {meta['class']} with its Hugging Face model at {where!r}, "
+                         f"but {type(into).__name__} has no submodule {where!r}; pass an instance of "
+                         f"{meta['class']}") from None
+    mine = {k: v for k, v in into.state_dict().items() if not k.startswith(where + ".")}
+    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    shapes = [f"{k}: file {tuple(state[k].shape)}, yours {tuple(mine[k].shape)}" for k in state
+              if k in mine and tuple(state[k].shape) != tuple(mine[k].shape)]
+    parts = [f"{what} {found[:3]}{' ...' if len(found) > 3 else ''}" for what, found in
+             (("not in the file:", missing), ("not in your module:", unexpected), ("other shapes:", shapes)) if found]
+    if parts:
+        raise ValueError(f"{type(into).__name__} does not match the head saved in {str(file)!r} (from "
+                         f"{meta['class']}): {'; '.join(parts)}. Build into= as the saved module was built (same "
+                         "class and head sizes)")
+    return {**meta, "state": state}
+
+
+def _into(into: nn.Module, model: nn.Module, own: dict, folder: Path) -> nn.Module:
+    """``into`` with the pruned HF model at ``own["hf_path"]`` and its own tensors loaded; eval mode."""
+    parent, _, name = own["hf_path"].rpartition(".")
+    setattr(into.get_submodule(parent) if parent else into, name, model)
+    if own["state"]:
+        into.load_state_dict(own["state"], strict=False)  # names and shapes checked in _read_own_head
+    log.info("loaded the pruned %s and %d tensor(s) of your module from %s into %s", type(model).__name__,
+             len(own["state"]), folder, type(into).__name__)
+    return into.eval()
 
 
 def _dense_config(folder: Path, spec: PruneSpec):
@@ -236,6 +371,11 @@ def _dense_config(folder: Path, spec: PruneSpec):
             raise ValueError(f"{str(file)!r} records taskprune_widths that differ from the kept widths of "
                              f"{str(folder / SPEC_FILE)!r}: {'; '.join(diffs[:3])}. The folder mixes files of two "
                              "exports; export the model again with save_pruned")
+    recorded = getattr(config, SHRUNK_BY, None)
+    if recorded is not None and recorded != spec.identity():
+        raise ValueError(f"{str(file)!r} was written for a model shrunk by spec {recorded}, but "
+                         f"{str(folder / SPEC_FILE)!r} is spec {spec.identity()} (same widths, other units): the "
+                         "folder mixes files of two exports. Export the model again with save_pruned")
     adapter_for(config.model_type).dense_config_(config, fp)
     return config
 

@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from taskprune.arch import UNIT_KINDS, get_architecture
+from taskprune.arch import UNIT_KINDS, find_base, get_architecture
 from taskprune.io import atomic_write_json
 
 FORMAT = "taskprune.spec/1"
 
 # fingerprint fields compared by PruneSpec.validate, besides the unit counts ("heads", "neurons")
 _SHAPE_FIELDS = ("head_dim", "group_size", "d_model", "gated")
+#: config field set by :func:`taskprune.surgery.shrink_`: the :meth:`PruneSpec.identity` of the spec that shrank it
+SHRUNK_BY = "taskprune_spec_id"
 
 
 @dataclass
@@ -81,20 +83,40 @@ class PruneSpec:
             if not isinstance(value, expected):
                 raise TypeError(f"{name} must be a {expected.__name__}, got {type(value).__name__}")
         self.keep = {kind: self._check_kind(kind, blocks) for kind, blocks in self.keep.items()}
+        if not isinstance(self.scales, dict):
+            raise TypeError(f"scales must be a dict {{kind: {{block: [one float per kept unit]}}}}, got "
+                            f"{type(self.scales).__name__} ({_short(self.scales)}); fix it, or remove 'scales' "
+                            "(scale 1 everywhere)")
         self.scales = {kind: self._check_scales(kind, blocks) for kind, blocks in self.scales.items()}
 
     def _check_scales(self, kind: str, blocks) -> dict[str, list[float]]:
-        if kind not in UNIT_KINDS or not isinstance(blocks, dict):
-            raise ValueError(f"scales must be {{kind: {{block: [floats]}}}} with kind in {list(UNIT_KINDS)}; got "
-                             f"kind {kind!r} -> {type(blocks).__name__}")
+        if kind not in UNIT_KINDS:
+            raise ValueError(f"scales names unit kind {kind!r}; allowed: {list(UNIT_KINDS)} (scales must be "
+                             "{kind: {block: [floats]}})")
+        if not isinstance(blocks, dict):
+            raise TypeError(f"scales[{kind!r}] is a {type(blocks).__name__} ({_short(blocks)}), not a dict "
+                            "{block: [one float per kept unit]}; fix it, or remove it (scale 1)")
         out = {}
         for name, values in blocks.items():
+            where = f"scales[{kind!r}][{name!r}]"
+            if name not in self.fingerprint[kind]:
+                known = list(self.fingerprint[kind])
+                raise ValueError(f"{where} names a block the model does not have (its {kind} blocks: {known[:4]}"
+                                 f"{' ...' if len(known) > 4 else ''}); remove it, or fix the block name")
             n_kept = len(self.kept(kind, name))
+            fix = (f"give one finite scale per kept unit ({n_kept}, a list in keep order), or remove the block from "
+                   "scales (scale 1)")
+            if not isinstance(values, (list, tuple)):
+                raise TypeError(f"{where} is a {type(values).__name__} ({_short(values)}), not a list; {fix}")
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+            if bad:
+                raise TypeError(f"{where} holds non-number value(s) {', '.join(_short(v) for v in bad[:3])}; {fix}")
             values = [float(v) for v in values]
-            if len(values) != n_kept or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"scales[{kind!r}][{name!r}] has {len(values)} value(s) (finite: "
-                                 f"{all(math.isfinite(v) for v in values)}) for {n_kept} kept unit(s); give one finite "
-                                 "scale per kept unit, in keep order")
+            if len(values) != n_kept:
+                raise ValueError(f"{where} has {len(values)} value(s) for {n_kept} kept unit(s); {fix}")
+            nonfinite = [v for v in values if not math.isfinite(v)]
+            if nonfinite:
+                raise ValueError(f"{where} holds non-finite value(s) {nonfinite[:3]}; {fix}")
             out[name] = values
         return out
 
@@ -158,6 +180,15 @@ class PruneSpec:
             fp[kind] = {name: len(self.kept(kind, name)) for name in self.fingerprint[kind]}
         return fp
 
+    def identity(self) -> str:
+        """``"sha256:<hex>"`` of what :func:`~taskprune.surgery.shrink_` does with this spec: the dense fingerprint and
+        every block's removed indices. Equal for two specs that cut the same units (scales, method, budget and meta
+        aside); ``shrink_`` records it in the model's config (``config.taskprune_spec_id``)."""
+        drop = {kind: {name: self.drop(kind, name) for name in self.fingerprint[kind] if self.drop(kind, name)}
+                for kind in UNIT_KINDS}
+        text = json.dumps({"fingerprint": self.fingerprint, "drop": drop}, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
     def _check_block(self, kind: str, name: str) -> None:
         _check_kind_name(kind)
         if name not in self.fingerprint[kind]:
@@ -170,13 +201,21 @@ class PruneSpec:
 
         Returns ``"dense"`` when the model has the widths the spec was made for, ``"shrunk"`` when it already has the
         widths this spec leaves (a spec that drops nothing gives ``"dense"``). Raises ``ValueError`` naming the first
-        differences otherwise.
+        differences otherwise, and for a model that :func:`~taskprune.surgery.shrink_` shrank by *another* spec of
+        the same widths (its ``config.taskprune_spec_id``): this spec's indices would describe other units.
         """
         fp = get_architecture(model).fingerprint()
         if _same(fp, self.fingerprint):
             return "dense"
         shrunk = self.shrunk_fingerprint()
         if _same(fp, shrunk):
+            recorded = getattr(getattr(find_base(model)[0], "config", None), SHRUNK_BY, None)
+            if recorded is not None and recorded != self.identity():
+                raise ValueError(
+                    f"this model was shrunk by another spec ({recorded}; this one is {self.identity()}): the widths "
+                    "match but the kept units differ, so this spec's indices would describe other weights. Pass the "
+                    "spec given to shrink_, or apply this one to a fresh copy of the dense model"
+                )
             return "shrunk"
         diffs = fingerprint_diff(self.fingerprint, fp)
         also = ""
@@ -211,8 +250,13 @@ class PruneSpec:
         missing = [k for k in ("keep", "fingerprint") if k not in d]
         if missing:
             raise ValueError(f"{source} lacks field(s) {missing}; a spec needs 'keep' and 'fingerprint'")
-        return cls(keep=d["keep"], fingerprint=d["fingerprint"], method=d.get("method", ""),
-                   budget=d.get("budget", {}), meta=d.get("meta", {}), scales=d.get("scales", {}))
+        try:
+            return cls(keep=d["keep"], fingerprint=d["fingerprint"], method=d.get("method", ""),
+                       budget=d.get("budget", {}), meta=d.get("meta", {}), scales=d.get("scales", {}))
+        except (TypeError, ValueError) as e:
+            if source == "the given dict":
+                raise
+            raise type(e)(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the spec as JSON (atomically: readers see the old file or the new one)."""
@@ -237,6 +281,11 @@ class PruneSpec:
                 "PruneSpec.save"
             ) from None
         return cls.from_dict(d, source=repr(str(path)))
+
+
+def _short(value, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _check_kind_name(kind: str) -> None:

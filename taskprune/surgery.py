@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from taskprune.arch import (Adapter, Architecture, AttentionBlock, FFNBlock, accepts_empty_input, feature_dim, find_base,
                             get_architecture, is_projection, known_projections, set_features_, unit_channels)
 from taskprune.gates import Gates
-from taskprune.spec import PruneSpec
+from taskprune.spec import SHRUNK_BY, PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ def shrink_(model: nn.Module, spec: PruneSpec) -> nn.Module:
     The per-block widths are recorded in ``config.taskprune_widths`` (``{"heads": {block: n_kept_units},
     "neurons": {...}}``); where every block of a kind keeps the same count and Hugging Face would then build the same
     shapes, the adapter updates the standard config fields too (:meth:`taskprune.arch.Adapter.record_widths_`: the
-    feed-forward width for every family; head counts where the config can say so).
+    feed-forward width for every family; head counts where the config can say so). The spec's
+    :meth:`~taskprune.spec.PruneSpec.identity` is recorded in ``config.taskprune_spec_id``: ``spec.validate`` (so
+    ``save_pruned``, ``fold_scales_`` and a second ``shrink_``) then refuses another spec of the same widths.
     """
     _check_spec(spec)
     state = spec.validate(model)
@@ -196,12 +198,14 @@ def _slice(m: nn.Module, index: Tensor, dim: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- config
 def _record_widths(base: nn.Module, arch: Architecture, spec: PruneSpec) -> None:
-    """``config.taskprune_widths`` (kept units per block), and the adapter's standard fields where widths are uniform."""
+    """``config.taskprune_widths`` (kept units per block), ``config.taskprune_spec_id`` (the spec's identity), and the
+    adapter's standard fields where widths are uniform."""
     widths = {
         "heads": {b.name: len(spec.kept("heads", b.name)) for b in arch.attention},
         "neurons": {b.name: len(spec.kept("neurons", b.name)) for b in arch.ffn},
     }
     base.config.taskprune_widths = widths
+    setattr(base.config, SHRUNK_BY, spec.identity())
     arch.adapter.record_widths_(base.config, arch, widths)
 
 
