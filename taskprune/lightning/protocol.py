@@ -12,19 +12,20 @@ implements what it needs (see ``examples/own_project``)::
             ids, mask, y = batch
             return {"input_ids": ids, "attention_mask": mask, "labels": y}
 
-A model whose head is not a transformers ``*ForSequenceClassification`` (an encoder plus a linear layer of your own)
-gives the callback its own target, a callable ``(outputs, batch) -> [batch]`` tensor to attribute, and, when
-``model(**batch)`` is not how it runs, a ``forward_fn``::
+A model with a head of its own (an encoder plus a linear layer) needs nothing more when ``model(**inputs)`` returns
+logits (a tensor or an object with ``.logits``): the default target reads them. Only other outputs need a target of
+your own, a callable ``(outputs, batch) -> [batch]`` tensor to attribute, and, when ``model(**batch)`` is not how it
+runs, a ``forward_fn``::
 
     def my_target(outputs, batch):             # outputs: whatever forward_fn returns
-        return outputs.log_softmax(-1).gather(1, batch["labels"][:, None])[:, 0]
+        return outputs["scores"].log_softmax(-1).gather(1, batch["labels"][:, None])[:, 0]
 
     TaskPruning(attribution=AttributionConfig(target=my_target), budget=Budget(amount=0.4))
 
 Rows held out from calibration, whose task loss chooses the heads / neurons split of the mask search
-(``TuningConfig(allocate="auto" | "loss")``), come from a ``holdout_dataloader()`` on the *datamodule* (as
+(``Budget(split="auto" | "loss")``), come from a ``holdout_dataloader()`` on the *datamodule* (as
 :class:`~taskprune.lightning.data.TaskDataModule` serves them; ``None`` when there are none) or, failing that, on the module.
-Without one, ``allocate="auto"`` keeps Kwon et al.'s split by total score.
+Without one, ``split="auto"`` keeps Kwon et al.'s split by total score.
 
 ``isinstance(module, PruningModule)`` (runtime checkable) tells whether a module has *every* hook; the callback
 itself needs only ``pruning_model``.
