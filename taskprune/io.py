@@ -1,12 +1,15 @@
 """Atomic file writes (a reader sees the old file or the new one, never a half-written one), with the user's umask;
-the marker that says a folder was written by taskprune; the lock that keeps one run per output folder."""
+the marker that says a folder was written by taskprune; the lock that keeps one run per output folder; why a path
+given as a file is not one."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +21,30 @@ MARKER = ".taskprune"
 ``{"kind": ...}``. ``overwrite`` replaces only a folder that holds the marker of the same kind."""
 LOCK = ".taskprune.lock"
 """The lock file of a run in its ``output_dir`` (JSON: pid, host, start time), created with ``O_EXCL``."""
+PARTIAL = ".taskprune.partial"
+"""The owner record (JSON: pid, host) inside a folder :func:`atomic_dir` is still writing; removed just before the
+folder is renamed into place. A hidden ``.<name>.*.tmp`` folder that still holds it was left by a killed writer."""
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file, as the end of a sentence (``"is a folder, not a file"``, ``"is a
+    symbolic link loop"``, ``"does not exist"``...); ``None`` for a regular file (through any links)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop (following its links leads back to a link already followed)"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a pipe, socket or device)"
+    return None
 
 
 def umask() -> int:
@@ -116,12 +143,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, marker: str | N
     if marker is not None:
         check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~umask())
+        _write_owner(tmp / PARTIAL)
         yield tmp
         if marker is not None:
             write_marker(tmp, marker)
+        (tmp / PARTIAL).unlink(missing_ok=True)
         _umask_modes(tmp)
         if path.exists() and _exchange(tmp, path):  # one atomic swap: `path` is never missing
             shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
@@ -135,6 +165,43 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, marker: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def partial_dirs(path: str | os.PathLike) -> list[Path]:
+    """The hidden folders :func:`atomic_dir` leaves beside ``path`` when its process is killed: ``.<name>.*.tmp`` (a
+    half-written copy, or the old folder after the swap) and ``.<name>.*.old``. No loader reads them."""
+    import glob
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*")
+                  if p.suffix in (".tmp", ".old") and p.is_dir() and not p.is_symlink())
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete the :func:`partial_dirs` of ``path`` whose writer (their :data:`PARTIAL` record) was a process of this
+    host that is no longer running; return them. Folders of a running writer, of another host or without the record
+    (the writer was past its last step) are left alone."""
+    import socket
+
+    removed = []
+    for folder in partial_dirs(path):
+        try:
+            owner = json.loads((folder / PARTIAL).read_text())
+        except (OSError, ValueError):
+            continue
+        pid = owner.get("pid") if isinstance(owner, dict) else None
+        if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _write_owner(path: Path) -> None:
+    import socket
+
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
 
 
 def _umask_modes(folder: Path) -> None:

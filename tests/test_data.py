@@ -307,3 +307,73 @@ def test_holdout_rows_follow_the_calibration_draw_and_never_overlap_it():
     for kw in ({"calib_samples": 20}, {"calib_samples": None, "calib_per_class": 4}, {"calib_samples": None}):
         off = TaskDataModule("sst2", **kw)
         assert off.holdout_samples == 0 and off.holdout_dataloader() is None, kw
+
+
+# ------------------------------------------------------------------------------ #22: files, cache, arguments
+def csv_task(tmp_path: Path, files: str = "train.csv") -> dict:
+    split = {"files": files, "text": "text", "label": "label", "label_map": {"0": "negative", "1": "positive"}}
+    return {"name": "reviews", "labels": ["negative", "positive"], "metrics": ["accuracy"], "data_dir": str(tmp_path),
+            "train": split, "eval": split}
+
+
+def test_a_data_file_rewritten_with_its_old_mtime_is_read_again(tmp_path, monkeypatch):
+    """Was: datasets keys its Arrow cache on the path and modification time, so a file replaced by ``cp -p``,
+    ``rsync -a`` or ``tar x`` (same size here, mtime kept) was read from the stale cache."""
+    monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path / "train.csv", "text,label\ngood,1\nbad,0\n")
+    old = os.stat(path)
+    assert load_split(csv_task(tmp_path), "train")["sentence"] == ["good", "bad"]
+    write(path, "text,label\nnice,1\nsad,0\n")
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert os.stat(path).st_size == old.st_size and os.stat(path).st_mtime_ns == old.st_mtime_ns
+    assert load_split(csv_task(tmp_path), "train")["sentence"] == ["nice", "sad"]
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("folder", "is a folder, not a file"),
+    ("link loop", r"is a symbolic link loop \(following its links leads back to a link already followed\)"),
+    ("broken link", r"is a symbolic link to '.*gone.csv', which does not exist"),
+])
+def test_a_data_file_that_is_a_folder_or_a_bad_link_is_named(tmp_path, kind, problem):
+    """Was: "not found" for all three (the folder and the link exist)."""
+    path = tmp_path / "train.csv"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "link loop":
+        os.symlink(path, path)
+    else:
+        os.symlink(tmp_path / "gone.csv", path)
+    with pytest.raises(ValueError, match=rf"task 'reviews', train: data file '{path}' {problem}; `files:` must name "
+                                         r"data files \(csv, tsv, json, jsonl, parquet\)"):
+        load_split(csv_task(tmp_path), "train")
+
+
+def test_a_negative_calib_seed_is_refused_when_the_datamodule_is_built():
+    """Was: numpy's "expected non-negative integer" when the calibration rows were drawn."""
+    with pytest.raises(ValueError, match=r"calib_seed must be an int >= 0 \(numpy's random generators take no negative "
+                                         r"seed\), got -1; e.g. calib_seed=1"):
+        TaskDataModule("sst2", calib_seed=-1)
+
+
+def test_holdout_rows_when_calibration_takes_every_row_are_refused_naming_the_sizes():
+    """Was: datasets' "Failed to concatenate on axis=1 because tables don't have the same number of rows"."""
+    n = len(load_split("sst2", "train"))
+    dm = TaskDataModule("sst2", calib_samples=n + 5, holdout_samples=8)
+    with pytest.raises(ValueError, match=rf"holdout_samples=8: the calibration draw \(calib_samples={n + 5}\) "
+                                         rf"already takes every one of the {n} rows of the train split of task "
+                                         r"'sst2' \(.*\), so no row is left to hold out\. Lower calib_samples "
+                                         rf"\(at most {n - 8} leaves 8 rows held out\), or set holdout_samples=0"):
+        dm.setup()
+    assert dm.calib_set is None
+
+
+def test_the_calibration_fingerprint_follows_the_rows(tmp_path):
+    def fingerprint_of(**kw) -> str:
+        return TaskDataModule(csv_task(tmp_path), **{"calib_samples": None, **kw}).calibration_fingerprint()
+
+    write(tmp_path / "train.csv", "text,label\ngood,1\nbad,0\nfine,1\nawful,0\n")
+    every = fingerprint_of()
+    assert every.startswith("sha256:") and every == fingerprint_of()
+    assert fingerprint_of(calib_samples=2) != fingerprint_of(calib_samples=2, calib_seed=3) != every
+    write(tmp_path / "train.csv", "text,label\ngood,1\nbad,0\nfine,0\nawful,0\n")  # one label changed
+    assert fingerprint_of() != every

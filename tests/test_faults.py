@@ -592,3 +592,200 @@ def test_an_ood_set_of_one_class_reports_accuracy_and_says_mcc_is_undefined(tmp_
     console = Console(width=200, record=True)
     console.print(comparison_table(mod.results))
     assert "MCC undefined: every row of 'shop' is 'positive'" in console.export_text()
+
+
+# ------------------------------------------------------------------------------ #22: resume checks, files, exports
+def fit_with_checkpoint(out: Path, mod=None, dm=None, **cb) -> None:
+    """A calibration (8 rows, 2 batches) that keeps its ``calibration.ckpt`` (as a run killed after its last
+    checkpoint would)."""
+    fit(out, mod or module(attribution=AttributionConfig(steps=1)), dm or datamodule(n=8),
+        checkpoint_every=1, keep_checkpoint=True, **cb)
+
+
+@pytest.mark.parametrize("other", ["same shapes", "other shapes"])
+def test_a_resume_with_another_model_is_refused_before_its_weights_are_loaded(model_dir, tmp_path, other):
+    """Was: the other model silently took the checkpoint's weights (same shapes; the export was the checkpoint's
+    model), or a size-mismatch traceback (other shapes)."""
+    other_dir = tmp_path / "other_model"
+    model = tiny_classifier(seed=1) if other == "same shapes" else bert_with(intermediate_size=40)
+    model.save_pretrained(other_dir)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(other_dir)
+    out = tmp_path / "run"
+    cli_run("fit", model_dir, out, "--pruning.checkpoint_every", "1", "--pruning.keep_checkpoint", "true")
+    spec = (out / "spec.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"cannot resume from '{out / 'calibration.ckpt'}': its sums belong to "
+                                         r"other model weights \(fingerprint sha256:\w+ in the checkpoint, "
+                                         r"sha256:\w+ now: the model given is not the one the checkpoint's run "
+                                         r"calibrated\)\. .*start again without --ckpt_path$"):
+        cli_run("fit", other_dir, out, "--ckpt_path", str(out / "calibration.ckpt"))
+    assert (out / "spec.json").read_bytes() == spec
+    cli_run("fit", model_dir, out, "--ckpt_path", str(out / "calibration.ckpt"))  # its own model resumes
+
+
+def test_a_cli_resume_with_other_attribution_settings_is_refused_not_silently_given_the_checkpoints(model_dir,
+                                                                                                     tmp_path):
+    """Was: LightningCLI replaced --model.attribution.* with the checkpoint's hyperparameters, so the resume ran with
+    steps=1 while the command said steps=2."""
+    out = tmp_path / "run"
+    cli_run("fit", model_dir, out, "--model.attribution.method", "ig", "--model.attribution.steps", "1",
+            "--pruning.checkpoint_every", "1", "--pruning.keep_checkpoint", "true")
+    with pytest.raises(ValueError, match=r"cannot resume calibration from this checkpoint: it was written with "
+                                         r"steps=1 \(now 2\)"):
+        cli_run("fit", model_dir, out, "--model.attribution.method", "ig", "--model.attribution.steps", "2",
+                "--ckpt_path", str(out / "calibration.ckpt"))
+
+
+def resume(out: Path, mod, dm=None, **cb) -> None:
+    trainer([TaskPruning(output_dir=str(out), apply="none", **cb)]).fit(mod, dm or datamodule(n=8),
+                                                                       ckpt_path=str(out / "calibration.ckpt"))
+
+
+def bert_with(**cfg):
+    torch.manual_seed(0)
+    base = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=128, num_labels=2)
+    return tf.BertForSequenceClassification(tf.BertConfig(**{**base, **cfg})).eval()
+
+
+def test_a_python_resume_with_another_model_of_the_same_shapes_is_refused(tmp_path):
+    fit_with_checkpoint(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(ValueError, match=r"its sums belong to other model weights \(fingerprint"):
+        resume(tmp_path, module(tiny_classifier(seed=1), attribution=AttributionConfig(steps=1)))
+    assert listing(tmp_path) == before  # refused before any batch or write
+
+
+def rows_task(tmp_path: Path, words: list[str]) -> dict:
+    """A task over ``tmp_path/train.csv``: one row per word, labels alternating."""
+    rows = "".join(f"{w} film,{i % 2}\n" for i, w in enumerate(words))
+    (tmp_path / "train.csv").write_text("text,label\n" + rows)
+    split = {"files": "train.csv", "text": "text", "label": "label", "label_map": {"0": "negative", "1": "positive"}}
+    return {"name": "reviews", "labels": ["negative", "positive"], "metrics": ["accuracy"], "data_dir": str(tmp_path),
+            "train": split, "eval": split}
+
+
+def test_a_resume_after_the_train_file_changed_is_refused(tmp_path):
+    """Was: the same row count passed the check, and the sums mixed old and new rows."""
+    def dm(task):
+        return TaskDataModule(task, tokenizer=TOKENIZER, calib_samples=8, batch_size=4, ood=[])
+
+    task = rows_task(tmp_path, ["good", "bad", "fine", "awful", "great", "dull", "nice", "poor"])
+    out = tmp_path / "run"
+    fit_with_checkpoint(out, module(task=task, attribution=AttributionConfig(steps=1)), dm(task))
+    before = listing(out)
+    task = rows_task(tmp_path, ["lovely", "vile", "neat", "grim", "superb", "bleak", "sweet", "weak"])
+    mod = module(task=task, attribution=AttributionConfig(steps=1))
+    with pytest.raises(ValueError, match=r"its sums belong to other calibration rows \(data fingerprint sha256:\w+ in "
+                                         r"the checkpoint, sha256:\w+ now: the train file changed, or calib_samples / "
+                                         r"calib_per_class / calib_seed\)"):
+        resume(out, mod, dm(task))
+    assert listing(out) == before
+
+
+def test_a_checkpoint_without_a_record_resumes_with_one_warning(tmp_path, caplog):
+    from taskprune.lightning.callback import RUN_KEY
+
+    fit_with_checkpoint(tmp_path)
+    ckpt = tmp_path / "calibration.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert set(state[RUN_KEY]) == {"task", "weights", "data", "attribution", "max_length"}
+    del state[RUN_KEY]  # as taskprune before 0.2 wrote it
+    torch.save(state, ckpt)
+    with caplog.at_level("WARNING"):
+        resume(tmp_path, module(attribution=AttributionConfig(steps=1)))
+    assert caplog.text.count("holds no record of the model, data and settings its sums belong to") == 1
+
+
+def test_the_spec_records_the_calibration_rows_fingerprint(tmp_path):
+    dm = datamodule(n=8)
+    fit(tmp_path / "a", dm=dm)
+    meta = PruneSpec.load(tmp_path / "a" / "spec.json").meta
+    assert meta["data"] == dm.calibration_fingerprint() and meta["data"].startswith("sha256:")
+    assert meta["task"] == "sst2" and meta["weights"].startswith("sha256:")  # F15's fields, as before
+    assert datamodule(n=8, calib_seed=1).calibration_fingerprint() != meta["data"]
+
+
+@pytest.mark.parametrize("kind", ["latin-1 bytes", "folder", "link loop"])
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys, kind):
+    from taskprune.lightning.cli import main
+
+    path = tmp_path / "config.yaml"
+    if kind == "latin-1 bytes":
+        path.write_bytes("data:\n  task: sst2 # café\n".encode("latin-1"))
+        match = (rf"--config '{path}' is not UTF-8 text: byte 0xe9 at line 2, column 19 \(' task: sst2 # café' if "
+                 r"read as latin-1\); save it as UTF-8")
+    elif kind == "folder":
+        path.mkdir()
+        match = rf"--config '{path}' is a folder, not a file; pass a YAML config file"
+    else:
+        os.symlink(tmp_path / "b.yaml", path)
+        os.symlink(path, tmp_path / "b.yaml")
+        match = rf"--config '{path}' is a symbolic link loop"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), "--print_config"], one_line_errors=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert __import__("re").match("taskprune: error: " + match, err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["folder", "link loop"])
+def test_a_spec_path_or_ckpt_path_that_is_not_a_file_is_named(model_dir, tmp_path, kind):
+    path = tmp_path / "spec.json"
+    if kind == "folder":
+        path.mkdir()
+        problem = "is a folder, not a file"
+    else:
+        os.symlink(path, path)
+        problem = r"is a symbolic link loop \(following its links leads back to a link already followed\)"
+    with pytest.raises(ValueError, match=rf"spec_path '{path}' {problem}; point spec_path at a spec.json written by "
+                                         "fit"):
+        cli_run("test", model_dir, tmp_path / "run", "--pruning.spec_path", str(path))
+    with pytest.raises(ValueError, match=rf"ckpt_path '{path}' {problem}; pass the calibration checkpoint file"):
+        cli_run("fit", model_dir, tmp_path / "run", "--ckpt_path", str(path))
+    assert not (tmp_path / "run" / "spec.json").exists()
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import transformers as tf
+from test_faults import fit
+
+def killed(self, folder, *args, **kw):
+    (Path(folder) / "config.json").write_text("{{}}")  # part of the export is written, then the process is killed
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tf.PreTrainedModel.save_pretrained = killed
+fit(Path({out!r}), apply="shrink", export_dir={export!r})
+"""
+
+
+def test_a_run_killed_during_its_export_is_named_on_the_rerun_and_its_partial_copy_removed(tmp_path):
+    """Was: the rerun said only "already holds a spec from an earlier run", and the killed export's hidden copy stayed
+    beside the export folder for good."""
+    from taskprune.export import load_pruned
+    from taskprune.io import PARTIAL
+
+    out, export = tmp_path / "run", tmp_path / "pruned"
+    script = KILLED_EXPORT.format(tests=str(Path(__file__).parent), out=str(out), export=str(export))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".pruned.")]
+    assert (out / "spec.json").is_file() and not export.exists() and len(partial) == 1
+    assert (partial[0] / PARTIAL).is_file()
+    spec = (out / "spec.json").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{out / 'spec.json'} already holds a spec from an earlier run, but "
+                                              rf"export_dir '{export}' holds no export of it \(the folder is missing: "
+                                              r"that run stopped before its export finished, or had no export; it left "
+                                              rf"the partial copy '{partial[0]}' beside it, which no loader reads: "
+                                              r"remove it, or the next export into that folder removes it\)\. Nothing "
+                                              r"was changed\. Export that spec without calibrating again: "
+                                              r"taskprune\.export\.save_pruned\(model, PruneSpec\.load\("):
+        fit(out, apply="shrink", export_dir=str(export))
+    assert (out / "spec.json").read_bytes() == spec and partial[0].is_dir()
+    fit(out, apply="shrink", export_dir=str(export), overwrite=True)
+    assert load_pruned(export) is not None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pruned.")] == []
+    assert not (export / PARTIAL).exists()

@@ -13,6 +13,9 @@ Protocol for any LightningModule (``AttributionModule`` implements it; so can yo
 - ``keep_dense_copy()``, ``spec`` and ``spec_mode`` (optional): for side-by-side evaluation and checkpoints.
 - ``holdout_dataloader()`` (optional, on the datamodule or the module; ``TaskDataModule`` has it): rows held out from
   calibration, whose task loss chooses the heads / neurons split of the mask search (``budget.split``).
+- ``calibration_fingerprint()`` (optional, on the datamodule; ``TaskDataModule`` has it): a string that changes with
+  the calibration rows, recorded in calibration checkpoints (a resume on other rows is refused) and in
+  ``spec.meta["data"]``.
 
 At the end of ``fit`` the callback runs the pipeline (:class:`taskprune.pipeline.Pipeline`: allocate, rearrange, tune
 on the scores) and selects a spec (on rank zero, broadcast so every rank applies the same), writes
@@ -36,7 +39,7 @@ from dataclasses import replace
 from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.deploy import OnnxOptions
 from taskprune.calibration import calibrate, loader_batches
-from taskprune.io import MARKER, acquire_lock, read_marker, release_lock, write_marker
+from taskprune.io import MARKER, acquire_lock, file_problem, partial_dirs, read_marker, release_lock, write_marker
 from taskprune.pipeline import PRESETS, Pipeline
 from taskprune.selection import Budget, check_budget
 from taskprune.spec import PruneSpec, weights_fingerprint
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 
 Apply = Literal["shrink", "mask", "none"]
 APPLY: tuple[str, ...] = get_args(Apply)
+
+RUN_KEY = "taskprune_run"
+"""Key of a calibration checkpoint's record of what its sums belong to (:meth:`TaskPruning.run_record`)."""
+_FREE_ON_RESUME = ("alpha_batch",)  # attribution fields that change memory use, not the sums
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -117,7 +124,9 @@ class TaskPruning(L.Callback):
             tuning read the same batches. The calibration size summed over processes is logged.
         checkpoint_every: write ``output_dir/calibration.ckpt`` (atomically) every this many calibration batches;
             resume a killed run with ``--ckpt_path <output_dir>/calibration.ckpt`` (calibration has no optimizer step,
-            so ``ModelCheckpoint(every_n_train_steps=...)`` never fires). Removed once the spec is written.
+            so ``ModelCheckpoint(every_n_train_steps=...)`` never fires). Removed once the spec is written. The
+            checkpoint records what its sums belong to (:meth:`run_record`: weights, task, calibration rows,
+            attribution, max_length); a resume with another value is refused, naming it.
         keep_checkpoint: keep ``calibration.ckpt`` after a successful run (default: removed with the spec written).
         allow_foreign_spec: at test / validate / predict, apply a spec recorded for another task or for other weights
             (``spec.meta``: ``task``, ``weights``); refused otherwise. The report then says the spec is foreign.
@@ -375,6 +384,14 @@ class TaskPruning(L.Callback):
         if ckpt_path is not None and own.exists() and Path(ckpt_path).resolve() == own.resolve():
             return
         if not self.overwrite:
+            unfinished = self._unfinished_exports(existing)
+            if unfinished:
+                raise FileExistsError(
+                    f"{existing} already holds a spec from an earlier run, but {'; and '.join(unfinished)}. Nothing "
+                    "was changed. Export that spec without calibrating again: taskprune.export.save_pruned(model, "
+                    f"PruneSpec.load({str(existing)!r}), <folder>) with the dense model; or calibrate again with "
+                    "--pruning.overwrite true (TaskPruning(overwrite=True)), or into another output_dir"
+                )
             resume = (f" (resuming from another run's checkpoint {str(ckpt_path)!r} would replace it too)"
                       if ckpt_path is not None else "")
             raise FileExistsError(
@@ -387,6 +404,33 @@ class TaskPruning(L.Callback):
                 f"{existing} was not written by a taskprune run (output_dir has no {MARKER} marker of a run), so "
                 "overwrite does not replace it; choose another output_dir, or remove that spec.json yourself"
             )
+
+    def _unfinished_exports(self, spec_file: Path) -> list[str]:
+        """For each of export_dir / onnx_dir: why it holds no export of ``spec_file`` (missing: a run stopped during
+        its export leaves the spec and no folder; or a folder of another spec), with the hidden partial copies a
+        killed export left beside it."""
+        from taskprune.export import SPEC_FILE
+
+        try:
+            spec = PruneSpec.load(spec_file).to_dict()
+        except Exception:
+            return []  # not a readable spec: the plain refusal says enough
+        found = []
+        for folder, what in ((self.export_dir, "export_dir"), (self.onnx_dir, "onnx_dir")):
+            if folder is None:
+                continue
+            try:
+                if PruneSpec.load(folder / SPEC_FILE).to_dict() == spec:
+                    continue  # finished
+            except Exception:
+                pass
+            state = ("the folder is missing: that run stopped before its export finished, or had no export"
+                     if not folder.exists() else "it holds an export of another spec")
+            partial = partial_dirs(folder)
+            left = (f"; it left the partial copy {', '.join(repr(str(p)) for p in partial)} beside it, which no loader "
+                    "reads: remove it, or the next export into that folder removes it" if partial else "")
+            found.append(f"{what} {str(folder)!r} holds no export of it ({state}{left})")
+        return found
 
     def _mark_output_dir(self) -> None:
         """Rank zero, before the first output: the marker that says taskprune writes this folder."""
@@ -438,7 +482,12 @@ class TaskPruning(L.Callback):
     def _apply_existing(self, pl_module, model, required: bool, task: str | None = None) -> None:
         path = self._spec_file()
         if self.spec is None:
-            if not path.exists():
+            problem = file_problem(path)
+            if problem is not None and problem != "does not exist":
+                what = "spec_path" if self.spec_path is not None else "the spec in output_dir"
+                raise ValueError(f"{what} {str(path)!r} {problem}; point spec_path at a spec.json written by fit "
+                                 "(--pruning.spec_path), or fix the link")
+            if problem is not None:
                 if required:
                     raise FileNotFoundError(f"spec_path {path} does not exist; run `fit` first to write it, or "
                                             "point spec_path at an existing spec.json")
@@ -518,7 +567,8 @@ class TaskPruning(L.Callback):
                            f"of prunable MACs at seq_len {spec.budget['seq_len']} "
                            f"({spec.n_kept('heads')} heads, {spec.n_kept('neurons')} neurons kept)"
                            + (f"; tuning {self.tuning.to_dict()}" if self.tuning.active else ""))
-            spec.meta.update({k: v for k, v in self._identity.items() if v is not None})  # what it was made for
+            made_for = {**self._identity, "data": self._data_fingerprint(trainer)}
+            spec.meta.update({k: v for k, v in made_for.items() if v is not None})  # what it was made for
         spec_dict = trainer.strategy.broadcast(spec.to_dict() if spec is not None else None, src=0)
         self.spec = PruneSpec.from_dict(spec_dict)
         self._calibrated = True
@@ -617,6 +667,98 @@ class TaskPruning(L.Callback):
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"spec_path": str(self._spec_file()), "applied": self.applied, "foreign": self.foreign}
+
+    @staticmethod
+    def _data_fingerprint(trainer: L.Trainer) -> str | None:
+        """The datamodule's ``calibration_fingerprint()`` (``TaskDataModule`` has it), else None."""
+        make = getattr(getattr(trainer, "datamodule", None), "calibration_fingerprint", None)
+        return make() if callable(make) else None
+
+    def run_record(self, trainer: L.Trainer, pl_module) -> dict:
+        """What a calibration's sums belong to: ``task``, ``weights`` (fingerprint of the dense model, taken in
+        ``setup``), ``data`` (the datamodule's ``calibration_fingerprint()``: the calibration rows' text and labels),
+        ``attribution`` (the config in force, less ``alpha_batch``) and ``max_length`` (the datamodule's). Written into
+        every calibration checkpoint (``checkpoint["taskprune_run"]``); a resume whose record differs is refused."""
+        length = getattr(getattr(trainer, "datamodule", None), "max_length", None)
+        config = self._config or self._resolve_attribution(pl_module)
+        return {"task": self._identity.get("task"), "weights": self._identity.get("weights"),
+                "data": self._data_fingerprint(trainer),
+                "attribution": {k: v for k, v in config.to_dict().items() if k not in _FREE_ON_RESUME},
+                "max_length": length if isinstance(length, int) and not isinstance(length, bool) else None}
+
+    @staticmethod
+    def check_resume(saved: dict | None, now: dict, path=None, warn: bool = True) -> None:
+        """Refuse (``ValueError``) to resume from the checkpoint ``path`` when its record ``saved`` differs from
+        ``now`` (:meth:`run_record`; a value either side lacks is not compared), naming each difference. A checkpoint
+        without a record (an older taskprune's) is resumed unchecked, with one warning (``warn``)."""
+        where = repr(str(path)) if path is not None else "the checkpoint"
+        if not isinstance(saved, dict):
+            if warn:
+                log.warning("taskprune: %s holds no record of the model, data and settings its sums belong to "
+                            "(written by an older taskprune), so the resume cannot check them: they must be the "
+                            "killed run's, or the scores mix two calibrations", where)
+            return
+
+        def differs(key: str) -> bool:
+            return saved.get(key) is not None and now.get(key) is not None and saved[key] != now[key]
+
+        problems = []
+        if differs("weights"):
+            problems.append(f"other model weights (fingerprint {saved['weights']} in the checkpoint, {now['weights']} "
+                            "now: the model given is not the one the checkpoint's run calibrated)")
+        if differs("task"):
+            problems.append(f"task {saved['task']!r} (now {now['task']!r})")
+        if differs("data"):
+            problems.append(f"other calibration rows (data fingerprint {saved['data']} in the checkpoint, "
+                            f"{now['data']} now: the train file changed, or calib_samples / calib_per_class / "
+                            "calib_seed)")
+        old, new = saved.get("attribution"), now.get("attribution")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed = [f"{k}={v!r} (now {new[k]!r})" for k, v in old.items() if k in new and new[k] != v]
+            if changed:
+                problems.append("attribution " + ", ".join(changed))
+        if differs("max_length"):
+            problems.append(f"max_length={saved['max_length']} (now {now['max_length']})")
+        if problems:
+            raise ValueError(
+                f"cannot resume from {where}: its sums belong to {'; '.join(problems)}. Resuming would mix them with "
+                "sums of this run's inputs. Resume with the model, data and settings of the run that wrote it, or "
+                "start again without --ckpt_path"
+            )
+
+    def check_checkpoint(self, ckpt_path, pl_module) -> None:
+        """Before Lightning restores ``ckpt_path`` into ``pl_module`` (the CLI calls it before ``fit``): a path that is
+        not a file, and a checkpoint recorded for other weights or another task, are refused here, before Lightning
+        loads the weights (another architecture's fail there with a size mismatch; another model of the same shapes
+        would silently take the checkpoint's weights). The full check runs when Lightning restores this callback."""
+        if ckpt_path is None:
+            return
+        problem = file_problem(ckpt_path)
+        if problem == "does not exist":
+            return  # Lightning names a missing checkpoint itself
+        if problem is not None:
+            raise ValueError(f"ckpt_path {str(ckpt_path)!r} {problem}; pass the calibration checkpoint file, e.g. "
+                             f"{str(self.output_dir / 'calibration.ckpt')!r}")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return  # Lightning reports an unreadable checkpoint when it loads it
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(RUN_KEY), dict):
+            task = getattr(getattr(pl_module, "task", None), "name", None)
+            now = {"weights": weights_fingerprint(self._model(pl_module)),
+                   "task": task if isinstance(task, str) else None}
+            self.check_resume(checkpoint[RUN_KEY], now, ckpt_path, warn=False)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit" and self._identity:
+            checkpoint[RUN_KEY] = self.run_record(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse to resume a calibration from a checkpoint of other inputs (:meth:`check_resume`). Lightning calls it
+        after the module's weights are restored but before any batch, lock or file."""
+        if trainer.state.fn == "fit" and self._identity:
+            self.check_resume(checkpoint.get(RUN_KEY), self.run_record(trainer, pl_module), trainer.ckpt_path,
+                              warn=trainer.is_global_zero)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.applied = state_dict.get("applied")

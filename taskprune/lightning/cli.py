@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -49,6 +50,19 @@ class TaskPruneCLI(LightningCLI):
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("model.attribution", "pruning.attribution")
         parser.link_arguments("data.max_length", "pruning.budget.seq_len")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the model's arguments with the hyperparameters saved in ``--ckpt_path``, so a resumed
+        ``fit`` would silently calibrate with the checkpoint's settings, not the ones given. For ``fit``, keep the ones
+        given: a resume whose settings differ from its checkpoint's is refused, naming them."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        pruning = next((c for c in self.trainer.callbacks if isinstance(c, TaskPruning)), None)
+        if ckpt_path is not None and pruning is not None:
+            pruning.check_checkpoint(ckpt_path, self.model)  # before Lightning loads its weights
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -104,6 +118,32 @@ BAD_INPUT = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADire
 """Exceptions that say what was given is wrong: one line and exit status 2 on the command line."""
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a ``--config`` / ``-c`` file that is a folder, a broken link or a link loop, or is not UTF-8 text, naming
+    it (jsonargparse would say "does not exist", or show the decoder's error without the file). A missing file is
+    left to jsonargparse, which names it."""
+    from taskprune.io import file_problem
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths += [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-c")]
+    for path in paths:
+        problem = file_problem(path)
+        if problem == "does not exist":
+            continue
+        if problem is not None:
+            raise ValueError(f"--config {path!r} {problem}; pass a YAML config file, e.g. configs/sst2.yaml")
+        data = Path(path).read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            start = data.rfind(b"\n", 0, e.start) + 1  # of the line
+            line, column = data.count(b"\n", 0, e.start) + 1, e.start - start + 1
+            seen = data[max(start, e.start - 20):e.start + 1].decode("latin-1")
+            raise ValueError(f"--config {path!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, column "
+                             f"{column} ({seen!r} if read as latin-1); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 "
+                             f"{path} > fixed.yaml") from None
+
+
 def main(args: list[str] | None = None, run: bool = True, one_line_errors: bool | None = None) -> TaskPruneCLI:
     """Run the CLI on ``args`` (default: the command line).
 
@@ -123,6 +163,7 @@ def main(args: list[str] | None = None, run: bool = True, one_line_errors: bool 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _help_from_field_docstrings()
     try:
+        check_config_files(argv)
         return TaskPruneCLI(
             AttributionModule,
             TaskDataModule,

@@ -2,11 +2,12 @@
 
 A task definition (:mod:`taskprune.tasks`) names each split's files (csv, tsv, json/jsonl, parquet) or hub dataset,
 its text and label columns and its label map; :func:`load_split` reads the split with ``datasets.load_dataset``
-(cached as Arrow under ``<taskprune cache>/datasets``, memory-mapped; no network for local files) and returns a
-:class:`datasets.Dataset` with the columns ``sentence`` (or ``sentence1``/``sentence2``), ``label`` (label index,
-``int64``; ``float32`` score for regression) and ``idx`` (row number among the kept rows). A missing file or column,
-a label outside the map, a text column that is not text, a regression label that is not a finite number (NaN, inf),
-an empty split or one whose map drops every row raise ``ValueError`` naming the file, column, row and value.
+(cached as Arrow under ``<taskprune cache>/datasets``, keyed by the files' content, memory-mapped; no network
+for local files) and returns a :class:`datasets.Dataset` with the columns ``sentence`` (or ``sentence1`` /
+``sentence2``), ``label`` (label index, ``int64``; ``float32`` score for regression) and ``idx`` (row number among the
+kept rows). A missing file or column, a path that is a folder or a link loop, a label outside the map, a text column
+that is not text, a regression label that is not a finite number (NaN, inf), an empty split or one whose map drops
+every row raise ``ValueError`` naming the file, column, row and value.
 
 Batches (dicts of tensors, padded to the longest row of the batch)::
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -72,15 +75,42 @@ def _config_fields(fmt: str) -> set[str]:
 
 
 def _files(source: Source, root: Path, where: str) -> list[str]:
+    from taskprune.io import file_problem
+
     paths = [Path(f) if Path(f).is_absolute() else root / f for f in source.files]
     for p in paths:
-        if not p.is_file():
+        problem = file_problem(p)
+        if problem == "does not exist":
             hint = (" The embedded demo data holds only small subsets (see taskprune/embedded/PROVENANCE.md); pass "
                     "data_dir=<folder with the GLUE layout <dataset>/<file>>, e.g. ../shared/data or $TASKPRUNE_DATA."
                     if p.is_relative_to(EMBEDDED_DATA_DIR)
                     else f" Paths start at {str(root)!r} (data_dir, else the task definition's data_dir or folder).")
             raise ValueError(f"{where}: data file {str(p)!r} not found.{hint}")
+        if problem is not None:
+            raise ValueError(f"{where}: data file {str(p)!r} {problem}; `files:` must name data files (csv, tsv, "
+                             "json, jsonl, parquet). Fix the path in the task definition, or the link.")
     return [str(p) for p in paths]
+
+
+_CONTENT_HASHES: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> sha256 of the file, for this process
+
+
+def content_hash(files: Sequence[str]) -> str:
+    """A sha256 over the bytes of ``files`` (in order; 16 hex digits): what keys the Arrow cache, so a file rewritten
+    with its modification time kept (``cp -p``, ``rsync -a``, ``tar x``) is read again. A file whose size, times and
+    inode are unchanged is hashed once per process."""
+    h = hashlib.sha256()
+    for name in files:
+        st = os.stat(name)
+        key = (os.path.abspath(name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key not in _CONTENT_HASHES:
+            one = hashlib.sha256()
+            with open(name, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    one.update(chunk)
+            _CONTENT_HASHES[key] = one.hexdigest()
+        h.update(_CONTENT_HASHES[key].encode())
+    return h.hexdigest()[:16]
 
 
 def _load(source: Source, root: Path, where: str) -> tuple[datasets.Dataset, str]:
@@ -112,9 +142,9 @@ def _load(source: Source, root: Path, where: str) -> tuple[datasets.Dataset, str
         except Exception as e:
             raise ValueError(f"{where}: cannot read the header of {name!r}: {e}") from None
         features = datasets.Features({str(c): datasets.Value("string") for c in columns})
-    try:
-        ds = datasets.load_dataset(source.format, data_files=files, split="train", features=features,
-                                   cache_dir=cache, **opts)
+    try:  # the config name carries the files' content: datasets keys its cache on path and modification time only
+        ds = datasets.load_dataset(source.format, name=f"content-{content_hash(files)}", data_files=files,
+                                   split="train", features=features, cache_dir=cache, **opts)
     except Exception as e:
         cause = e.__cause__ or e
         if "corresponds to no data" in str(cause):  # datasets' words for a file without rows
@@ -375,8 +405,11 @@ class TaskDataModule(L.LightningDataModule):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        if not isinstance(calib_seed, int):
+        if isinstance(calib_seed, bool) or not isinstance(calib_seed, int):
             raise TypeError(f"calib_seed must be an int, got {calib_seed!r}")
+        if calib_seed < 0:
+            raise ValueError(f"calib_seed must be an int >= 0 (numpy's random generators take no negative seed), got "
+                             f"{calib_seed}; e.g. calib_seed={-calib_seed}")
         if calib_per_class is not None and calib_samples is not None:
             raise ValueError(
                 f"calib_samples={calib_samples} and calib_per_class={calib_per_class} are mutually exclusive; "
@@ -415,6 +448,7 @@ class TaskDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._collator: Collator | None = None
         self.calib_set: datasets.Dataset | None = None
+        self._calib_fingerprint: str | None = None
         self.holdout_set: datasets.Dataset | None = None
         self.eval_sets: list[datasets.Dataset] | None = None
 
@@ -505,7 +539,15 @@ class TaskDataModule(L.LightningDataModule):
             if len(calib) == 0:
                 raise ValueError(f"empty calibration set for task {self.task.name!r}; check calib_samples / "
                                  "calib_per_class and the train file.")
+            if self.holdout_samples and len(calib) >= len(train):
+                raise ValueError(
+                    f"holdout_samples={self.holdout_samples}: the calibration draw "
+                    f"(calib_samples={self.calib_samples}) already takes every one of the {len(train)} rows of the "
+                    f"train split of task {self.task.name!r} ({self.task.train.path}), so no row is left to hold out. "
+                    f"Lower calib_samples (at most {max(1, len(train) - self.holdout_samples)} leaves "
+                    f"{min(self.holdout_samples, len(train) - 1)} rows held out), or set holdout_samples=0")
             self.calib_set = calib
+            self._calib_fingerprint = None
             if self.holdout_samples:
                 self.holdout_set = random_subset(train, self.holdout_samples, self.calib_seed, skip=self.calib_samples)
                 if len(self.holdout_set) < self.holdout_samples:
@@ -534,6 +576,17 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         self.setup("test")
         return [self._loader(s) for s in self.eval_sets]
+
+    def calibration_fingerprint(self) -> str:
+        """``"sha256:<hex>"`` over the calibration rows, in order (their text and labels): another train file, or
+        another draw of it, gives another fingerprint. ``TaskPruning`` records it in calibration checkpoints (a
+        resume on other rows is refused) and in ``spec.meta["data"]``."""
+        self.setup("fit")
+        if self._calib_fingerprint is None:
+            rows = self.calib_set.select_columns([*self.task.text_fields, "label"]).to_dict()
+            text = json.dumps(rows, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+            self._calib_fingerprint = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+        return self._calib_fingerprint
 
     def state_dict(self) -> dict:
         """What defines the calibration set; a resumed run must draw the same one."""
