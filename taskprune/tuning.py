@@ -75,8 +75,8 @@ class TuningConfig:
     the teacher's sum entering the residual add / LayerNorm, teacher output + x_teacher - x_student, so every sub-layer
     also cancels the drift accumulated upstream; the residual stream's place comes from the architecture adapter)."""
     solver: Solver = "exact"
-    """exact (a float64 damped least-squares solve) or lsmr (theirs: scipy's LSMR in float32 on the normal equations,
-    damp = damping, atol = btol = 1e-6, conlim = 1e8, at most 5n iterations; an attention fit has an intercept column,
+    """exact (float64 products and a float64 damped least-squares solve) or lsmr (theirs: float32 products per batch,
+    summed in float64, and scipy's LSMR in float32 on the normal equations, damp = damping, atol = btol = 1e-6, conlim = 1e8, at most 5n iterations; an attention fit has an intercept column,
     solved and dropped; LSMR's stop code >= 3 ends the tuning)."""
     skip_first_attention: bool = False
     """Leave the first attention block untuned (their code does)."""
@@ -246,20 +246,21 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
             xs, ys, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0.0, 0
+            dtype = torch.float32 if solver == "lsmr" else torch.float64  # lsmr: theirs, float32 throughout
             for batch, y in zip(batches, targets[name]):
                 got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
                                (res, slot.block.residual[1]) if residual else None)
                 x, x_res = got if residual else (got, None)
                 keep_tok = _tokens(batch, x, name in first)
-                x, y = x.double()[keep_tok][:, cols], y.double()
+                x, y = x.to(dtype)[keep_tok][:, cols], y.to(dtype)
                 if residual:
-                    y = y - x_res.double()[keep_tok]
+                    y = y - x_res.to(dtype)[keep_tok]
                 if bias is not None:
-                    y = y - bias
-                xx += x.t() @ x
-                xt += x.t() @ y
-                xs += x.sum(0)
-                ys += float(y.sum())
+                    y = y - bias.to(dtype)
+                xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
+                xt += (x.t() @ y).double()
+                xs += x.sum(0).double()
+                ys += float(y.double().sum())
                 n_tok += x.shape[0]
             width = slot.block.unit_width
             a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
