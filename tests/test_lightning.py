@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -335,3 +336,40 @@ def test_callback_exports_onnx_int8_after_fit_and_refuses_options_without_a_fold
     trainer([cb]).fit(module, datamodule())
     info = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
     assert (tmp_path / "onnx" / "model.onnx").is_file() and info["quantize"] == "int8"
+
+
+def test_test_loop_evaluates_the_onnx_export_it_ships(tmp_path):
+    """runtime='onnx': the pruned column is the ONNX Runtime session of onnx_dir (fp32: the torch numbers), checked
+    to hold the run's spec; a missing or foreign export, or no onnx_dir, is refused before any evaluation."""
+    pytest.importorskip("onnxruntime")
+    from taskprune.deploy import OnnxModel
+    from taskprune.export import SPEC_FILE
+
+    with pytest.raises(ValueError, match=r"runtime='onnx' evaluates the ONNX export in onnx_dir .* set onnx_dir"):
+        TaskPruning(runtime="onnx")
+    with pytest.raises(ValueError, match=r"unknown runtime 'ort'; allowed: \['torch', 'onnx'\]"):
+        TaskPruning(runtime="ort")
+    run, onnx = str(tmp_path / "run"), str(tmp_path / "onnx")
+    model = tiny_classifier()
+
+    def module():
+        return AttributionModule(copy.deepcopy(model), task="sst2", attribution=AttributionConfig(steps=1))
+
+    trainer([TaskPruning(budget=Budget(amount=0.4), output_dir=run, onnx_dir=onnx)]).fit(module(), datamodule())
+    by_torch, by_onnx = module(), module()
+    trainer([TaskPruning(output_dir=run)]).test(by_torch, datamodule())
+    trainer([TaskPruning(output_dir=run, onnx_dir=onnx, runtime="onnx")]).test(by_onnx, datamodule())
+    assert by_torch.runtime_model is None and isinstance(by_onnx.runtime_model, OnnxModel)
+    assert [r["pruned"] for r in by_onnx.results] == pytest.approx([r["pruned"] for r in by_torch.results], abs=1e-6)
+    assert [r["dense"] for r in by_onnx.results] == [r["dense"] for r in by_torch.results]
+    assert by_onnx.throughput["pruned"] > 0
+    # an export of another spec, then no export at all
+    spec = PruneSpec.load(Path(onnx) / SPEC_FILE)
+    other = PruneSpec({**spec.keep, "neurons": {k: v[1:] for k, v in spec.keep["neurons"].items()}},
+                      spec.fingerprint)
+    other.save(Path(onnx) / SPEC_FILE)
+    with pytest.raises(ValueError, match=r"holds the export of another spec than .*spec\.json"):
+        trainer([TaskPruning(output_dir=run, onnx_dir=onnx, runtime="onnx")]).test(module(), datamodule())
+    (Path(onnx) / SPEC_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no finished ONNX export .* run fit with --pruning.onnx_dir"):
+        trainer([TaskPruning(output_dir=run, onnx_dir=onnx, runtime="onnx")]).test(module(), datamodule())

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 Apply = Literal["shrink", "mask", "none"]
 APPLY: tuple[str, ...] = get_args(Apply)
+Runtime = Literal["torch", "onnx"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 RUN_KEY = "taskprune_run"
 """Key of a calibration checkpoint's record of what its sums belong to (:meth:`TaskPruning.run_record`)."""
@@ -139,6 +141,9 @@ class TaskPruning(L.Callback):
             (:class:`~taskprune.deploy.OnnxOptions`: opset, optimize, quantize ``int8``).
         export_dir: with ``apply="shrink"``, also save the shrunk model there at the end of ``fit``
             (:func:`taskprune.export.save_pruned`, rank zero; reload with :func:`taskprune.export.load_pruned`).
+        runtime: what ``test`` / ``validate`` evaluate as the pruned model: ``torch`` (the spec applied to the loaded
+            model) or ``onnx`` (the artifact that ships: the ONNX Runtime session of ``onnx_dir``, fp32 or int8 as
+            exported, checked to hold this run's spec; its throughput is the session's). Needs ``onnx_dir``.
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class TaskPruning(L.Callback):
         preset: str | None = None,
         keep_checkpoint: bool = False,
         allow_foreign_spec: bool = False,
+        runtime: Runtime = "torch",
         **removed,
     ) -> None:
         super().__init__()
@@ -200,6 +206,11 @@ class TaskPruning(L.Callback):
         if onnx_dir is not None and (str(onnx_dir) == "" or apply != "shrink"):
             raise ValueError(f"onnx_dir={onnx_dir!r} needs a folder name and apply='shrink' (got apply={apply!r}): only "
                              "a shrunk model is exported")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; allowed: {list(RUNTIMES)}")
+        if runtime == "onnx" and onnx_dir is None:
+            raise ValueError("runtime='onnx' evaluates the ONNX export in onnx_dir at test / validate; set onnx_dir "
+                             "(--pruning.onnx_dir) to the folder fit exports to, or use runtime='torch'")
         if onnx_dir is None and onnx != OnnxOptions():
             raise ValueError(f"onnx={onnx} configures the ONNX export, which is off; set onnx_dir or leave onnx out")
         if onnx_dir is not None:
@@ -208,7 +219,7 @@ class TaskPruning(L.Callback):
             require_extra()  # a missing extra fails here, before any calibration
         if export_dir is not None and apply != "shrink":
             raise ValueError(f"export_dir needs apply='shrink' (got apply={apply!r}): only a shrunk model is exported")
-        self.attribution, self.apply = attribution, apply
+        self.attribution, self.apply, self.runtime = attribution, apply, runtime
         self.output_dir = Path(output_dir)
         self.spec_path = Path(spec_path) if spec_path else None
         self.overwrite, self.calib_batches, self.checkpoint_every = overwrite, calib_batches, checkpoint_every
@@ -346,6 +357,34 @@ class TaskPruning(L.Callback):
             return
         self._apply_existing(pl_module, model, required=self.spec_path is not None,
                              task=self._task_name(trainer, pl_module))
+        if self.runtime == "onnx":
+            self._load_runtime(pl_module)
+
+    def _load_runtime(self, pl_module) -> None:
+        """``runtime="onnx"``: hand the module the ONNX Runtime session of ``onnx_dir`` as its pruned model, after
+        checking that the export holds this run's spec."""
+        from taskprune.deploy import load_onnx
+        from taskprune.export import SPEC_FILE
+
+        if not hasattr(pl_module, "runtime_model"):
+            raise TypeError(f"runtime='onnx': {type(pl_module).__name__} has no runtime_model attribute to evaluate "
+                            "an ONNX session with (AttributionModule has); use runtime='torch'")
+        if self.spec is None:
+            raise FileNotFoundError(f"runtime='onnx' evaluates the export of a spec, and there is no spec at "
+                                    f"{str(self._spec_file())!r}; run fit with onnx_dir first")
+        exported = self.onnx_dir / SPEC_FILE
+        if not exported.is_file():
+            raise FileNotFoundError(f"runtime='onnx': {str(self.onnx_dir)!r} holds no finished ONNX export "
+                                    f"({SPEC_FILE} is missing); run fit with --pruning.onnx_dir {self.onnx_dir}, "
+                                    "which exports at its end, or use runtime='torch'")
+        theirs = PruneSpec.load(exported)
+        if theirs.keep != self.spec.keep or theirs.fingerprint != self.spec.fingerprint:
+            raise ValueError(f"onnx_dir {str(self.onnx_dir)!r} holds the export of another spec than "
+                             f"{str(self._spec_file())!r} (other kept units): evaluating it would report another "
+                             "model. Export this spec again (fit with overwrite) or point onnx_dir at its export")
+        runner, _ = load_onnx(self.onnx_dir, threads=torch.get_num_threads())
+        pl_module.runtime_model = runner
+        rank_zero_info(f"taskprune: evaluating the ONNX export in {self.onnx_dir} ({runner!r}) as the pruned model")
 
     def _follow_max_length(self, trainer: L.Trainer) -> None:
         """MACs are counted at the data's sequence length: the datamodule's ``max_length`` when it has one."""

@@ -92,13 +92,18 @@ class TaskPruneCLI(LightningCLI):
         }
         pruning = next((c for c in self.trainer.callbacks if isinstance(c, TaskPruning)), None)
         foreign = pruning.foreign if pruning is not None and module.spec_mode else None
+        runtime = getattr(module, "runtime_model", None)
+        runtime = (f"ONNX Runtime, {runtime.info.get('quantize') or 'fp32'}" if runtime is not None else "PyTorch")
         title = f"taskprune {stage}: {module.task.name}, spec {module.spec_mode or 'none (dense)'}"
+        if module.spec_mode:
+            title += f", pruned model run by {runtime}"
         if foreign:
             title += f" (FOREIGN spec: {foreign}; allowed by allow_foreign_spec)"
         print_table(comparison_table(module.results, size, title=title))
         if pruning is not None:
             meta = {"stage": stage, "task": module.task.name, "spec": module.spec_mode or "none (dense)",
-                    "eval_sets": list(module.eval_names), "foreign_spec": foreign}
+                    "eval_sets": list(module.eval_names), "foreign_spec": foreign,
+                    "runtime": runtime if module.spec_mode else None}
             paths = write_report(module.results, size, pruning.output_dir, stage, meta)
             logging.getLogger(__name__).info("taskprune: wrote %s", ", ".join(str(p) for p in paths))
 

@@ -128,6 +128,7 @@ class AttributionModule(L.LightningModule):
         self.compare_dense = compare_dense
         self.dense_model: nn.Module | None = None
         self.spec = None  # set by TaskPruning when a spec is applied
+        self.runtime_model = None  # set by TaskPruning(runtime="onnx"): the exported session, evaluated as "pruned"
         self.spec_mode: str | None = None
         self.eval_names: list[str] = [self.task.name]
         self.evaluation: Evaluation | None = None
@@ -215,9 +216,13 @@ class AttributionModule(L.LightningModule):
         keep = real_samples(batch, batch_idx, loader).to(labels.device)
         models = {"pruned": self.model, "dense": self.dense_model}
         for variant, metrics in self.eval_metrics.items():
+            runner = self.runtime_model if variant == "pruned" else None
             with self._stopwatch.time(variant, labels.shape[0], self.device), torch.inference_mode():
-                out = self.forward_fn(models[variant], batch)
+                out = runner(**batch) if runner is not None else self.forward_fn(models[variant], batch)
             logits = out.logits if hasattr(out, "logits") else out
+            if runner is not None:  # the session's logits: on the CPU, in the model's output order
+                logits = logits.to(labels.device)
+                logits = logits[..., self.label_order] if self.label_order is not None else logits
             metrics[dataloader_idx].update(self.task.predictions(logits)[keep], labels[keep])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
