@@ -296,13 +296,14 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
     cuts = sorted({r["cut"] for t in tasks for k, r in raw.get(t, {}).items() if "|" in k})
     for split in split_names:
         lines += [f"### {split}", "", "| pipeline | cut | " + " | ".join(
-            f"{t} ({100 * raw[t]['dense'][split][main_key(t)]:.1f})" for t in tasks if t in raw) + " |",
-            "|---|---|" + "---|" * sum(t in raw for t in tasks)]
+            f"{t} ({100 * raw[t]['dense'][split][main_key(t)]:.1f})" for t in tasks if t in raw) +
+            " | mean of the headline tasks |", "|---|---|" + "---|" * (sum(t in raw for t in tasks) + 1)]
         for p in pipelines:
             for cut in cuts:
                 cells = [_cell(raw, t, p, cut, split) for t in tasks if t in raw]
                 if any(cells):
-                    lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
+                    lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) +
+                                 f" | {_task_mean(raw, p, cut, split)} |")
         lines.append("")
     ood = [(t, o) for t in tasks if t in raw for o in raw[t]["dense"] if o not in ("selection", "dev")]
     if ood:
@@ -314,19 +315,24 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
                 if any(cells):
                     lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
         lines.append("")
+    paired_on = "dev" if "dev" in split_names else (split_names or ["dev"])[0]
     for a, b in PAIRS:
         if a not in pipelines or b not in pipelines:
             continue
-        lines += [f"### paired by seed: {a} − {b} (points of % retained, dev)", "",
+        lines += [f"### paired by seed: {a} − {b} (points of % retained, {paired_on})", "",
                   "| task | cut | per seed | mean | beyond the seed std? |", "|---|---|---|---|---|"]
+        per_task: dict = {}
         for t in tasks:
             for cut in cuts:
-                d = _paired(raw, t, cut, a, b)
+                d = _paired(raw, t, cut, a, b, paired_on)
                 if d:
+                    per_task.setdefault(cut, []).append(statistics.mean(d))
                     m = statistics.mean(d)
                     sd = statistics.stdev(d) if len(d) > 1 else 0.0
                     verdict = "no" if len(d) < 2 or abs(m) <= sd else (f"yes ({a} ahead)" if m > 0 else f"yes ({b} ahead)")
                     lines.append(f"| {t} | {cut:.0%} | {', '.join(f'{x:+.1f}' for x in d)} | {m:+.2f} | {verdict} |")
+        for cut, ms in sorted(per_task.items()):
+            lines.append(f"| **mean of {len(ms)} tasks** | {cut:.0%} | | **{statistics.mean(ms):+.2f}** | |")
         lines.append("")
     lines += _speed_table(raw, tasks, pipelines, cuts)
     return "\n".join(lines) + "\n"
@@ -363,6 +369,18 @@ def _retained(raw: dict, task: str, rec: dict, split: str) -> float | None:
     return 100.0 * rec["metrics"][split][k] / raw[task]["dense"][split][k]
 
 
+def _task_mean(raw: dict, pipeline: str, cut: float, split: str) -> str:
+    """Mean over the six headline tasks of the per-task mean over seeds ("–" unless every task has the cell)."""
+    means = []
+    for t in HEADLINE:
+        vals = [v for k, r in raw.get(t, {}).items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
+                for v in [_retained(raw, t, r, split)] if v is not None]
+        if not vals:
+            return "–"
+        means.append(statistics.mean(vals))
+    return f"**{statistics.mean(means):.1f}**"
+
+
 def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | None:
     vals = [v for k, r in raw[task].items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
             for v in [_retained(raw, task, r, split)] if v is not None]
@@ -376,13 +394,14 @@ def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | 
 PAIRS = (("taskprune", "kwon"), ("kwon", "kwon_notune"), ("taskprune_tuned", "taskprune"))
 
 
-def _paired(raw: dict, task: str, cut: float, first: str = "taskprune", second: str = "kwon") -> list[float]:
+def _paired(raw: dict, task: str, cut: float, first: str = "taskprune", second: str = "kwon",
+            split: str = "dev") -> list[float]:
     recs = raw.get(task, {})
     out = []
     for seed in sorted({r["seed"] for k, r in recs.items() if "|" in k}):
         a, b = recs.get(f"{first}|{seed}|{cut}"), recs.get(f"{second}|{seed}|{cut}")
-        if a and b and "dev" in a["metrics"]:
-            out.append(_retained(raw, task, a, "dev") - _retained(raw, task, b, "dev"))
+        if a and b and split in a["metrics"] and split in b["metrics"]:
+            out.append(_retained(raw, task, a, split) - _retained(raw, task, b, split))
     return out
 
 
