@@ -655,6 +655,15 @@ def test_a_python_resume_with_another_model_of_the_same_shapes_is_refused(tmp_pa
     assert listing(tmp_path) == before  # refused before any batch or write
 
 
+def test_a_python_resume_with_another_architecture_is_refused_before_its_weights_are_loaded(tmp_path):
+    """Was: Lightning's `size mismatch` traceback (only the CLI checked before the weights load)."""
+    fit_with_checkpoint(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(ValueError, match=r"its sums belong to other model weights \(fingerprint"):
+        resume(tmp_path, module(bert_with(intermediate_size=41), attribution=AttributionConfig(steps=1)))
+    assert listing(tmp_path) == before
+
+
 def rows_task(tmp_path: Path, words: list[str]) -> dict:
     """A task over ``tmp_path/train.csv``: one row per word, labels alternating."""
     rows = "".join(f"{w} film,{i % 2}\n" for i, w in enumerate(words))

@@ -303,12 +303,26 @@ class AttributionModule(L.LightningModule):
         for key in [k for k in checkpoint.get("state_dict", {}) if k.startswith("dense_model.")]:
             del checkpoint["state_dict"][key]  # the dense copy is the base model: never store it twice
 
+    def _check_run_record(self, checkpoint: dict) -> None:
+        """Before Lightning loads the checkpoint's weights into this module (a resumed ``fit`` from Python): refuse a
+        checkpoint recorded for other weights or another task, as the CLI does before ``fit`` (another architecture
+        would otherwise end in a size mismatch, another model of the same shapes silently take its weights)."""
+        from taskprune.lightning.callback import RUN_KEY, TaskPruning
+        from taskprune.spec import weights_fingerprint
+
+        saved = checkpoint.get(RUN_KEY)
+        if isinstance(saved, dict):
+            now = {"weights": weights_fingerprint(self.model), "task": self.task.name}
+            TaskPruning.check_resume(saved, now, getattr(self.trainer, "ckpt_path", None), warn=False)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Rebuild a shrunk model before Lightning loads its weights (Lightning restores weights before callbacks).
 
         When ``fit`` resumes a calibration, refuse a checkpoint written with other settings, another number of
         processes or another calibration set: the loader would skip the wrong batches and the sums would mix.
         """
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._check_run_record(checkpoint)
         saved = checkpoint.get(CALIB_KEY)
         if saved and self._trainer is not None and self.trainer.state.fn == "fit":
             now = self._calibration_identity()
