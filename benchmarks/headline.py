@@ -1,13 +1,15 @@
 """The headline: whole pruning pipelines on the benchmarks' multi-task model, taskprune's against its peers.
 
-    python -m benchmarks.headline --name headline                  # the README table (six tasks, 3 seeds)
+    python -m benchmarks.headline                # the README table: six tasks + RTE, 3 seeds, the default at 20-70 %,
+                                                 # Kwon et al. with / without tuning and the baselines at 40 / 60 %
     python -m benchmarks.headline --name repro_sst2_mnli --tasks sst2 mnli --pipelines taskprune kwon \\
         --compare benchmarks/results/archive/pipelines_{a,b,c}.json     # today's path against the earlier cells
 
 One command, one results file: ``benchmarks/results/<name>.json`` (raw rows, appended as each finishes) and
 ``<name>.md`` (the tables), both naming the command, commit, CPU, threads and wall time. A killed run resumes: rows
 already in the file with the same settings and the same library code (the git tree hash of ``taskprune/``) are
-skipped; rows made by other code are re-run.
+skipped; rows made by other code are re-run (to finish a run after the library changed, run the same command in a
+``git worktree`` at the commit its runs table names, then copy the two files back).
 
 Every pipeline is a preset of :class:`taskprune.pipeline.Pipeline` (``taskprune`` is the library's default, ``kwon``
 Kwon et al. 2022's pipeline, the rest baselines) run by :meth:`Pipeline.prune` — the code the callback and the CLI
@@ -18,7 +20,7 @@ run. Around it, this script only prepares data and measures:
   length-sorted batches of 32; ``--holdout`` further rows of the same draw for pipelines that split by loss; the kwon
   presets get their own sampling (``--kwon-calib`` rows with replacement, unsorted batches of 32);
 * evaluation of the shrunk model (scales folded, ``shrink_``): ``--split dev`` the dev sets (QNLI / MNLI: seeded
-  2000-row subsets) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
+  2000-row subsets, QQP 5000) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
   QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them;
 * speed (``--speed after``, the default; ``only`` for rows already pruned): every row keeps its per-block widths, and
   each distinct shape is shrunk and timed against the dense model at batch 32 x 128 tokens, beside its MAC bound.
@@ -59,7 +61,10 @@ MODEL = "minilm-glue-large"
 HEADLINE = ("sst2", "mrpc", "qnli", "mnli", "qqp", "stsb")
 TASKS = (*HEADLINE, "rte", "cola")
 SEQ = 128
-DEV_ROWS = {"qnli": 2000, "mnli": 2000}
+DEV_ROWS = {"qnli": 2000, "mnli": 2000, "qqp": 5000}  # seeded subsets of the large dev sets (pairs share them)
+#: the README table: the default, Kwon et al. with and without their tuning, the baselines
+HEADLINE_PIPELINES = ("taskprune", "kwon", "kwon_notune", "ig_paper", "grad_x_gate", "fisher", "activation",
+                      "magnitude", "random")
 OOD_ROWS = {"imdb": 300, "yelp": 300, "amazon": 300, "snli": 1000}  # seeded subsets (long reviews are costly)
 MAIN_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}
 
@@ -162,55 +167,56 @@ def run(args, path: Path) -> dict:
         raw["_runs"][-1]["wall_s"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(path, raw)
 
-    for task in args.tasks:
-        t_raw = raw.setdefault(task, {})
-        sets = {k: batches_of(tok, task, ds, 64) for k, ds in eval_sets(task, args.data_dir, args.split).items()}
-        dense = model.for_task(task).eval()
-        if "dense" not in t_raw:
-            t_raw["dense"] = {k: evaluate(dense, task, b) for k, b in sets.items()}
-            save()
-        reserve = info["selection_reserve"][task]
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a killed run leaves whole seeds of every task
+        for task in args.tasks:
+            t_raw = raw.setdefault(task, {})
+            todo = [(name, cut) for name in args.pipelines for cut in cuts_of(name, args)
+                    if t_raw.get(f"{name}|{seed}|{cut}", {}).get("code") != code]
+            if not todo and "dense" in t_raw:
+                continue
+            sets = {k: batches_of(tok, task, ds, 64) for k, ds in eval_sets(task, args.data_dir, args.split).items()}
+            dense = model.for_task(task).eval()
+            if "dense" not in t_raw:
+                t_raw["dense"] = {k: evaluate(dense, task, b) for k, b in sets.items()}
+                save()
+            reserve = info["selection_reserve"][task]
             calib = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.calib, seed), 32)
             kwon_calib = None  # their sampling, for the kwon presets (--kwon-calib rows; 0: the same rows as the rest)
             held_out = None
             scores: dict = {}  # one scoring per (seed, attribution), reused by every cut
-            for name in args.pipelines:
-                for cut in args.cuts:
-                    key = f"{name}|{seed}|{cut}"
-                    if t_raw.get(key, {}).get("code") == code:
-                        continue
-                    pipeline = Pipeline.preset(name)
-                    pipeline = pipeline.at(cut, **({} if pipeline.budget.seq_len == "mean" else {"seq_len": SEQ}))
-                    if pipeline.budget.split == "loss" and held_out is None:
-                        held_out = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.holdout,
-                                                                          seed, skip=args.calib), 64)
-                    rows = calib
-                    if name.startswith("kwon") and args.kwon_calib:
-                        if kwon_calib is None:
-                            kwon_calib = kwon_batches(tok, task, args.data_dir, reserve, args.kwon_calib, seed)
-                        rows = kwon_calib
-                    pipeline = pipeline.resolve(rows)
-                    att = (pipeline.attribution, id(rows))
-                    if att not in scores:
-                        t0 = time.perf_counter()
-                        scores[att] = (pipeline.score(dense, rows), time.perf_counter() - t0)
+            for name, cut in todo:
+                key = f"{name}|{seed}|{cut}"
+                pipeline = Pipeline.preset(name)
+                pipeline = pipeline.at(cut, **({} if pipeline.budget.seq_len == "mean" else {"seq_len": SEQ}))
+                if pipeline.budget.split == "loss" and held_out is None:
+                    held_out = batches_of(tok, task, calibration_rows(task, args.data_dir, reserve, args.holdout,
+                                                                      seed, skip=args.calib), 64)
+                rows = calib
+                if name.startswith("kwon") and args.kwon_calib:
+                    if kwon_calib is None:
+                        kwon_calib = kwon_batches(tok, task, args.data_dir, reserve, args.kwon_calib, seed)
+                    rows = kwon_calib
+                pipeline = pipeline.resolve(rows)
+                att = (pipeline.attribution, id(rows))
+                if att not in scores:
                     t0 = time.perf_counter()
-                    spec = pipeline.prune(dense, rows, held_out if pipeline.budget.split == "loss" else None,
-                                          scores=scores[att][0])
-                    seconds = {"score": round(scores[att][1], 1), "allocate_tune": round(time.perf_counter() - t0, 1)}
-                    tm = pruned_copy(model, task, spec)
-                    t_raw[key] = {"pipeline": name, "seed": seed, "cut": cut, "code": code,
-                                  "seconds": seconds,
-                                  "macs_kept": count_macs(spec.fingerprint, SEQ, spec) / count_macs(spec.fingerprint,
-                                                                                                     SEQ),
-                                  "seq_len": spec.budget["seq_len"],  # where the pipeline counted its MACs
-                                  "heads_kept": spec.n_kept("heads"), "neurons_kept": spec.n_kept("neurons"),
-                                  "widths": widths_of(spec),  # per-block kept units: all --speed needs
-                                  "metrics": {k: evaluate(tm, task, b) for k, b in sets.items()}}
-                    save()
-                    log.info("%s %s seed %d cut %.1f: %s (%.0f s)", task, name, seed, cut,
-                             {k: round(v[main_key(task)], 4) for k, v in t_raw[key]["metrics"].items()}, sum(seconds.values()))
+                    scores[att] = (pipeline.score(dense, rows), time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                spec = pipeline.prune(dense, rows, held_out if pipeline.budget.split == "loss" else None,
+                                      scores=scores[att][0])
+                seconds = {"score": round(scores[att][1], 1), "allocate_tune": round(time.perf_counter() - t0, 1)}
+                tm = pruned_copy(model, task, spec)
+                t_raw[key] = {"pipeline": name, "seed": seed, "cut": cut, "code": code,
+                              "seconds": seconds,
+                              "macs_kept": count_macs(spec.fingerprint, SEQ, spec) / count_macs(spec.fingerprint,
+                                                                                                 SEQ),
+                              "seq_len": spec.budget["seq_len"],  # where the pipeline counted its MACs
+                              "heads_kept": spec.n_kept("heads"), "neurons_kept": spec.n_kept("neurons"),
+                              "widths": widths_of(spec),  # per-block kept units: all --speed needs
+                              "metrics": {k: evaluate(tm, task, b) for k, b in sets.items()}}
+                save()
+                log.info("%s %s seed %d cut %.1f: %s (%.0f s)", task, name, seed, cut,
+                         {k: round(v[main_key(task)], 4) for k, v in t_raw[key]["metrics"].items()}, sum(seconds.values()))
     save()
     return raw
 
@@ -271,6 +277,11 @@ def measure_speed(args, path: Path, raw: dict) -> None:
                      speedup, bound, speedup / bound)
         r["speed"] = done[key]
         atomic_write_json(path, raw)
+
+
+def cuts_of(name: str, args) -> list[float]:
+    """The cuts a pipeline runs at: ``--cuts``, plus ``--sweep-cuts`` for the ``--sweep`` pipelines."""
+    return sorted({*args.cuts, *(args.sweep_cuts if name in args.sweep else ())})
 
 
 def command() -> str:
@@ -448,9 +459,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.headline", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", default="headline", help="results file stem under --out")
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--tasks", nargs="+", default=list(HEADLINE), choices=TASKS)
-    p.add_argument("--pipelines", nargs="+", default=["taskprune", "kwon"], choices=list(PRESETS))
-    p.add_argument("--cuts", nargs="+", type=float, default=[0.4, 0.6])
+    p.add_argument("--tasks", nargs="+", default=[*HEADLINE, "rte"], choices=TASKS)
+    p.add_argument("--pipelines", nargs="+", default=list(HEADLINE_PIPELINES), choices=list(PRESETS))
+    p.add_argument("--cuts", nargs="+", type=float, default=[0.4, 0.6], help="cuts of every pipeline")
+    p.add_argument("--sweep", nargs="*", default=["taskprune"], choices=list(PRESETS),
+                   help="pipelines also run at --sweep-cuts")
+    p.add_argument("--sweep-cuts", nargs="*", type=float, default=[0.2, 0.3, 0.5, 0.7])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--holdout", type=int, default=256, help="held-out rows for pipelines that split by loss")
