@@ -200,7 +200,7 @@ def build_artifacts(tm, tokenizer_path: str, calib: list[dict], cuts: list[float
         t0 = time.perf_counter()
         spec = Pipeline().at(cut).prune(tm, calib, scores=scores)
         pruned = copy.deepcopy(tm)
-        shrink_(pruned, fold_scales_(pruned, spec) if spec.scales else spec)
+        shrink_(pruned, fold_scales_(pruned, spec) if spec.scales or spec.columns else spec)
         extra = {"macs_kept": count_macs(fingerprint, SEQ, spec) / dense_macs, "heads_kept": spec.n_kept("heads"),
                  "neurons_kept": spec.n_kept("neurons"), "score_s": score_s,
                  "allocate_s": time.perf_counter() - t0, "spec_budget": spec.budget}

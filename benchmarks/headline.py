@@ -142,7 +142,7 @@ def widths_of(spec) -> dict:
 
 def pruned_copy(model, task: str, spec):
     tm = copy.deepcopy(model).for_task(task).eval()
-    shrink_(tm, fold_scales_(tm, spec) if spec.scales else spec)
+    shrink_(tm, fold_scales_(tm, spec) if spec.scales or spec.columns else spec)
     return tm
 
 

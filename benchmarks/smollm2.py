@@ -126,7 +126,7 @@ def prune(scorer: Scorer, pipeline: str, cut: float, seq_len: int) -> tuple[Prom
     t = time.perf_counter()
     spec = p.at(cut).prune(scorer.model, scorer.calib, forward=uncalibrated, scores=scores)
     pruned = copy.deepcopy(scorer.model)
-    if spec.scales:
+    if spec.scales or spec.columns:
         spec = fold_scales_(pruned, spec)
     return shrink_(pruned, spec), spec, time.perf_counter() - t
 

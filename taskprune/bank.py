@@ -83,6 +83,10 @@ class MaskBank:
         if not isinstance(spec, PruneSpec):
             raise TypeError(f"expected a taskprune PruneSpec for task {task!r}, got {type(spec).__name__}; load one "
                             "with PruneSpec.load")
+        if spec.columns:
+            raise ValueError(f"the spec for task {task!r} holds refitted weight columns (TuningConfig(fit='columns')), "
+                             "which masks on the bank's one shared model cannot express; tune with fit='scales' for a "
+                             "bank, or export that task's model with save_pruned")
         if task in self.specs and not replace:
             raise ValueError(f"the bank already has a spec for task {task!r}; pass replace=True to replace it")
         diffs = fingerprint_diff(spec.fingerprint, self.fingerprint)

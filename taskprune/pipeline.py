@@ -43,6 +43,9 @@ PRESETS: dict[str, tuple[AttributionConfig, dict, TuningConfig]] = {
     # reserve: issue #21)
     "taskprune_tuned": (AttributionConfig(), {}, TuningConfig(tune="schedule", target="residual", solver="lsmr",
                                                              skip_first_attention=True)),
+    # the default followed by K-prune's weight tuning (the kept output-projection columns refitted, ridge 0.1, to the
+    # dense model's pre-LayerNorm sum; a candidate default, chosen on the selection reserve: issue #21)
+    "taskprune_refit": (AttributionConfig(), {}, TuningConfig(tune="dense", target="residual", fit="columns")),
     # Kwon et al. 2022: Fisher of the masks (per batch), mask search, rearrangement, tuning against their teacher
     # (their code: no head floor, MACs at the task's mean length, tuning of the pre-LayerNorm sum with LSMR, layer-0
     # attention untuned; the project's heads pool every token, so the last FFN is fitted on all of them)
@@ -158,7 +161,7 @@ class Pipeline:
                 teacher = self.allocate(model, scores, held_out, forward, amount=amount)
             t = self.tuning
             spec = tune_masks(model, spec, batches, teacher, t.damping, t.max_scale, forward, t.target, t.solver,
-                              t.skip_first_attention, t.last_ffn_tokens)
+                              t.skip_first_attention, t.last_ffn_tokens, t.fit, t.ridge)
         log.info("pipeline %s: %s", self.name, spec.summary())
         return replace(spec, meta={**spec.meta, **meta})
 

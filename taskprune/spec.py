@@ -48,6 +48,11 @@ class PruneSpec:
         scales: ``{kind: {block_name: [one float per kept unit, in keep order]}}``: real-valued unit scales (mask
             tuning, :mod:`taskprune.tuning`); absent blocks have scale 1. :func:`taskprune.tuning.fold_scales_`
             folds them into the weights, after which the spec needs none.
+        columns: ``{kind: {block_name: tensor [kept units x unit width, d_out]}}``: refitted weights of the kept
+            units' input columns of the block's output / down projection (``TuningConfig(fit="columns")``, K-prune's
+            weight tuning), in :func:`taskprune.arch.weight_in_out` orientation; exclusive with ``scales``.
+            :meth:`save` writes them beside the JSON (``<stem>.columns.safetensors``, its sha256 in the JSON);
+            :func:`taskprune.tuning.fold_scales_` writes them into the weights.
 
     Example::
 
@@ -63,6 +68,7 @@ class PruneSpec:
     budget: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict, compare=False)  # tensors; in save()'s sidecar, not to_dict()
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, dict):
@@ -88,6 +94,31 @@ class PruneSpec:
                             f"{type(self.scales).__name__} ({_short(self.scales)}); fix it, or remove 'scales' "
                             "(scale 1 everywhere)")
         self.scales = {kind: self._check_scales(kind, blocks) for kind, blocks in self.scales.items()}
+        if not isinstance(self.columns, dict):
+            raise TypeError(f"columns must be a dict {{kind: {{block: tensor}}}}, got {type(self.columns).__name__}")
+        if self.columns and self.scales:
+            raise ValueError("a spec holds scales or refitted columns, not both (fold one into the weights first)")
+        self.columns = {kind: self._check_columns(kind, blocks) for kind, blocks in self.columns.items()}
+
+    def _check_columns(self, kind: str, blocks) -> dict[str, torch.Tensor]:
+        _check_kind_name(kind)
+        if not isinstance(blocks, dict):
+            raise TypeError(f"columns[{kind!r}] must be a dict {{block: tensor}}, got {type(blocks).__name__}")
+        out = {}
+        for name, t in blocks.items():
+            where = f"columns[{kind!r}][{name!r}]"
+            self._check_block(kind, name)
+            n_kept = len(self.kept(kind, name))
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise TypeError(f"{where} must be a 2-D float tensor [kept units x unit width, d_out], got "
+                                f"{_short(t)}")
+            if n_kept == 0 or t.shape[0] % n_kept:
+                raise ValueError(f"{where} has {t.shape[0]} rows for {n_kept} kept unit(s); expected a multiple of "
+                                 "the kept units (one row per input channel of each kept unit)")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where} holds non-finite values; refit the spec")
+            out[name] = t.detach().float().cpu()
+        return out
 
     def _check_scales(self, kind: str, blocks) -> dict[str, list[float]]:
         if kind not in UNIT_KINDS:
@@ -259,12 +290,22 @@ class PruneSpec:
             raise type(e)(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the spec as JSON (atomically: readers see the old file or the new one)."""
+        """Write the spec as JSON (atomically: readers see the old file or the new one); refitted ``columns`` go to
+        ``<stem>.columns.safetensors`` beside it first, the JSON naming the file and its sha256."""
         d = self.to_dict()
         try:
             json.dumps(d)
         except TypeError as e:
             raise TypeError(f"spec is not JSON-serialisable ({e}); budget and meta may hold only plain JSON values")
+        if self.columns:
+            from safetensors.torch import save as st_save
+
+            from taskprune.io import atomic_write_bytes
+
+            sidecar = columns_file(path)
+            data = st_save({f"{k}/{n}": t.contiguous() for k, blocks in self.columns.items() for n, t in blocks.items()})
+            atomic_write_bytes(sidecar, data)
+            d["columns"] = {"file": sidecar.name, "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write_json(path, d, compact=True)  # kilobytes per task, not one line per kept index
 
     @classmethod
@@ -280,7 +321,43 @@ class PruneSpec:
                 f"{str(path)!r} is not valid JSON ({e}); the file is truncated or not a spec. Write it again with "
                 "PruneSpec.save"
             ) from None
-        return cls.from_dict(d, source=repr(str(path)))
+        ref = d.pop("columns", None) if isinstance(d, dict) else None
+        spec = cls.from_dict(d, source=repr(str(path)))
+        if ref is not None:
+            spec.columns = spec._check_columns_all(_read_columns(path, ref))
+        return spec
+
+    def _check_columns_all(self, columns: dict) -> dict:
+        if self.scales:
+            raise ValueError("a spec holds scales or refitted columns, not both (fold one into the weights first)")
+        return {kind: self._check_columns(kind, blocks) for kind, blocks in columns.items()}
+
+
+def columns_file(path: str | os.PathLike) -> Path:
+    """Where :meth:`PruneSpec.save` writes the refitted columns of the spec saved at ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.columns.safetensors")
+
+
+def _read_columns(path: Path, ref) -> dict:
+    """The ``columns`` of the spec JSON at ``path`` from the file its ``ref`` names, checked against its sha256."""
+    from safetensors.torch import load as st_load
+
+    if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
+        raise ValueError(f"{str(path)!r}: 'columns' must be {{'file': ..., 'sha256': ...}} as PruneSpec.save writes it")
+    sidecar = path.with_name(Path(ref["file"]).name)
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{str(path)!r} names its refitted columns {str(sidecar)!r}, which is missing; copy "
+                                "it with the spec, or fit the spec again")
+    data = sidecar.read_bytes()
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise ValueError(f"{str(sidecar)!r} is not the columns file {str(path)!r} was saved with (sha256 differs: "
+                         "truncated, or from another spec); copy both files of one save together")
+    out: dict = {}
+    for key, t in st_load(data).items():
+        kind, _, name = key.partition("/")
+        out.setdefault(kind, {})[name] = t
+    return out
 
 
 def _short(value, n: int = 40) -> str:

@@ -8,19 +8,18 @@ every stage here takes a spec and returns a spec, so any score can go through an
   masks, ``Σ_b g_b²``, is the scoring method ``AttributionConfig(method="fisher", per="batch")``.)
 * :func:`rearrange` — keeps each block's unit *count* and re-chooses *which* units, greedily, under the block-diagonal
   Fisher (the within-block correlation of the mask gradients), as in their mask rearrangement.
-* :func:`tune_masks` — layer-wise least squares on real-valued scales of the kept units: block by block in forward
-  order, the pruned model's (student's) block output is fitted to a teacher's on the calibration batches, with the
-  student's earlier blocks already tuned. Their damping (damped least squares around scale 1, ``damp = 1`` on sums
-  over tokens) and their stop rule (a solve with a scale beyond ±``max_scale`` ends the tuning) are kept; the
-  teacher is the dense model or, as in their code, a less-pruned spec (:func:`teacher_keep`: the square root of the
-  kept MAC fraction).
-* :func:`fold_scales_` — multiplies each kept unit's columns of the output / down projection by its scale, so the
-  spec needs no scales any more and :func:`taskprune.surgery.shrink_` gives the tuned model with no mask at all.
+* :func:`tune_masks` — layer-wise least squares, sub-layer by sub-layer in forward order, the pruned model's
+  (student's) sub-layer fitted to a teacher's on the calibration batches with its earlier sub-layers already tuned:
+  real-valued scales of the kept units (``fit="scales"``, Kwon et al.'s mask tuning: their damping, LSMR and stop
+  rule with ``solver="lsmr"``), or every weight of the kept units' input columns of the output / down projection
+  (``fit="columns"``, K-prune's weight tuning, a ridge solve). The target is the teacher's output
+  (``target="output"``) or, as in their code, the pre-LayerNorm sum (``"residual"``: the teacher's output plus the
+  residual drift x_T - x_S, from the architecture adapter's residual place). The teacher is the dense model or, as in
+  Kwon et al.'s code, a less-pruned spec (:func:`teacher_keep`: the square root of the kept MAC fraction).
+* :func:`fold_scales_` — writes the scales (or the refitted columns) into the kept units' weights, so the spec
+  needs neither any more and :func:`taskprune.surgery.shrink_` gives the tuned model with no mask at all.
 
-Deviations from their code, said plainly: the fit matches each block's own output (the output projection's result),
-not the output plus the residual stream, because where the residual is added is architecture-specific; and every
-block is tuned, where they skip the first attention layer and fit the last FFN on the [CLS] token only (our heads pool
-over all tokens).
+Where the ``kwon`` preset still differs from their code is listed in ``docs/design.md`` ("The peer").
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from taskprune.arch import find_base, get_architecture, unit_channels, weight_in_out
+from taskprune.arch import UNIT_KINDS, find_base, get_architecture, unit_channels, weight_in_out
 from taskprune.attribution import default_forward, frozen, make_target
 from taskprune.gates import Gates
 from taskprune.spec import PruneSpec
@@ -51,8 +50,12 @@ FIT_TARGETS: tuple[str, ...] = get_args(FitTarget)
 Solver = Literal["exact", "lsmr"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 Tokens = Literal["all", "first"]
+Fit = Literal["scales", "columns"]
+FITS: tuple[str, ...] = get_args(Fit)
 TOKENS: tuple[str, ...] = get_args(Tokens)
-FIT_OPTIONS = ("damping", "max_scale", "target", "solver", "skip_first_attention", "last_ffn_tokens")  # of tune only
+FIT_OPTIONS = ("damping", "max_scale", "target", "solver", "skip_first_attention", "last_ffn_tokens", "fit",
+               "ridge")  # of tune only
+SCALE_OPTIONS = ("damping", "max_scale", "solver")  # of fit="scales" only
 
 
 @dataclass(frozen=True)
@@ -83,23 +86,38 @@ class TuningConfig:
     last_ffn_tokens: Tokens = "all"
     """Tokens the last feed-forward block is fitted on: all real tokens, or the first one (their rule for
     classifiers that read the [CLS] token; the project's multi-task heads pool the mean of all tokens)."""
+    fit: Fit = "scales"
+    """What is fitted per sub-layer: ``scales`` (Kwon et al.: one real scale per kept unit, folded into the weights)
+    or ``columns`` (K-prune's weight tuning: every weight of the kept units' input columns of the output / down
+    projection, ridge least squares to the same target; bias untouched; kept in the spec beside its JSON)."""
+    ridge: float = 0.1
+    """``fit="columns"``: the ridge, relative to the mean diagonal of the inputs' Gram matrix, pulling the refitted
+    columns towards the dense ones."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rearrange, bool):
             raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
         for name, value, allowed in (("tune", self.tune, TUNES), ("target", self.target, FIT_TARGETS),
-                                     ("solver", self.solver, SOLVERS), ("last_ffn_tokens", self.last_ffn_tokens, TOKENS)):
+                                     ("solver", self.solver, SOLVERS), ("last_ffn_tokens", self.last_ffn_tokens, TOKENS),
+                                     ("fit", self.fit, FITS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not allowed; use one of {list(allowed)}")
         if not isinstance(self.skip_first_attention, bool):
             raise ValueError(f"skip_first_attention must be true or false, got {self.skip_first_attention!r}")
-        for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0)):
+        for name, v, low in (("damping", self.damping, 0.0), ("max_scale", self.max_scale, 1.0),
+                             ("ridge", self.ridge, 0.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
                 raise ValueError(f"{name}={v!r} must be a finite number >= {low}")
         changed = {k: getattr(self, k) for k in FIT_OPTIONS if getattr(self, k) != self.__dataclass_fields__[k].default}
         if self.tune == "none" and changed:
             raise ValueError(f"{changed} configure mask tuning, which is off (tune='none'); set tune='schedule' or "
                              "'dense', or leave them at their defaults")
+        defaults = self.__dataclass_fields__
+        if self.fit == "columns" and any(getattr(self, k) != defaults[k].default for k in SCALE_OPTIONS):
+            raise ValueError(f"{ {k: getattr(self, k) for k in SCALE_OPTIONS} } configure the scales' solve, which "
+                             "fit='columns' does not use (a ridge solve: set ridge); leave them at their defaults")
+        if self.fit == "scales" and self.ridge != defaults["ridge"].default:
+            raise ValueError(f"ridge={self.ridge!r} configures fit='columns'; with fit='scales' set damping instead")
 
     @property
     def active(self) -> bool:
@@ -197,7 +215,7 @@ class _Stop(Exception):
 def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: PruneSpec | None = None,
                damping: float = 1.0, max_scale: float = 10.0, forward: Callable = default_forward,
                target: FitTarget = "output", solver: Solver = "exact", skip_first_attention: bool = False,
-               last_ffn_tokens: Tokens = "all") -> PruneSpec:
+               last_ffn_tokens: Tokens = "all", fit: Fit = "scales", ridge: float = 0.1) -> PruneSpec:
     """Fit real-valued scales of ``spec``'s kept units, sub-layer by sub-layer in forward order, to a teacher.
 
     ``model`` must be the dense model (masks are applied with gates; no weight changes). ``teacher`` is a spec
@@ -212,6 +230,11 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     ``last_ffn_tokens``: see :class:`TuningConfig`. Returns the spec with ``scales``; the tuning stops at the first
     failed solve (non-finite, a scale beyond ±``max_scale``, or LSMR's stop code >= 3), later sub-layers keep scale
     1, as their code stops there.
+
+    ``fit="columns"`` (K-prune's weight tuning) fits, with the same inputs and targets, every weight of the kept
+    columns ``W_K`` instead of one scale per unit: ``W_K' = (X_Kᵀ X_K + ridge·m·I)⁻¹ (X_Kᵀ (Y - b) + ridge·m·W_K)``
+    (``m`` the mean diagonal of ``X_Kᵀ X_K``); later sub-layers see the refitted ones (written into the model for the
+    duration, restored before returning). Returns the spec with ``columns``; a non-finite solve stops there.
     """
     if damping < 0 or max_scale <= 0:
         raise ValueError(f"damping={damping!r} must be >= 0 and max_scale={max_scale!r} > 0")
@@ -220,8 +243,10 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     spec.validate(model)
     base, _ = find_base(model)
     scales: dict[str, dict[str, list[float]]] = {}
+    columns: dict[str, dict[str, Tensor]] = {}
+    originals: list[tuple[Tensor, Tensor, Tensor]] = []  # (weight view, column indices, dense values) to restore
     tuned = replace(spec, scales={})
-    with Gates(model) as gates:
+    with Gates(model) as gates, _restored(originals):
         order = _forward_order(model, gates, batches[0], forward)
         residual = target == "residual"
         if residual and any(s.block.residual is None for s in order):
@@ -246,7 +271,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
             xs, ys, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0.0, 0
-            dtype = torch.float32 if solver == "lsmr" else torch.float64  # lsmr: theirs, float32 throughout
+            dtype = torch.float32 if solver == "lsmr" or fit == "columns" else torch.float64  # lsmr: theirs
             for batch, y in zip(batches, targets[name]):
                 got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
                                (res, slot.block.residual[1]) if residual else None)
@@ -262,6 +287,20 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 xs += x.sum(0).double()
                 ys += float(y.double().sum())
                 n_tok += x.shape[0]
+            if fit == "columns":
+                m = float(xx.diagonal().mean())
+                lhs = xx + ridge * m * torch.eye(len(cols), dtype=torch.float64)
+                new = torch.linalg.solve(lhs, xt + ridge * m * w) if m > 0 else w
+                if not torch.isfinite(new).all():
+                    log.warning("mask tuning stopped at %s: the refitted columns are not finite; later sub-layers "
+                                "keep their dense columns", name)
+                    break
+                view = weight_in_out(proj)
+                index = torch.as_tensor(cols, device=view.device)
+                originals.append((view, index, view[index].detach().clone()))
+                view[index] = new.to(view.dtype).to(view.device)  # the student's later sub-layers see the refit
+                columns.setdefault(kind, {})[name] = new.float()
+                continue
             width = slot.block.unit_width
             a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
             b = (w * xt).sum(1).view(len(kept), width).sum(1)  # [K]
@@ -283,10 +322,21 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 break
             scales.setdefault(kind, {})[name] = s.tolist()
             tuned = replace(spec, scales=scales)
-    return replace(spec, scales=scales, meta={**spec.meta, "tuned": {"damping": damping,
-                                                                     "teacher": "dense" if teacher is None else
-                                                                     teacher.meta.get("name", "spec"),
-                                                                     "target": target, "solver": solver}})
+    how = {"fit": fit, "ridge": ridge} if fit == "columns" else {"damping": damping, "solver": solver}
+    return replace(spec, scales=scales, columns=columns,
+                   meta={**spec.meta, "tuned": {**how, "teacher": "dense" if teacher is None else
+                                                teacher.meta.get("name", "spec"), "target": target}})
+
+
+@contextmanager
+def _restored(originals: list):
+    """Put back the dense values of every weight column a ``fit="columns"`` tuning wrote (also on an error)."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for view, index, values in reversed(originals):
+                view[index] = values
 
 
 def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
@@ -443,24 +493,34 @@ def _forward_order(model, gates: Gates, batch: dict, forward) -> list:
 # ------------------------------------------------------------------------------------------ folding
 @torch.no_grad()
 def fold_scales_(model: nn.Module, spec: PruneSpec) -> PruneSpec:
-    """Multiply each kept unit's input columns of its output / down projection by its scale, in place.
+    """Write a tuned spec into the weights, in place: multiply each kept unit's input columns of its output / down
+    projection by its scale, or replace them by the spec's refitted ``columns`` (``fit="columns"``).
 
     Apply to the dense model before :func:`~taskprune.surgery.shrink_` (or to a model already shrunk by ``spec``);
-    returns the spec without scales. Folding then shrinking equals running the dense model masked with scales.
+    returns the spec without scales or columns. Folding then shrinking equals running the dense model masked with
+    scales (or with the refitted columns written).
     """
     state = spec.validate(model)
     base, _ = find_base(model)
     arch = get_architecture(model)
-    for kind, blocks in spec.scales.items():
+    for kind in UNIT_KINDS:
+        scales, columns = spec.scales.get(kind, {}), spec.columns.get(kind, {})
         for block in arch.blocks(kind):
-            if block.name not in blocks:
+            if block.name not in scales and block.name not in columns:
                 continue
             kept = spec.kept(kind, block.name)
-            s = torch.tensor(blocks[block.name], dtype=torch.float64)
             units = kept if state == "dense" else list(range(len(kept)))
             cols = unit_channels(units, block.unit_width)
             proj = base.get_submodule(block.out if kind == "heads" else block.down)
             w = weight_in_out(proj)  # a view [in, out] of the weight
+            if block.name in columns:
+                new = columns[block.name]
+                if tuple(new.shape) != (len(cols), w.shape[1]):
+                    raise ValueError(f"columns[{kind!r}][{block.name!r}] has shape {list(new.shape)}, but the block's "
+                                     f"kept input columns are [{len(cols)}, {w.shape[1]}]; refit the spec for this model")
+                w[cols] = new.to(w.dtype).to(w.device)
+                continue
+            s = torch.tensor(scales[block.name], dtype=torch.float64)
             col_scale = s.repeat_interleave(block.unit_width).to(w.dtype).to(w.device)
             w[cols] *= col_scale[:, None]
-    return replace(spec, scales={}, meta={**spec.meta, "scales_folded": True})
+    return replace(spec, scales={}, columns={}, meta={**spec.meta, "scales_folded": True})

@@ -27,7 +27,9 @@ def test_every_preset_prunes_to_its_budget_and_records_itself(name):
     spec = pipeline.prune(model, batches, held_out=held_out if pipeline.budget.split == "loss" else None)
     seq = spec.budget["seq_len"]
     assert count_macs(model, seq, spec) <= 0.6 * count_macs(model, seq) + 1e-6
-    assert spec.meta["pipeline"] == name and bool(spec.scales) == (pipeline.tuning.tune != "none")
+    assert spec.meta["pipeline"] == name
+    assert bool(spec.scales or spec.columns) == (pipeline.tuning.tune != "none")
+    assert bool(spec.columns) == (pipeline.tuning.tune != "none" and pipeline.tuning.fit == "columns")
 
 
 def test_mean_seq_len_is_the_batches_mean_real_length():

@@ -298,6 +298,44 @@ def test_callback_runs_kwons_stages_and_the_applied_model_equals_the_scaled_mask
         torch.testing.assert_close(fresh.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_callback_with_the_column_refit_writes_the_columns_beside_the_spec_and_test_replays_them(tmp_path):
+    import lightning as L
+    from lightning_tiny import TOKENIZER, tiny_classifier
+
+    from taskprune.attribution import AttributionConfig
+    from taskprune.lightning.callback import TaskPruning
+    from taskprune.lightning.data import TaskDataModule
+    from taskprune.lightning.module import AttributionModule
+    from taskprune.selection import Budget
+    from taskprune.tuning import TuningConfig
+
+    def run(cb, module, stage):
+        t = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                      callbacks=[cb], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                      enable_model_summary=False)
+        dm = TaskDataModule("sst2", tokenizer=TOKENIZER, calib_samples=12, batch_size=4, eval_samples=8, ood=[])
+        getattr(t, stage)(module, dm, **({"verbose": False} if stage == "test" else {}))
+
+    module = AttributionModule(tiny_classifier(), task="sst2", attribution=AttributionConfig(steps=1),
+                               compare_dense=False)
+    refit = TuningConfig(tune="dense", target="residual", fit="columns")  # preset taskprune_refit's stages
+    run(TaskPruning(budget=Budget(amount=0.4), output_dir=str(tmp_path), tuning=refit), module, "fit")
+    assert (tmp_path / "spec.columns.safetensors").is_file()
+    spec = PruneSpec.load(tmp_path / "spec.json")
+    assert spec.columns and spec.meta["tuned"]["fit"] == "columns"
+    expected_model = tiny_classifier()
+    shrink_(expected_model, fold_scales_(expected_model, spec))
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = expected_model(**batch).logits
+        assert not torch.allclose(expected, shrink_(tiny_classifier(), spec)(**batch).logits)  # the refit matters
+        torch.testing.assert_close(module.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    fresh = AttributionModule(tiny_classifier(), task="sst2", compare_dense=False)
+    run(TaskPruning(output_dir=str(tmp_path), apply="shrink"), fresh, "test")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tuning_config_refuses_bad_values():
     from taskprune.tuning import TuningConfig
 
@@ -430,3 +468,98 @@ def test_tuning_options_are_refused_when_tuning_is_off():
         TuningConfig(target="residual")
     with pytest.raises(ValueError, match=r"solver='cg' is not allowed; use one of \['exact', 'lsmr'\]"):
         TuningConfig(tune="dense", solver="cg")
+
+
+# ------------------------------------------------------------------------------------ K-prune's column refit
+def test_column_refit_leaves_the_pre_norm_error_stationary_in_every_kept_weight():
+    """fit='columns', ridge 0: after the refit of a feed-forward block, the gradient of |sum_S - sum_T|² w.r.t. its
+    kept input columns, X_Kᵀ (sum_S - sum_T), is ~0 next to its value at the dense columns (float32 products)."""
+    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
+
+    model = wide_model("bert").eval()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = labelled("bert", 3)
+    spec = select_units(random_scores(model, seed=3), sparsity=0.5)
+    tuned = tune_masks(model, spec, calib, forward=_fwd, target="residual", fit="columns", ridge=0.0)
+    assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())  # weights restored
+    assert not tuned.scales and tuned.meta["tuned"]["fit"] == "columns"
+    block = get_architecture(model).ffn[0]
+    new = tuned.columns["neurons"][block.name]
+    upstream = copy.deepcopy(model)  # the refitted sub-layers before this block written in, as the tuning saw them
+    fold_scales_(upstream, replace(tuned, columns={k: {n: t for n, t in d.items() if n != block.name}
+                                                   for k, d in tuned.columns.items()}))
+    base, _ = find_base(upstream)
+    proj, res = base.get_submodule(block.down), base.get_submodule(block.residual[0])
+    kept = spec.kept("neurons", block.name)
+    b = proj.bias.detach().double()
+    with Gates(model) as gates:
+        order = _forward_order(model, gates, calib[0], _fwd)
+        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
+    grads = {}
+    with Gates(upstream) as gates:
+        for label, w in (("refit", new.double()), ("dense", weight_in_out(proj).detach().double()[kept])):
+            g = torch.zeros_like(w)
+            for batch, y_t in zip(calib, teacher):
+                x, stream = _capture(upstream, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
+                                     (res, block.residual[1]))
+                pick = _tokens(batch, x, False)
+                xk = x.double()[pick][:, kept]
+                g += xk.t() @ (xk @ w + b + stream.double()[pick] - y_t.double())
+            grads[label] = g
+    assert grads["dense"].abs().max() > 1e-6
+    assert grads["refit"].abs().max() <= 1e-4 * grads["dense"].abs().max()
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_refitted_columns_fold_shrink_and_round_trip_beside_the_json(name, tmp_path):
+    """fold + shrink of a column-refitted spec equals the dense model masked with the columns written; the columns
+    travel in <stem>.columns.safetensors (sha256 in the JSON); a missing or foreign file is refused; a bank refuses."""
+    from taskprune.bank import MaskBank
+    from taskprune.spec import columns_file
+    from taskprune.surgery import apply_mask
+
+    model = wide_model(name).eval()
+    calib = labelled(name, 2)
+    spec = select_units(random_scores(model, seed=1), sparsity=0.4)
+    tuned = tune_masks(model, spec, calib, forward=_fwd, target="residual", fit="columns")
+    assert tuned.columns and set(tuned.columns) <= {"heads", "neurons"}
+    batch = tiny_batch(name, seed=9)
+    written = copy.deepcopy(model)
+    fold_scales_(written, tuned)
+    apply_mask(written, spec)
+    shrunk = copy.deepcopy(model)
+    plain = fold_scales_(shrunk, tuned)
+    assert not plain.columns
+    shrink_(shrunk, plain)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(**batch).logits, written(**batch).logits, rtol=1e-4, atol=1e-4)
+    tuned.save(tmp_path / "spec.json")
+    assert columns_file(tmp_path / "spec.json").name == "spec.columns.safetensors"
+    back = PruneSpec.load(tmp_path / "spec.json")
+    assert back.keep == tuned.keep and all(torch.equal(back.columns[k][n], t) for k, d in tuned.columns.items()
+                                           for n, t in d.items())
+    other = tmp_path / "other"
+    other.mkdir()
+    replace(tuned, columns={k: {n: t + 1 for n, t in d.items()} for k, d in tuned.columns.items()}).save(
+        other / "spec.json")
+    (tmp_path / "spec.columns.safetensors").write_bytes((other / "spec.columns.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"is not the columns file .* was saved with \(sha256 differs"):
+        PruneSpec.load(tmp_path / "spec.json")
+    (tmp_path / "spec.columns.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"names its refitted columns .* which is missing"):
+        PruneSpec.load(tmp_path / "spec.json")
+    with pytest.raises(ValueError, match=r"holds refitted weight columns .* masks on the bank's one shared model"):
+        MaskBank(model).add("t", tuned)
+
+
+def test_column_fit_options_are_refused_where_they_do_nothing():
+    from taskprune.tuning import TuningConfig
+
+    with pytest.raises(ValueError, match=r"configure the scales' solve, which fit='columns' does not use"):
+        TuningConfig(tune="dense", fit="columns", solver="lsmr")
+    with pytest.raises(ValueError, match=r"ridge=0.5 configures fit='columns'"):
+        TuningConfig(tune="dense", ridge=0.5)
+    with pytest.raises(ValueError, match=r"fit='weights' is not allowed; use one of \['scales', 'columns'\]"):
+        TuningConfig(tune="dense", fit="weights")
+    with pytest.raises(ValueError, match=r"ridge=-1 must be a finite number >= 0"):
+        TuningConfig(tune="dense", fit="columns", ridge=-1)
