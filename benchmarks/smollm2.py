@@ -82,7 +82,14 @@ PIPELINES = {
     "fisher_search": ("fisher", "search", "all", "none"),
     "fisher_search_tune": ("fisher", "search", "all", "schedule"),
     "igsq_search_tune": ("igsq", "search", "all", "schedule"),
+    # K-prune's weight tuning (TuningConfig(fit="columns")): the kept output-projection columns refitted to the dense
+    # model's sum after the residual add (pre-norm LLaMA's natural target), issue #24's compensation
+    "fisher_search_refit": ("fisher", "search", "all", "refit"),
+    "igsq_search_refit": ("igsq", "search", "all", "refit"),
 }
+#: the tuning column of PIPELINES -> TuningConfig
+TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"),
+           "refit": TuningConfig(tune="dense", target="residual", fit="columns")}
 DEFAULT_PIPELINE = "fisher_search"
 
 
@@ -95,7 +102,7 @@ def pipeline_of(name: str, steps: int, alpha_batch: int, seq_len: int) -> Pipeli
     else:
         att = AttributionConfig(method="ig", steps=steps, alpha_batch=alpha_batch, units=units,
                                 aggregate=o.get("aggregate", "abs"))
-    return Pipeline(att, Budget(kind="macs", scope=scope, seq_len=seq_len), TuningConfig(tune=tune), name)
+    return Pipeline(att, Budget(kind="macs", scope=scope, seq_len=seq_len), TUNINGS[tune], name)
 
 
 class Scorer:
