@@ -402,7 +402,8 @@ def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | 
 
 
 #: pairs compared seed by seed: the default against the peer, the peer's tuning against none
-PAIRS = (("taskprune", "kwon"), ("kwon", "kwon_notune"), ("taskprune_tuned", "taskprune"))
+PAIRS = (("taskprune", "kwon"), ("kwon", "kwon_notune"), ("taskprune_tuned", "taskprune"),
+         ("taskprune_refit", "taskprune"))
 
 
 def _paired(raw: dict, task: str, cut: float, first: str = "taskprune", second: str = "kwon",
