@@ -306,16 +306,7 @@ def _read_own_head(folder: Path, into: nn.Module | None) -> dict | None:
                          "the model again") from None
     if into is None:
         return meta
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} is missing; {str(meta_file)!r} says the folder holds your head")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") \
-            from None
+    state = _load_safetensors(file, f"{str(meta_file)!r} says the folder holds your head")
     where = meta["hf_path"]
     try:
         into.get_submodule(where)
@@ -415,9 +406,6 @@ def _instantiate(cls, config, dtype: torch.dtype) -> nn.Module:
 
 def _read_weights(folder: Path) -> tuple[torch.dtype, dict[str, torch.Tensor], str]:
     """``(dtype, state_dict, file description)`` from ``model.safetensors`` or a sharded index."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX
     if single.is_file():
         files = [single]
@@ -432,16 +420,25 @@ def _read_weights(folder: Path) -> tuple[torch.dtype, dict[str, torch.Tensor], s
                                 "not a complete folder written by save_pruned")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{str(f)!r} is missing: {str(index)!r} lists it")
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{str(f)!r} is not a readable safetensors file ({e}); it is truncated or corrupt. "
-                             "Export the model again with save_pruned") from None
+        state.update(_load_safetensors(f, f"{str(index)!r} lists it"))
     floats = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     return dtype, state, str(files[0] if len(files) == 1 else index)
+
+
+def _load_safetensors(file: Path, listed_by: str) -> dict[str, torch.Tensor]:
+    """The tensors of one file of an export folder: ``FileNotFoundError`` naming who lists a missing file,
+    ``ValueError`` for a truncated or corrupt one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing; {listed_by}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt. "
+                         "Export the model again with save_pruned") from None
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -464,9 +461,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
     """A :class:`taskprune.models.multitask.TaskModel` from the encoder and the folder's single head (zoo format)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from taskprune.models.multitask import HeadInfo, MultiTaskModel, head_from_state
 
     tasks_file, heads_file = folder / TASKS_FILE, folder / HEADS_FILE
@@ -476,13 +470,7 @@ def _task_model(encoder: nn.Module, folder: Path) -> nn.Module:
         info = HeadInfo(tuple(d["label_names"]), int(d["n_labels"]), bool(d["regression"]), float(d["output_scale"]))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{str(tasks_file)!r} is not a one-task tasks.json written by save_pruned ({e!r})") from None
-    if not heads_file.is_file():
-        raise FileNotFoundError(f"{str(heads_file)!r} is missing; {str(tasks_file)!r} says the folder holds a head")
-    try:
-        state = load_file(str(heads_file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{str(heads_file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") \
-            from None
+    state = _load_safetensors(heads_file, f"{str(tasks_file)!r} says the folder holds a head")
     head = head_from_state(state, task, heads_file)
     has_tok = (folder / "tokenizer_config.json").is_file()
     multi = MultiTaskModel(encoder, {task: info}, {task: head}, meta.get("pooling", "mean"),
