@@ -783,11 +783,17 @@ class TaskPruning(L.Callback):
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
             return  # Lightning reports an unreadable checkpoint when it loads it
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(RUN_KEY), dict):
+        if isinstance(checkpoint, dict):
             task = getattr(getattr(pl_module, "task", None), "name", None)
-            now = {"weights": weights_fingerprint(self._model(pl_module)),
-                   "task": task if isinstance(task, str) else None}
-            self.check_resume(checkpoint[RUN_KEY], now, ckpt_path, warn=False)
+            self.check_record(checkpoint, self._model(pl_module), task if isinstance(task, str) else None, ckpt_path)
+
+    @classmethod
+    def check_record(cls, checkpoint: dict, model: torch.nn.Module, task: str | None, path=None) -> None:
+        """Refuse a checkpoint whose run record names other weights or another task than ``model`` / ``task``, before
+        its weights are loaded (the CLI before ``fit``, :class:`AttributionModule` in ``on_load_checkpoint``)."""
+        if isinstance(checkpoint.get(RUN_KEY), dict):
+            cls.check_resume(checkpoint[RUN_KEY], {"weights": weights_fingerprint(model), "task": task}, path,
+                             warn=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == "fit" and self._identity:

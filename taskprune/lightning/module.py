@@ -307,13 +307,9 @@ class AttributionModule(L.LightningModule):
         """Before Lightning loads the checkpoint's weights into this module (a resumed ``fit`` from Python): refuse a
         checkpoint recorded for other weights or another task, as the CLI does before ``fit`` (another architecture
         would otherwise end in a size mismatch, another model of the same shapes silently take its weights)."""
-        from taskprune.lightning.callback import RUN_KEY, TaskPruning
-        from taskprune.spec import weights_fingerprint
+        from taskprune.lightning.callback import TaskPruning
 
-        saved = checkpoint.get(RUN_KEY)
-        if isinstance(saved, dict):
-            now = {"weights": weights_fingerprint(self.model), "task": self.task.name}
-            TaskPruning.check_resume(saved, now, getattr(self.trainer, "ckpt_path", None), warn=False)
+        TaskPruning.check_record(checkpoint, self.model, self.task.name, getattr(self.trainer, "ckpt_path", None))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Rebuild a shrunk model before Lightning loads its weights (Lightning restores weights before callbacks).
