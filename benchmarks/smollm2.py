@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import header, write_text
-from taskprune.attribution import AttributionConfig, model_inputs
+from taskprune.attribution import AttributionConfig
 from taskprune.export import load_pruned, save_pruned
 from taskprune.models.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
 from taskprune.flops import count_macs, count_params
@@ -131,21 +131,11 @@ def prune(scorer: Scorer, pipeline: str, cut: float, seq_len: int) -> tuple[Prom
     """``(shrunk copy, spec, seconds of allocation + tuning)`` of ``pipeline`` at a MAC cut."""
     p, scores = scorer(pipeline, seq_len)
     t = time.perf_counter()
-    spec = p.at(cut).prune(scorer.model, scorer.calib, forward=uncalibrated, scores=scores)
+    spec = p.at(cut).prune(scorer.model, scorer.calib, scores=scores)
     pruned = copy.deepcopy(scorer.model)
     if spec.scales or spec.columns:
         spec = fold_scales_(pruned, spec)
     return shrink_(pruned, spec), spec, time.perf_counter() - t
-
-
-def uncalibrated(model: PromptedLM, batch: dict):
-    """The forward of mask tuning: without the content-free rows of contextual calibration, whose own LM pass would
-    reach the tuned projections too (the block outputs of the batch are what is fitted)."""
-    model.calibrate = False
-    try:
-        return model(**model_inputs(batch, model))
-    finally:
-        model.calibrate = True
 
 
 def achieved_cut(model: PromptedLM, pruned: PromptedLM, seq_len: int) -> float:

@@ -85,8 +85,9 @@ class MaskBank:
                             "with PruneSpec.load")
         if spec.columns:
             raise ValueError(f"the spec for task {task!r} holds refitted weight columns (TuningConfig(fit='columns')), "
-                             "which masks on the bank's one shared model cannot express; tune with fit='scales' for a "
-                             "bank, or export that task's model with save_pruned")
+                             "which masks on the bank's one shared model cannot express (the default pipeline refits "
+                             "them); prune with preset 'taskprune_notune' (or tuning fit='scales') for a bank, or "
+                             "export that task's model with save_pruned")
         if task in self.specs and not replace:
             raise ValueError(f"the bank already has a spec for task {task!r}; pass replace=True to replace it")
         diffs = fingerprint_diff(spec.fingerprint, self.fingerprint)

@@ -33,19 +33,23 @@ from taskprune.unitscores import UnitScores
 
 log = logging.getLogger(__name__)
 
+#: The library's default tuning: K-prune's weight tuning, the kept units' input columns of every output / down
+#: projection refitted (ridge 0.1) to the dense model's pre-LayerNorm sum. Chosen on the selection reserve over no
+#: tuning and over Kwon et al.'s scale tuning (docs/defaults.md, issue #21).
+DEFAULT_TUNING = TuningConfig(tune="dense", target="residual", fit="columns")
+
 #: name -> (attribution, budget fields besides the amount, tuning). ``taskprune`` is the library's default.
 PRESETS: dict[str, tuple[AttributionConfig, dict, TuningConfig]] = {
-    # squared IG from a half-on baseline, Kwon's mask search split by total score, no tuning (docs/defaults.md)
-    "taskprune": (AttributionConfig(), {}, TuningConfig()),
-    # the same with the heads / neurons split chosen by the task loss on held-out rows (opt-in: docs/defaults.md)
+    # squared IG from a half-on baseline, Kwon's mask search split by total score, the column refit (docs/defaults.md)
+    "taskprune": (AttributionConfig(), {}, DEFAULT_TUNING),
+    # the same without tuning (the default before 0.2; the spec is masks only: what a MaskBank holds)
+    "taskprune_notune": (AttributionConfig(), {}, TuningConfig()),
+    # no tuning, the heads / neurons split chosen by the task loss on held-out rows (opt-in: docs/defaults.md)
     "taskprune_holdout": (AttributionConfig(), {"split": "loss"}, TuningConfig()),
-    # the default followed by Kwon et al.'s faithful mask tuning (a candidate default, to be chosen on the selection
-    # reserve: issue #21)
+    # the default's selection followed by Kwon et al.'s faithful mask tuning instead of the refit (measured against
+    # the refit on the selection reserve: docs/defaults.md)
     "taskprune_tuned": (AttributionConfig(), {}, TuningConfig(tune="schedule", target="residual", solver="lsmr",
                                                              skip_first_attention=True)),
-    # the default followed by K-prune's weight tuning (the kept output-projection columns refitted, ridge 0.1, to the
-    # dense model's pre-LayerNorm sum; a candidate default, chosen on the selection reserve: issue #21)
-    "taskprune_refit": (AttributionConfig(), {}, TuningConfig(tune="dense", target="residual", fit="columns")),
     # Kwon et al. 2022: Fisher of the masks (per batch), mask search, rearrangement, tuning against their teacher
     # (their code: no head floor, MACs at the task's mean length, tuning of the pre-LayerNorm sum with LSMR, layer-0
     # attention untuned; the project's heads pool every token, so the last FFN is fitted on all of them)
@@ -71,8 +75,9 @@ class Pipeline:
     """How units are scored (and which kinds: ``attribution.units``)."""
     budget: Budget = field(default_factory=Budget)
     """What to remove and how units are allocated (scope, the mask search and its heads / neurons split)."""
-    tuning: TuningConfig = field(default_factory=TuningConfig)
-    """The stages after allocation: rearrangement and mask tuning (off by default)."""
+    tuning: TuningConfig = DEFAULT_TUNING
+    """The stages after allocation: rearrangement and tuning (default: :data:`DEFAULT_TUNING`, the column refit;
+    ``TuningConfig()`` turns them off)."""
     name: str = "custom"
     """The preset it came from (recorded in ``spec.meta["pipeline"]``)."""
 

@@ -403,7 +403,9 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
                      first: set[str] = frozenset()) -> dict[str, list]:
     """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
     residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
-    (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned)."""
+    (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned). Only
+    the first call of each projection in a forward is the batch's: later ones (a prompted LM's content-free rows) are
+    not fitted."""
     base, _ = find_base(model)
     out: dict[str, list] = {s.block.name: [] for s in order}
     current: dict = {}
@@ -412,15 +414,15 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     for s in order:
         proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
 
-        def hook(module, args, result, name=s.block.name):
-            current[name] = result.detach()
+        def hook(module, args, result, name=s.block.name):  # the first pass of a forward: the batch's rows (a
+            current.setdefault(name, result.detach())  # prompted LM's content-free rows run after them)
 
         handles.append(proj.register_forward_hook(hook))
         if residual:
             module, index = s.block.residual
 
             def pre_hook(m, args, name=s.block.name, index=index):
-                streams[name] = args[index].detach()
+                streams.setdefault(name, args[index].detach())
 
             handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
     gates.set(values)

@@ -309,6 +309,8 @@ def test_preset_fills_scope_and_tuning_and_refuses_another_attribution(tmp_path)
                                      skip_first_attention=True)
     assert TaskPruning(preset="kwon", budget=Budget(amount=0.6, min_heads=2)).budget.min_heads == 2  # given wins
     assert TaskPruning(preset="kwon", tuning=TuningConfig(tune="dense")).tuning.tune == "dense"  # given wins
+    assert TaskPruning(preset="kwon", tuning=TuningConfig()).tuning == TuningConfig()  # a preset's tuning turned off
+    assert TaskPruning(preset="kwon_notune").tuning == TuningConfig(rearrange=True)
     module = AttributionModule(tiny_classifier(), task="sst2")  # scores with squared IG, not Kwon's Fisher
     with pytest.raises(ValueError, match=r"preset 'kwon' scores with .*'method': 'fisher'.*--model.attribution"):
         trainer([cb]).fit(module, datamodule())
@@ -319,6 +321,18 @@ def test_preset_fills_scope_and_tuning_and_refuses_another_attribution(tmp_path)
     assert spec.meta["pipeline"] == "kwon" and spec.scales and spec.budget["allocation"] == "score"
     with pytest.raises(ValueError, match=r"unknown preset 'kwan'; allowed: \['taskprune'"):
         TaskPruning(preset="kwan")
+
+
+def test_the_default_tuning_is_the_column_refit_and_off_without_a_spec_to_apply():
+    from taskprune.pipeline import DEFAULT_TUNING, Pipeline
+    from taskprune.tuning import TuningConfig
+
+    assert DEFAULT_TUNING.fit == "columns" and DEFAULT_TUNING.target == "residual"
+    assert TaskPruning().tuning == Pipeline().tuning == Pipeline.preset("taskprune").tuning == DEFAULT_TUNING
+    assert TaskPruning(apply="none").tuning == TuningConfig()  # scores only: nothing to tune
+    assert TaskPruning(tuning=TuningConfig()).tuning == TuningConfig() == Pipeline.preset("taskprune_notune").tuning
+    with pytest.raises(ValueError, match="tuning needs a spec to apply"):
+        TaskPruning(apply="none", tuning=DEFAULT_TUNING)
 
 
 def test_callback_exports_onnx_int8_after_fit_and_refuses_options_without_a_folder(tmp_path):

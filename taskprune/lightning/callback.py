@@ -40,7 +40,7 @@ from taskprune.attribution import AttributionConfig, Attributor, default_forward
 from taskprune.deploy import OnnxOptions
 from taskprune.calibration import calibrate, loader_batches
 from taskprune.io import MARKER, acquire_lock, file_problem, partial_dirs, read_marker, release_lock, write_marker
-from taskprune.pipeline import PRESETS, Pipeline
+from taskprune.pipeline import DEFAULT_TUNING, PRESETS, Pipeline
 from taskprune.selection import Budget, check_budget
 from taskprune.spec import PruneSpec, weights_fingerprint
 from taskprune.surgery import apply_mask, shrink_
@@ -106,8 +106,8 @@ class TaskPruning(L.Callback):
             normalize, min_heads, min_neurons, seq_len, split). ``seq_len`` follows the datamodule's ``max_length``
             when there is one (logged).
         preset: a named pipeline (:data:`taskprune.pipeline.PRESETS`: ``taskprune``, ``kwon``, baselines). It fills
-            the budget fields left at their defaults (scope, floors, seq_len...) and the tuning when left at its
-            defaults; its attribution must be the one in force (the module's, or this callback's), else it is refused
+            the budget fields left at their defaults (scope, floors, seq_len...) and the tuning when left out (None);
+            its attribution must be the one in force (the module's, or this callback's), else it is refused
             with the config to set.
         attribution: how units are scored (:class:`~taskprune.attribution.AttributionConfig`). A module with
             ``unit_scores()`` scores with its own config: leave this out (the CLI links it to the module's); a
@@ -132,9 +132,11 @@ class TaskPruning(L.Callback):
         keep_checkpoint: keep ``calibration.ckpt`` after a successful run (default: removed with the spec written).
         allow_foreign_spec: at test / validate / predict, apply a spec recorded for another task or for other weights
             (``spec.meta``: ``task``, ``weights``); refused otherwise. The report then says the spec is foreign.
-        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero): Kwon
-            et al.'s mask rearrangement and mask tuning on the calibration batches (the spec gets per-unit scales,
-            folded into the weights when it is applied; default: off).
+        tuning: the training-free stages after selection (:class:`~taskprune.tuning.TuningConfig`, rank zero, on the
+            calibration batches). None (default): the preset's, else :data:`~taskprune.pipeline.DEFAULT_TUNING` (the
+            kept output-projection columns refitted to the dense model; the spec carries them and they go into the
+            weights when it is applied), off with ``apply="none"``. ``TuningConfig()`` turns tuning off (masks only,
+            e.g. for a :class:`~taskprune.bank.MaskBank`); Kwon et al.'s rearrangement and mask tuning are options.
         onnx_dir: with ``apply="shrink"``, also export the shrunk model to ONNX there at the end of ``fit``
             (:func:`taskprune.deploy.save_onnx`: checked against PyTorch before the folder is written; needs
             ``pip install -e '.[deploy]'``, checked before calibration). ``onnx``: its options
@@ -156,7 +158,7 @@ class TaskPruning(L.Callback):
         overwrite: bool = False,
         calib_batches: int | None = None,
         checkpoint_every: int | None = None,
-        tuning: TuningConfig = TuningConfig(),
+        tuning: TuningConfig | None = None,
         export_dir: str | None = None,
         onnx_dir: str | None = None,
         onnx: OnnxOptions = OnnxOptions(),
@@ -174,16 +176,16 @@ class TaskPruning(L.Callback):
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a taskprune.selection.Budget, got {budget!r}; e.g. "
                             "Budget(amount=0.4, kind='macs') removes 40% of the prunable MACs")
-        if not isinstance(tuning, TuningConfig):
-            raise TypeError(f"tuning must be a taskprune.tuning.TuningConfig, got {tuning!r}; e.g. "
-                            "TuningConfig(tune='schedule')")
+        if tuning is not None and not isinstance(tuning, TuningConfig):
+            raise TypeError(f"tuning must be a taskprune.tuning.TuningConfig or None, got {tuning!r}; e.g. "
+                            "TuningConfig(tune='schedule'), or TuningConfig() for none")
         if preset is not None:  # the preset fills what was left at its default
             base = Pipeline.preset(preset)
             defaults = Budget()
             budget = replace(budget, **{k: v for k, v in base.budget.to_dict().items()
                                         if k != "amount" and getattr(budget, k) == getattr(defaults, k)})
-            if tuning == TuningConfig():
-                tuning = base.tuning
+        if tuning is None:  # the preset's, else the library's default (nothing to tune without a spec to apply)
+            tuning = (base.tuning if preset is not None else DEFAULT_TUNING) if apply != "none" else TuningConfig()
         if tuning.active and apply == "none":
             raise ValueError("tuning needs a spec to apply: set apply='shrink' (or 'mask'), or leave tuning off")
         if attribution is not None and not isinstance(attribution, AttributionConfig):
