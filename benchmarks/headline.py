@@ -21,7 +21,8 @@ run. Around it, this script only prepares data and measures:
   presets get their own sampling (``--kwon-calib`` rows with replacement, unsorted batches of 32);
 * evaluation of the shrunk model (scales folded, ``shrink_``): ``--split dev`` the dev sets (QNLI / MNLI: seeded
   2000-row subsets, QQP 5000) and unseen domains (SST-2 → IMDB / Yelp / Amazon, 300 seeded rows each; MNLI → SNLI, 1000;
-  QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen; ``both`` all of them;
+  QQP → MRPC); ``--split selection`` the reserve, where defaults are chosen, and as many unseen-domain rows again
+  from outside the reported subsets (``imdb (reserve)``...); ``both`` all of them;
 * speed (``--speed after``, the default; ``only`` for rows already pruned): every row keeps its per-block widths, and
   each distinct shape is shrunk and timed against the dense model at batch 32 x 128 tokens, beside its MAC bound.
 """
@@ -117,6 +118,11 @@ def eval_sets(task: str, data_dir: str, split: str) -> dict:
     out = {}
     if split in ("selection", "both"):
         out["selection"] = selection_rows(MODEL, task, data_dir)
+        for o in t.ood_names:  # unseen-domain rows no published table reads: the next ones of the same permutation
+            n = OOD_ROWS.get(o, 10**9)
+            rest = random_subset(load_split(t, o, data_dir), n, seed=0, skip=n) if n < 10**9 else []
+            if len(rest):
+                out[f"{o} (reserve)"] = rest
     if split == "selection":
         return out
     out["dev"] = random_subset(load_split(t, "dev", data_dir), DEV_ROWS.get(task, 10**9), seed=0)
