@@ -46,7 +46,7 @@ from taskprune.export import load_pruned, save_pruned
 from taskprune.models.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
 from taskprune.flops import count_macs, count_params
 from taskprune.models.gguf import load_smollm2
-from taskprune.pipeline import Pipeline
+from taskprune.pipeline import DEFAULT_TUNING, Pipeline
 from taskprune.selection import Budget
 from taskprune.surgery import shrink_
 from taskprune.tuning import TuningConfig, fold_scales_
@@ -88,8 +88,7 @@ PIPELINES = {
     "igsq_search_refit": ("igsq", "search", "all", "refit"),
 }
 #: the tuning column of PIPELINES -> TuningConfig
-TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"),
-           "refit": TuningConfig(tune="dense", target="residual", fit="columns")}
+TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING}
 DEFAULT_PIPELINE = "fisher_search"
 
 

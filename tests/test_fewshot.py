@@ -206,7 +206,8 @@ def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatc
                                                    ("igsq_neurons", 0.2), ("fisher_search_refit", 0.4)])
 def test_benchmark_pipelines_run_through_the_prompted_lm(pipeline, cut):
     """benchmarks/smollm2.py's pipelines on the tiny LLaMA: scores with gates on the prefix, allocation, mask tuning
-    (its forward leaves out the content-free rows, whose own pass would reach the tuned projections) and shrinking."""
+    (it fits each projection's first pass of a forward, the batch's rows: the content-free rows of contextual
+    calibration pass after them and are not fitted; the refit fails on mismatched token counts otherwise) and shrinking."""
     from benchmarks.smollm2 import PIPELINES, Scorer, achieved_cut, prune
 
     m = prompted()
