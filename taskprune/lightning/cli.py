@@ -21,6 +21,7 @@ Errors in what was given (a ``ValueError``, ``TypeError``, ``FileExistsError``, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -109,13 +110,32 @@ class TaskPruneCLI(LightningCLI):
 
 
 def _help_from_field_docstrings() -> None:
-    """Let jsonargparse read the attribute docstrings of the config dataclasses as ``--help`` text."""
+    """Let jsonargparse read the attribute docstrings of the config dataclasses as ``--help`` text, each class's once
+    per process: reading them parses the class's source, and LightningCLI builds one parser per subcommand (fit,
+    validate, test, predict), so the Trainer's source was parsed four times per start (most of the start-up)."""
     import jsonargparse
 
     if hasattr(jsonargparse, "set_parsing_settings"):
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     else:  # jsonargparse < 4.35
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+    try:
+        from jsonargparse import _optionals
+    except ImportError:
+        return
+    parse = getattr(_optionals, "parse_docstring", None)
+    if parse is None or hasattr(parse, "uncached"):
+        return
+    cached = functools.lru_cache(maxsize=None)(parse)
+
+    def parse_docstring(component, params=False, logger=None):
+        try:
+            return cached(component, params, logger)
+        except TypeError:  # an unhashable component
+            return parse(component, params, logger)
+
+    parse_docstring.uncached = parse
+    _optionals.parse_docstring = parse_docstring
 
 
 BAD_INPUT = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,
