@@ -68,7 +68,7 @@ SCORES = {
     "igsq": dict(method="ig", prefix=True, aggregate="square"),  # mean of squared per-sample attributions
     "fisher": dict(method="fisher", prefix=True),  # Kwon et al.: sum over batches of squared mask gradients
 }
-# pipeline -> (scores, allocation, kinds pruned, mask tuning); allocation per_kind = the same share of attention and
+# pipeline -> (scores, allocation, kinds pruned, mask tuning[, steps]); allocation per_kind = the same share of attention and
 # FFN MACs, search = Kwon et al.'s mask search (units of largest total score under the MAC bound); tuning = Kwon et
 # al.'s mask tuning of the kept units' scales (teacher: the dense model, or their schedule), folded before shrinking.
 # Each is a taskprune.pipeline.Pipeline (see pipeline_of), run by Pipeline.prune.
@@ -86,6 +86,10 @@ PIPELINES = {
     # model's sum after the residual add (pre-norm LLaMA's natural target), issue #24's compensation
     "fisher_search_refit": ("fisher", "search", "all", "refit"),
     "igsq_search_refit": ("igsq", "search", "all", "refit"),
+    # iterative pruning (Pipeline(steps=4): the cut in four equal steps, the model as shrunk so far re-scored before
+    # each; the first step reuses the dense scores), then the refit on the dense model
+    "fisher_search_refit_iter": ("fisher", "search", "all", "refit", 4),
+    "igsq_search_refit_iter": ("igsq", "search", "all", "refit", 4),
 }
 #: the tuning column of PIPELINES -> TuningConfig
 TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING}
@@ -94,14 +98,14 @@ DEFAULT_PIPELINE = "fisher_search"
 
 def pipeline_of(name: str, steps: int, alpha_batch: int, seq_len: int) -> Pipeline:
     """The :class:`taskprune.pipeline.Pipeline` of a row of :data:`PIPELINES`."""
-    score, scope, units, tune = PIPELINES[name]
+    score, scope, units, tune, *iterations = PIPELINES[name]
     o = SCORES[score]
     if o["method"] == "fisher":
         att = AttributionConfig(method="fisher", per="batch", units=units)
     else:
         att = AttributionConfig(method="ig", steps=steps, alpha_batch=alpha_batch, units=units,
                                 aggregate=o.get("aggregate", "abs"))
-    return Pipeline(att, Budget(kind="macs", scope=scope, seq_len=seq_len), TUNINGS[tune], name)
+    return Pipeline(att, Budget(kind="macs", scope=scope, seq_len=seq_len), TUNINGS[tune], name, *iterations)
 
 
 class Scorer:
@@ -367,11 +371,12 @@ def render(results: list[dict], meta: dict, partial: bool) -> str:
                      f"{num(r['peak_rss_gib_after_calibration'], '.2f')} | {num(r['prefill_seconds'], '.3f')} | "
                      f"{num(r['decode_seconds_per_token'], '.4f')} |")
     a = meta["args"]
-    score, how, units, tune = PIPELINES[a["pipeline"]]
+    score, how, units, tune, *steps = PIPELINES[a["pipeline"]]
     lines += ["", f"Settings: pipeline `{a['pipeline']}` (chosen on the selection rows of `smollm2_selection.md`, "
               f"never on the rows above): scores {score} ({SCORES[score]}), IG {a['steps']} steps from gates = 0.5 "
               f"where IG, target = gold label, {a['n_calib']} calibration rows in batches of {a['calib_batch']}, "
-              f"alpha_batch {a['alpha_batch']}; allocation {how}, units {units}, mask tuning {tune}; MACs counted at "
+              f"alpha_batch {a['alpha_batch']}; allocation {how}, units {units}, mask tuning {tune}"
+              f"{f', {steps[0]} pruning steps' if steps else ''}; MACs counted at "
               f"the prompt length; speed = best of {a['reps']} interleaved rounds over {a['speed_prompts']} prompts, "
               f"batch 1, {a['new_tokens']} decoded tokens, {a['threads']} threads; total {meta['seconds']:.0f} s.", ""]
     if meta.get("loaded"):
@@ -389,7 +394,7 @@ def render_selection(results: list[dict], meta: dict, partial: bool) -> str:
     lines += [f"Accuracy on **selection rows** (class-balanced train rows, disjoint from the demonstrations, the "
               f"{a['n_calib']} calibration rows and every evaluation row), the pruned decoder shrunk; what "
               f"`--pipeline` is chosen on. Pipelines: {', '.join(f'`{k}` = {v}' for k, v in PIPELINES.items() if k in a['select'])} "
-              "(scores, allocation, kinds pruned, mask tuning).", "",
+              "(scores, allocation, kinds pruned, mask tuning[, pruning steps]).", "",
               "| task | rows | dense | pipeline | " + " | ".join(f"{c:.0%} cut" for c in a["cuts"]) +
               " | mean | KV groups kept | score s |", "|---|---|---|---|" + "---|" * (len(a["cuts"]) + 3)]
     for r in results:

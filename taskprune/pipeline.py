@@ -3,7 +3,7 @@
 A :class:`Pipeline` is three configs — :class:`~taskprune.attribution.AttributionConfig` (score),
 :class:`~taskprune.selection.Budget` (allocate: scope, mask search, heads / neurons split) and
 :class:`~taskprune.tuning.TuningConfig` (rearrange, tune) — and :meth:`Pipeline.prune` runs them on a model and
-calibration batches, returning a :class:`~taskprune.spec.PruneSpec` (kept units, and per-unit scales when tuned).
+calibration batches, returning a :class:`~taskprune.spec.PruneSpec` (kept units, and tuned scales or refitted columns).
 The Lightning callback, the CLI, the benchmarks and the examples all call it; applying the spec
 (:func:`taskprune.surgery.shrink_` after :func:`taskprune.tuning.fold_scales_`) is the one step left to the caller.
 
@@ -18,6 +18,7 @@ fields on top.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from taskprune.arch import UNIT_KINDS, get_architecture
 from taskprune.attribution import AttributionConfig, default_forward, pseudo_labels, score_units
-from taskprune.selection import Budget, select_units
+from taskprune.selection import Budget, achieved_cut, select_units
 from taskprune.spec import PruneSpec
+from taskprune.surgery import shrink_
 from taskprune.tuning import TuningConfig, batch_gradients, rearrange, teacher_keep, tune_masks
 from taskprune.unitscores import UnitScores
 
@@ -80,6 +83,9 @@ class Pipeline:
     ``TuningConfig()`` turns them off)."""
     name: str = "custom"
     """The preset it came from (recorded in ``spec.meta["pipeline"]``)."""
+    steps: int = 1
+    """Iterative pruning: remove the budget in this many equal steps, re-scoring before each the model as the earlier
+    steps shrank it (1: score once). MAC and parameter budgets; one shrunk copy of the model is held meanwhile."""
 
     def __post_init__(self) -> None:
         for attr, cls in (("attribution", AttributionConfig), ("budget", Budget), ("tuning", TuningConfig)):
@@ -88,6 +94,14 @@ class Pipeline:
         if self.tuning.tune == "schedule" and self.budget.kind != "macs":
             raise ValueError(f"tune='schedule' picks its teacher at sqrt of the kept MAC fraction and needs a MAC "
                              f"budget, got kind={self.budget.kind!r}; use tune='dense' or kind='macs'")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r} must be a positive integer (1: score once)")
+        if self.steps > 1 and self.budget.kind not in ("macs", "params"):
+            raise ValueError(f"steps={self.steps} splits a MAC or parameter budget into equal steps, got "
+                             f"kind={self.budget.kind!r}; use kind='macs' or 'params', or steps=1")
+        if self.steps > 1 and self.tuning.tune == "schedule":
+            raise ValueError("tune='schedule' selects its teacher from the dense model's scores, which steps > 1 does "
+                             "not keep; use tune='dense' (or the default tuning), or steps=1")
 
     @classmethod
     def preset(cls, name: str) -> Pipeline:
@@ -127,7 +141,7 @@ class Pipeline:
 
     def prune(self, model: nn.Module, batches: Sequence[dict], held_out: Sequence[dict] | None = None,
               forward: Callable | None = None, scores: UnitScores | None = None) -> PruneSpec:
-        """Run every stage on the dense ``model``; return the spec (with per-unit scales when tuned).
+        """Run every stage on the dense ``model``; return the spec (with tuned scales or refitted columns).
 
         Args:
             model: the dense model (a transformers model or a module holding one); its weights are not changed.
@@ -141,10 +155,42 @@ class Pipeline:
         forward = forward or default_forward
         batches = list(batches)
         pipeline = self.resolve(batches)
-        if scores is None:
-            scores = pipeline.score(model, batches, forward)
-        spec = pipeline.allocate(model, scores, held_out, forward)
+        if pipeline.steps > 1 and pipeline.budget.amount > 0:
+            spec = pipeline._iterate(model, batches, held_out, forward, scores)
+        else:
+            if scores is None:
+                scores = pipeline.score(model, batches, forward)
+            spec = pipeline.allocate(model, scores, held_out, forward)
         return pipeline.finish(model, spec, scores, batches, held_out, forward)
+
+    def _iterate(self, model: nn.Module, batches: list[dict], held_out, forward: Callable,
+                 scores: UnitScores | None) -> PruneSpec:
+        """``steps`` > 1: step i removes what brings the cut to i / steps of the budget from the model as the earlier
+        steps shrank it, scored afresh (step 1 may take the dense model's ``scores``); the spec of the dense model."""
+        fp = get_architecture(model).fingerprint()
+        kind, seq_len = self.budget.kind, self.budget.seq_len
+        keep = {k: {n: list(range(c)) for n, c in fp[k].items()} for k in UNIT_KINDS}
+        current, step = model, None
+        for i in range(1, self.steps + 1):
+            done = achieved_cut(fp, _dropped(fp, keep), seq_len)[0][kind]
+            amount = 1.0 - (1.0 - self.budget.amount * i / self.steps) / (1.0 - done)
+            if amount <= 0:  # an earlier step's rounding already went this far
+                continue
+            if i > 1 or scores is None:
+                scores = self.score(current, batches, forward)
+            step = self.allocate(current, scores, held_out, forward, amount=amount)
+            keep = {k: {n: [ids[j] for j in step.keep.get(k, {}).get(n, range(len(ids)))] for n, ids in blocks.items()}
+                    for k, blocks in keep.items()}
+            log.info("iterative pruning, step %d / %d: %.1f%% of the %s cut", i, self.steps,
+                     100 * achieved_cut(fp, _dropped(fp, keep), seq_len)[0][kind], kind)
+            if i < self.steps:
+                current = shrink_(copy.deepcopy(current), step)
+                if callable(getattr(current, "refresh", None)):  # a model caching what its weights compute (a
+                    current.refresh()  # prompted LM's prefix KV and calibration bias) rebuilds it for the next step
+        achieved, removed = achieved_cut(fp, _dropped(fp, keep), seq_len)
+        budget = {**step.budget, "request": self.budget.request, "steps": self.steps, "achieved": achieved,
+                  "removed": removed}
+        return PruneSpec(keep=keep, fingerprint=fp, method=step.method, budget=budget, meta=step.meta)
 
     def finish(self, model: nn.Module, spec: PruneSpec, scores: UnitScores, batches: Sequence[dict],
                held_out: Sequence[dict] | None = None, forward: Callable | None = None) -> PruneSpec:
@@ -172,7 +218,12 @@ class Pipeline:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "attribution": self.attribution.to_dict(), "budget": self.budget.to_dict(),
-                "tuning": self.tuning.to_dict()}
+                "tuning": self.tuning.to_dict(), "steps": self.steps}
+
+
+def _dropped(fp: dict, keep: dict) -> dict:
+    """``{kind: {block: removed unit indices}}`` of the dense model of ``fp`` under ``keep``."""
+    return {k: {n: sorted(set(range(c)) - set(keep[k][n])) for n, c in fp[k].items()} for k in UNIT_KINDS}
 
 
 def prune(model: nn.Module, batches: Sequence[dict], pipeline: Pipeline | str = "taskprune",

@@ -563,12 +563,20 @@ class _UnitTable:
             drop[b[0]][b[1]].sort()
 
     def achieved(self, drop: dict) -> tuple[dict, dict]:
-        removed = {k: sum(len(v) for v in drop[k].values()) for k in UNIT_KINDS}
-        out = {k: removed[k] / max(sum(self.fp[k].values()), 1) for k in UNIT_KINDS}
-        for i, c in enumerate(("macs", "params")):
-            cut = sum(len(drop[k][n]) * self.costs[k][n][i] for k in UNIT_KINDS for n in self.fp[k])
-            out[c] = cut / max(self.totals[c], 1)
-        return out, removed
+        return achieved_cut(self.fp, drop, costs=self.costs)
+
+
+def achieved_cut(fp: dict, drop: dict, seq_len: int = 128, costs: dict | None = None) -> tuple[dict, dict]:
+    """``(fractions removed, unit counts removed)`` when ``drop`` (``{kind: {block: unit indices}}``) leaves the
+    model of fingerprint ``fp``: fractions of its heads, neurons, prunable MACs (at ``seq_len``) and parameters."""
+    costs = costs if costs is not None else unit_costs(fp, seq_len)
+    removed = {k: sum(len(drop.get(k, {}).get(n, ())) for n in fp[k]) for k in UNIT_KINDS}
+    out = {k: removed[k] / max(sum(fp[k].values()), 1) for k in UNIT_KINDS}
+    for i, c in enumerate(("macs", "params")):
+        total = sum(fp[k][n] * costs[k][n][i] for k in UNIT_KINDS for n in fp[k])
+        cut = sum(len(drop.get(k, {}).get(n, ())) * costs[k][n][i] for k in UNIT_KINDS for n in fp[k])
+        out[c] = cut / max(total, 1)
+    return out, removed
 
 
 def _normalize(v: Tensor, how: str) -> Tensor:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny import tiny_batch, tiny_model, widen_
 
+from taskprune.arch import get_architecture
 from taskprune.flops import count_macs
 from taskprune.pipeline import PRESETS, Pipeline, prune
 from taskprune.selection import Budget, select_units
@@ -49,3 +50,49 @@ def test_prune_function_and_bad_presets():
         Pipeline.preset("kwan")
     with pytest.raises(TypeError, match="budget must be a taskprune.selection.Budget"):
         Pipeline(budget={"amount": 0.4})
+
+
+def test_iterative_pruning_rescores_the_shrunk_model_and_returns_a_spec_of_the_dense_one(monkeypatch):
+    model = widen_(tiny_model("bert", seed=0)).eval()
+    batches = labelled(2)
+    seen = []
+    score = Pipeline.score
+
+    def counting(self, m, b, forward=None):
+        seen.append(count_macs(m, 12))
+        return score(self, m, b, forward)
+
+    monkeypatch.setattr(Pipeline, "score", counting)
+    pipeline = Pipeline(steps=3).at(0.5, seq_len=12)
+    spec = pipeline.prune(model, batches)
+    dense = count_macs(model, 12)
+    assert len(seen) == 3 and seen[0] == dense and seen[0] > seen[1] > seen[2]  # each step scores the shrunk model
+    assert spec.fingerprint == get_architecture(model).fingerprint()  # the dense model's
+    assert 0.5 <= spec.budget["achieved"]["macs"] < 0.6 and spec.budget["steps"] == 3
+    assert count_macs(model, 12, spec) <= 0.5 * dense + 1e-6
+    assert spec.columns  # the default refit runs on the dense model with the final units
+
+
+def test_iterative_pruning_with_scores_that_do_not_change_keeps_the_one_shot_units():
+    """Weight magnitudes do not depend on what was removed: without per-block normalisation, three steps must remove
+    exactly the neurons one step removes (what is checked: the composition of the steps' indices, the amounts)."""
+    from taskprune.attribution import AttributionConfig
+    from taskprune.tuning import TuningConfig
+
+    model = widen_(tiny_model("bert", seed=0)).eval()
+    att = AttributionConfig(method="magnitude", units="neurons")  # one kind: every step ranks the same neurons
+    budget = Budget(amount=0.2, scope="per_kind", normalize="none", seq_len=12)
+    one = Pipeline(att, budget, TuningConfig()).prune(model, labelled(1))
+    three = Pipeline(att, budget, TuningConfig(), steps=3).prune(model, labelled(1))
+    assert three.keep == one.keep and one.budget["achieved"]["neurons"] > 0.3
+
+
+def test_iterative_pruning_refuses_what_it_cannot_split():
+    from taskprune.tuning import TuningConfig
+
+    with pytest.raises(ValueError, match=r"steps=0 must be a positive integer"):
+        Pipeline(steps=0)
+    with pytest.raises(ValueError, match=r"steps=2 splits a MAC or parameter budget .* kind='heads'"):
+        Pipeline(budget=Budget(kind="heads", scope="per_kind"), steps=2)
+    with pytest.raises(ValueError, match=r"tune='schedule' selects its teacher from the dense model's scores"):
+        Pipeline(budget=Budget(), tuning=TuningConfig(tune="schedule"), steps=2)
