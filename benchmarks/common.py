@@ -23,6 +23,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def code_hash() -> str:
+    """The git tree hash of ``taskprune/`` in the working tree (uncommitted changes included)."""
+    try:  # `git stash create` makes a commit of the tracked changes without touching anything (empty when clean)
+        tree = subprocess.run(["git", "stash", "create"], capture_output=True, text=True).stdout.strip() or "HEAD"
+        return subprocess.run(["git", "rev-parse", f"{tree}:taskprune"], capture_output=True, text=True,
+                              check=True).stdout.strip()[:12]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

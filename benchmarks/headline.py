@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name, git_commit, write_text
+from benchmarks.common import code_hash, cpu_name, git_commit, write_text
 from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.arch import get_architecture
 from taskprune.flops import count_macs
@@ -72,16 +71,6 @@ MAIN_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews"}
 
 def main_key(task: str) -> str:
     return MAIN_METRIC.get(task, "accuracy")
-
-
-def code_hash() -> str:
-    """The git tree hash of ``taskprune/`` in the working tree (uncommitted changes included)."""
-    try:  # `git stash create` makes a commit of the tracked changes without touching anything (empty when clean)
-        tree = subprocess.run(["git", "stash", "create"], capture_output=True, text=True).stdout.strip() or "HEAD"
-        return subprocess.run(["git", "rev-parse", f"{tree}:taskprune"], capture_output=True, text=True,
-                              check=True).stdout.strip()[:12]
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------- data

@@ -128,7 +128,11 @@ class Pipeline:
         return self.at(self.budget.amount, seq_len=max(1, round(mean)))
 
     def score(self, model: nn.Module, batches: Sequence[dict], forward: Callable | None = None) -> UnitScores:
-        """Stage 1: score every unit on the calibration batches (:func:`taskprune.attribution.score_units`)."""
+        """Stage 1: score every unit on the calibration batches (:func:`taskprune.attribution.score_units`). A model
+        that caches what its weights compute (a ``refresh()`` method: a prompted LM's prefix KV cache and calibration
+        bias) rebuilds it first: shrinking replaced its weights, a column refit wrote and restored some."""
+        if callable(getattr(model, "refresh", None)):
+            model.refresh()
         return score_units(model, batches, self.attribution, forward=forward)
 
     def allocate(self, model: nn.Module, scores: UnitScores, held_out: Sequence[dict] | None = None,
@@ -185,8 +189,6 @@ class Pipeline:
                      100 * achieved_cut(fp, _dropped(fp, keep), seq_len)[0][kind], kind)
             if i < self.steps:
                 current = shrink_(copy.deepcopy(current), step)
-                if callable(getattr(current, "refresh", None)):  # a model caching what its weights compute (a
-                    current.refresh()  # prompted LM's prefix KV and calibration bias) rebuilds it for the next step
         achieved, removed = achieved_cut(fp, _dropped(fp, keep), seq_len)
         budget = {**step.budget, "request": self.budget.request, "steps": self.steps, "achieved": achieved,
                   "removed": removed}

@@ -6,6 +6,7 @@ runs fit + test through the CLI with the tiny LLaMA in place of SmolLM2."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -215,8 +216,79 @@ def test_benchmark_pipelines_run_through_the_prompted_lm(pipeline, cut):
     pruned, spec, _ = prune(Scorer(m, [batch(m)], steps=1, alpha_batch=1), pipeline, cut, seq_len=32)
     assert m.attribute_prefix  # restored after a rows-only scoring
     assert cut - 1e-9 <= achieved_cut(m, pruned, 32) < cut + 0.15  # at least the cut asked for
-    if PIPELINES[pipeline][2] == "neurons":
+    if PIPELINES[pipeline].units == "neurons":
         assert spec.summary()["heads"]["kept"] == spec.summary()["heads"]["total"]
     with torch.inference_mode():
         out = pruned(**batch(pruned))
     assert out.shape == (5, 2) and torch.isfinite(out).all()
+
+
+def _smollm2_benchmark(tmp_path, monkeypatch):
+    """benchmarks/smollm2.py with the tiny LLaMA and word tokenizer in place of SmolLM2, on a tiny SST-2 layout."""
+    import benchmarks.smollm2 as bench
+
+    words = ["good film", "awful plot", "great movie", "bad bad film", "a great plot", "the awful movie", "great",
+             "bad", "the film is good", "the plot is awful"]
+    rows = [(w, int(any(x in w for x in ("good", "great")))) for w in words]
+    d = tmp_path / "data"
+    (d / "sst2").mkdir(parents=True)
+    (d / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{w} {i}\t{y}\n" for i in range(6)
+                                                                         for w, y in rows).replace(" 0\t", "\t"))
+    (d / "sst2" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{w}\t{y}\n" for w, y in rows))
+    for folder, name, lab in (("imdb", "test_sample.jsonl", {0: 0, 1: 1}), ("yelp_full", "test_sample.jsonl",
+                                                                          {0: 0, 1: 4})):
+        (d / folder).mkdir()
+        (d / folder / name).write_text("".join(json.dumps({"sentence": w, "label": lab[y]}) + "\n" for w, y in rows))
+    monkeypatch.setattr(bench, "load_smollm2", lambda: (tiny_model("llama_gqa"), word_tokenizer()))
+    monkeypatch.setitem(bench.TEMPLATES, "sst2", TEMPLATE)
+    monkeypatch.setitem(bench.TASKS, "sst2", ("sst2/dev.tsv", "file", 1))
+    return bench, d
+
+
+def test_smollm2_benchmark_resumes_and_checks_the_targets(tmp_path, monkeypatch):
+    """Calibration seeds draw disjoint rows apart from the selection rows; the rendered table carries unseen domains
+    and the target verdicts; a rerun of the same command recomputes nothing, a changed setting recomputes all."""
+    bench, d = _smollm2_benchmark(tmp_path, monkeypatch)
+    out = tmp_path / "r.md"
+    argv = ["--data-dir", str(d), "--tasks", "sst2", "--cuts", "0.2", "0.4", "--n-eval", "6", "--n-ood", "4",
+            "--n-calib", "4", "--calib-seeds", "0", "1", "--n-select", "4", "--pipeline", "fisher_search",
+            "--speed-prompts", "1", "--reps", "1", "--new-tokens", "2", "--calib-batch", "2", "--out", str(out)]
+    bench.main(argv)
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert not res["partial"] and [r["kind"] for r in res["rows"]] == ["dense", "seed", "seed"]
+    seeds = res["rows"][1:]
+    assert "prefill_speedup" in seeds[0]["cuts"][0] and "prefill_speedup" not in seeds[1]["cuts"][0]
+    assert seeds[0]["cuts"][0]["export_generate_equal"] is True
+    assert set(seeds[1]["cuts"][1]["ood"]) == {"imdb", "yelp"}
+    text = out.read_text()
+    assert "sst2 → yelp" in text and "≥ 95% of dense at a 40% cut" in text and "calibration ≤ 10 min" in text
+
+    t = bench.TaskRows("sst2", bench.parse_args(argv), *bench.load_smollm2())
+    first, second = ({r["sentence"] for r in t.rest[s * 4 : (s + 1) * 4]} for s in (0, 1))
+    assert not first & second and not (first | second) & {r["sentence"] for r in t.select}
+
+    def fail(*a, **k):
+        raise AssertionError("a row already done was recomputed")
+
+    monkeypatch.setattr(bench, "seed_row", fail)
+    monkeypatch.setattr(bench, "dense_row", fail)
+    bench.main(argv)  # resumes: nothing to do
+    assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == 3
+    with pytest.raises(AssertionError, match="recomputed"):
+        bench.main([*argv, "--max-text", "8"])  # another setting: the rows are not reused
+
+
+def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
+    """--select with several row counts: one row per (row count, pipeline) on the same selection rows, resumable."""
+    bench, d = _smollm2_benchmark(tmp_path, monkeypatch)
+    out = tmp_path / "s.md"
+    argv = ["--data-dir", str(d), "--tasks", "sst2", "--cuts", "0.4", "--n-eval", "6", "--n-calib", "2", "4",
+            "--n-select", "4", "--calib-batch", "2", "--select", "fisher_search", "fisher_search_refit", "--out", str(out)]
+    bench.main(argv)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["n_calib"], r["pipeline"]) for r in rows] == [(2, "fisher_search"), (2, "fisher_search_refit"),
+                                                             (4, "fisher_search"), (4, "fisher_search_refit")]
+    assert len({r["dense_accuracy"] for r in rows}) == 1
+    assert "| 4 | fisher_search_refit | 1 |" in out.read_text()
+    with pytest.raises(SystemExit):  # several row counts make a curve of the selection, not an evaluation
+        bench.parse_args(argv[: argv.index("--select")])
