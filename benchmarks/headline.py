@@ -341,7 +341,67 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
             lines.append(f"| **mean of {len(ms)} tasks** | {cut:.0%} | | **{statistics.mean(ms):+.2f}** | |")
         lines.append("")
     lines += _speed_table(raw, tasks, pipelines, cuts)
+    lines += _targets(raw, paired_on)
     return "\n".join(lines) + "\n"
+
+
+def _means(raw: dict, pipeline: str, cut: float, split: str) -> dict[str, float]:
+    """Per headline task with rows: the mean over seeds of % retained."""
+    out = {}
+    for t in HEADLINE:
+        vals = [v for k, r in raw.get(t, {}).items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
+                for v in [_retained(raw, t, r, split)] if v is not None]
+        if vals:
+            out[t] = statistics.mean(vals)
+    return out
+
+
+def _targets(raw: dict, split: str) -> list[str]:
+    """Issue #21's targets on the six headline tasks, each with what was measured, met or missed and by how much
+    (computed on the tasks and seeds done so far, said in the row while any is missing)."""
+    rows = []
+
+    def verdict(margin: float, unit: str = "points") -> str:
+        return "met" if margin >= 0 else f"**missed by {-margin:.{0 if unit == 'tasks' else 2}f} {unit}**".replace(" **", "**")
+
+    def over(ms: dict) -> str:
+        seeds = {r["seed"] for t in ms for k, r in raw[t].items() if "|" in k}
+        return f"{len(ms)} / {len(HEADLINE)} tasks" + ("" if len(ms) == len(HEADLINE) and len(seeds) >= 3 else
+                                                        f", seeds {sorted(seeds)}: not final")
+
+    for cut in (0.4, 0.6):
+        pair = [statistics.mean(d) for t in HEADLINE for d in [_paired(raw, t, cut, "kwon", "kwon_notune", split)] if d]
+        if pair:
+            m = statistics.mean(pair)
+            rows.append(f"| faithful Kwon: tuning ≥ no tuning on the mean, {cut:.0%} (paired) | {m:+.2f} points "
+                        f"({len(pair)} / {len(HEADLINE)} tasks) | {verdict(m)} |")
+    for cut, want in ((0.4, 99.3), (0.6, 97.0)):
+        ms = _means(raw, "taskprune", cut, split)
+        if ms:
+            m = statistics.mean(ms.values())
+            rows.append(f"| default ≥ {want} % of dense on the mean, {cut:.0%} | {m:.2f} % ({over(ms)}) | "
+                        f"{verdict(m - want)} |")
+    for cut in sorted({r["cut"] for t in HEADLINE for k, r in raw.get(t, {}).items()
+                       if "|" in k and r["pipeline"] == "kwon" and r["cut"] >= 0.4}):
+        pair = [statistics.mean(d) for t in HEADLINE for d in [_paired(raw, t, cut, "taskprune", "kwon", split)] if d]
+        if pair:
+            m = statistics.mean(pair)
+            rows.append(f"| default ≥ faithful Kwon on the mean, {cut:.0%} (paired) | {m:+.2f} points ({len(pair)} / "
+                        f"{len(HEADLINE)} tasks) | {verdict(m)} |")
+    ahead = [t for t in HEADLINE for d in [_paired(raw, t, 0.6, "taskprune", "kwon", split)]
+             if len(d) > 1 and statistics.mean(d) > statistics.stdev(d)]
+    n_pairs = sum(bool(_paired(raw, t, 0.6, "taskprune", "kwon", split)) for t in HEADLINE)
+    if n_pairs:
+        rows.append(f"| default ahead of Kwon beyond the seed std on ≥ 4 of 6 tasks, 60 % | {len(ahead)} of {n_pairs} "
+                    f"({', '.join(ahead) or 'none'}) | {verdict(len(ahead) - 4, 'tasks')} |")
+    ob = [r["speed"]["of_bound"] for t in HEADLINE for k, r in raw.get(t, {}).items() if "|" in k and "speed" in r]
+    if ob:
+        rows.append(f"| speed / MAC bound ≥ 0.9 at batch 32, every reported spec | min {min(ob):.2f} "
+                    f"({sum(v >= 0.9 for v in ob)} / {len(ob)} specs ≥ 0.9) | {verdict(min(ob) - 0.9, '')} |")
+    if not rows:
+        return []
+    return [f"### targets (issue #21; {split}, % of dense)", "", "| target | measured | verdict |", "|---|---|---|",
+            *rows, ""]
 
 
 def _speed_table(raw: dict, tasks: list[str], pipelines: list[str], cuts: list[float]) -> list[str]:

@@ -26,3 +26,11 @@ def test_cells_are_percent_of_dense_over_seeds_and_pairs_are_per_seed():
     assert "yes (taskprune ahead)" in md and "AMD EPYC" in md and "1.5 min" in md
     del r["sst2"]["kwon|1|0.4"]
     assert _paired(r, "sst2", 0.4) == [5.0]  # an unpaired seed is left out, never compared across seeds
+
+
+def test_targets_say_met_or_missed_by_how_much_and_what_is_not_final():
+    md = render(raw(), ["sst2"], ["taskprune", "kwon"])
+    targets = md.split("### targets")[1]
+    assert "| default ≥ 99.3 % of dense on the mean, 40% | 98.75 % (1 / 6 tasks, seeds [0, 1]: not final) | " \
+           "**missed by 0.55 points** |" in targets
+    assert "| default ≥ faithful Kwon on the mean, 40% (paired) | +5.00 points (1 / 6 tasks) | met |" in targets
