@@ -42,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +121,15 @@ PIPELINES = {
     "igsq_search_refit_iter": Recipe("igsq", "search", tune="refit", steps=4),
     # a floor of two of a layer's three KV groups (the search otherwise empties some layers' attention early)
     "fisher_search_refit_kv2": Recipe("fisher", "search", tune="refit", min_heads=2),
+    # FLAP's bias compensation (the output bias alone, fitted to the same target; LLaMA's projections get one), and
+    # the refit with that intercept
+    "fisher_search_bias": Recipe("fisher", "search", tune="bias"),
+    "fisher_search_refit_bias": Recipe("fisher", "search", tune="refit_bias"),
 }
 #: the tuning field of a Recipe -> TuningConfig
-TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING}
+TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING,
+           "bias": replace(DEFAULT_TUNING, fit="bias", ridge=TuningConfig.ridge),
+           "refit_bias": replace(DEFAULT_TUNING, fit="columns_bias")}
 DEFAULT_PIPELINE = "fisher_search"
 
 

@@ -83,8 +83,9 @@ class MaskBank:
         if not isinstance(spec, PruneSpec):
             raise TypeError(f"expected a taskprune PruneSpec for task {task!r}, got {type(spec).__name__}; load one "
                             "with PruneSpec.load")
-        if spec.columns:
-            raise ValueError(f"the spec for task {task!r} holds refitted weight columns (TuningConfig(fit='columns')), "
+        if spec.columns or spec.biases:
+            raise ValueError(f"the spec for task {task!r} holds refitted weight columns or biases (TuningConfig(fit="
+                             f"{spec.meta.get('tuned', {}).get('fit', 'columns')!r})), "
                              "which masks on the bank's one shared model cannot express (the default pipeline refits "
                              "them); prune with preset 'taskprune_notune' (or tuning fit='scales') for a bank, or "
                              "export that task's model with save_pruned")

@@ -43,12 +43,13 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from taskprune.arch import adapter_for, find_hf_model, get_architecture
+from taskprune.arch import adapter_for, find_base, find_hf_model, get_architecture, weight_in_out
 from taskprune.io import MARKER, atomic_dir, check_replaceable
 from taskprune.spec import SHRUNK_BY, PruneSpec, fingerprint_diff
 from taskprune.surgery import active_mask, shrink_
@@ -145,8 +146,8 @@ def save_pruned(model: nn.Module, spec: PruneSpec, path: str | os.PathLike, toke
         raise ValueError("the model carries a soft mask (apply_mask / MaskBank.activate); a mask is not saved. Call "
                          "taskprune.surgery.remove_mask(model) first, or export through MaskBank.export")
     state = spec.validate(model)  # ValueError for a spec of another model: nothing written yet
-    if state == "dense" and _drops(spec):
-        log.info("model is dense: shrinking a copy for export (the model passed in is unchanged)")
+    if state == "dense" and (_drops(spec) or spec.scales or spec.columns or spec.biases):
+        log.info("model is dense: shrinking a copy for export, its tuning folded in (the model passed in is unchanged)")
         model = shrink_(copy.deepcopy(model), spec)
     hf, where = find_hf_model(model)
     task_model = _is_task_model(model)
@@ -258,7 +259,8 @@ def load_pruned(path: str | os.PathLike, model_class=None, into: nn.Module | Non
     if diffs:
         raise ValueError(f"{str(folder / CONFIG_FILE)!r} builds a model other than the one {str(folder / SPEC_FILE)!r} "
                          f"was made for: {'; '.join(diffs[:3])}. The folder mixes files of two exports")
-    shrink_(model, spec)
+    shrink_(model, replace(spec, scales={}, columns={}, biases={}))  # the saved weights hold any tuning
+    _add_biases(model, spec)
     _load_state(model, state, source)
     model.eval()
     if into is not None:
@@ -336,6 +338,21 @@ def _into(into: nn.Module, model: nn.Module, own: dict, folder: Path) -> nn.Modu
     log.info("loaded the pruned %s and %d tensor(s) of your module from %s into %s", type(model).__name__,
              len(own["state"]), folder, type(into).__name__)
     return into.eval()
+
+
+def _add_biases(model: nn.Module, spec: PruneSpec) -> None:
+    """Zero biases on the projections a refit gave one (``fit="bias"`` / ``"columns_bias"``): the model the config
+    builds has none there; the saved weights fill them."""
+    base, _ = find_base(model)
+    arch = get_architecture(model)
+    paths = set(spec.meta.get("added_biases", []))
+    for kind, blocks in spec.biases.items():
+        paths.update(b.out if kind == "heads" else b.down for b in arch.blocks(kind) if b.name in blocks)
+    for path in sorted(paths):
+        proj = base.get_submodule(path)
+        if getattr(proj, "bias", None) is None:
+            w = proj.weight
+            proj.bias = nn.Parameter(torch.zeros(weight_in_out(proj).shape[1], dtype=w.dtype, device=w.device))
 
 
 def _dense_config(folder: Path, spec: PruneSpec):

@@ -53,6 +53,11 @@ class PruneSpec:
             weight tuning), in :func:`taskprune.arch.weight_in_out` orientation; exclusive with ``scales``.
             :meth:`save` writes them beside the JSON (``<stem>.columns.safetensors``, its sha256 in the JSON);
             :func:`taskprune.tuning.fold_scales_` writes them into the weights.
+        biases: ``{kind: {block_name: tensor [d_out]}}``: the refitted output bias of the block's output / down
+            projection (``TuningConfig(fit="bias")`` or ``"columns_bias"``: FLAP's bias compensation of the removed
+            units' mean output, as a least-squares intercept); exclusive with ``scales``; saved in the same file as the
+            columns. :func:`taskprune.tuning.fold_scales_` writes them, adding a bias to a projection that had none
+            (recorded in ``meta["added_biases"]`` for :func:`taskprune.export.load_pruned`).
 
     Example::
 
@@ -69,6 +74,7 @@ class PruneSpec:
     meta: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict, compare=False)  # tensors; in save()'s sidecar, not to_dict()
+    biases: dict = field(default_factory=dict, compare=False)  # tensors; in the same sidecar
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, dict):
@@ -96,9 +102,28 @@ class PruneSpec:
         self.scales = {kind: self._check_scales(kind, blocks) for kind, blocks in self.scales.items()}
         if not isinstance(self.columns, dict):
             raise TypeError(f"columns must be a dict {{kind: {{block: tensor}}}}, got {type(self.columns).__name__}")
-        if self.columns and self.scales:
-            raise ValueError("a spec holds scales or refitted columns, not both (fold one into the weights first)")
+        if not isinstance(self.biases, dict):
+            raise TypeError(f"biases must be a dict {{kind: {{block: tensor}}}}, got {type(self.biases).__name__}")
+        if (self.columns or self.biases) and self.scales:
+            raise ValueError("a spec holds scales or refitted columns / biases, not both (fold one into the weights "
+                             "first)")
         self.columns = {kind: self._check_columns(kind, blocks) for kind, blocks in self.columns.items()}
+        self.biases = {kind: self._check_biases(kind, blocks) for kind, blocks in self.biases.items()}
+
+    def _check_biases(self, kind: str, blocks) -> dict[str, torch.Tensor]:
+        _check_kind_name(kind)
+        if not isinstance(blocks, dict):
+            raise TypeError(f"biases[{kind!r}] must be a dict {{block: tensor}}, got {type(blocks).__name__}")
+        out = {}
+        for name, t in blocks.items():
+            where = f"biases[{kind!r}][{name!r}]"
+            self._check_block(kind, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
+                raise TypeError(f"{where} must be a 1-D float tensor [d_out], got {_short(t)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where} holds non-finite values; refit the spec")
+            out[name] = t.detach().float().cpu()
+        return out
 
     def _check_columns(self, kind: str, blocks) -> dict[str, torch.Tensor]:
         _check_kind_name(kind)
@@ -290,20 +315,23 @@ class PruneSpec:
             raise type(e)(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the spec as JSON (atomically: readers see the old file or the new one); refitted ``columns`` go to
-        ``<stem>.columns.safetensors`` beside it first, the JSON naming the file and its sha256."""
+        """Write the spec as JSON (atomically: readers see the old file or the new one); refitted ``columns`` and
+        ``biases`` go to ``<stem>.columns.safetensors`` beside it first, the JSON naming the file and its sha256."""
         d = self.to_dict()
         try:
             json.dumps(d)
         except TypeError as e:
             raise TypeError(f"spec is not JSON-serialisable ({e}); budget and meta may hold only plain JSON values")
-        if self.columns:
+        if self.columns or self.biases:
             from safetensors.torch import save as st_save
 
             from taskprune.io import atomic_write_bytes
 
             sidecar = columns_file(path)
-            data = st_save({f"{k}/{n}": t.contiguous() for k, blocks in self.columns.items() for n, t in blocks.items()})
+            tensors = {f"{k}/{n}": t.contiguous() for k, blocks in self.columns.items() for n, t in blocks.items()}
+            tensors.update({f"{BIAS_KEY}/{k}/{n}": t.contiguous() for k, blocks in self.biases.items()
+                            for n, t in blocks.items()})
+            data = st_save(tensors)
             atomic_write_bytes(sidecar, data)
             d["columns"] = {"file": sidecar.name, "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write_json(path, d, compact=True)  # kilobytes per task, not one line per kept index
@@ -324,13 +352,13 @@ class PruneSpec:
         ref = d.pop("columns", None) if isinstance(d, dict) else None
         spec = cls.from_dict(d, source=repr(str(path)))
         if ref is not None:
-            spec.columns = spec._check_columns_all(_read_columns(path, ref))
+            columns, biases = _read_columns(path, ref)
+            if spec.scales:
+                raise ValueError(f"{str(path)!r}: a spec holds scales or refitted columns / biases, not both (fold one "
+                                 "into the weights first)")
+            spec.columns = {kind: spec._check_columns(kind, blocks) for kind, blocks in columns.items()}
+            spec.biases = {kind: spec._check_biases(kind, blocks) for kind, blocks in biases.items()}
         return spec
-
-    def _check_columns_all(self, columns: dict) -> dict:
-        if self.scales:
-            raise ValueError("a spec holds scales or refitted columns, not both (fold one into the weights first)")
-        return {kind: self._check_columns(kind, blocks) for kind, blocks in columns.items()}
 
 
 def columns_file(path: str | os.PathLike) -> Path:
@@ -339,8 +367,13 @@ def columns_file(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.columns.safetensors")
 
 
-def _read_columns(path: Path, ref) -> dict:
-    """The ``columns`` of the spec JSON at ``path`` from the file its ``ref`` names, checked against its sha256."""
+#: the key prefix of the refitted biases in the tensor file beside a spec (``bias/<kind>/<block>``)
+BIAS_KEY = "bias"
+
+
+def _read_columns(path: Path, ref) -> tuple[dict, dict]:
+    """``(columns, biases)`` of the spec JSON at ``path`` from the file its ``ref`` names, checked against its
+    sha256."""
     from safetensors.torch import load as st_load
 
     if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
@@ -353,11 +386,16 @@ def _read_columns(path: Path, ref) -> dict:
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise ValueError(f"{str(sidecar)!r} is not the columns file {str(path)!r} was saved with (sha256 differs: "
                          "truncated, or from another spec); copy both files of one save together")
-    out: dict = {}
+    columns: dict = {}
+    biases: dict = {}
     for key, t in st_load(data).items():
         kind, _, name = key.partition("/")
-        out.setdefault(kind, {})[name] = t
-    return out
+        if kind == BIAS_KEY:
+            kind, _, name = name.partition("/")
+            biases.setdefault(kind, {})[name] = t
+        else:
+            columns.setdefault(kind, {})[name] = t
+    return columns, biases
 
 
 def _short(value, n: int = 40) -> str:

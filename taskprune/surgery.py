@@ -88,6 +88,10 @@ def shrink_(model: nn.Module, spec: PruneSpec) -> nn.Module:
     neuron whose down projection cannot run with 0 input features (a :class:`~taskprune.arch.LayerLayout`
     with ``empty_input=False``; ``nn.Linear`` can).
 
+    A spec that carries tuning (``scales``, refitted ``columns`` or ``biases``: :class:`taskprune.pipeline.Pipeline`'s
+    default) is folded into the weights of a dense model first (:func:`taskprune.tuning.fold_scales_`), after every
+    check: the shrunk model is the tuned one.
+
     The per-block widths are recorded in ``config.taskprune_widths`` (``{"heads": {block: n_kept_units},
     "neurons": {...}}``); where every block of a kind keeps the same count and Hugging Face would then build the same
     shapes, the adapter updates the standard config fields too (:meth:`taskprune.arch.Adapter.record_widths_`: the
@@ -113,6 +117,10 @@ def shrink_(model: nn.Module, spec: PruneSpec) -> nn.Module:
     for block in arch.ffn:
         if spec.drop("neurons", block.name):
             plan.append(_plan_ffn(base, arch.adapter, block, spec.kept("neurons", block.name)))
+    if spec.scales or spec.columns or spec.biases:
+        from taskprune.tuning import fold_scales_
+
+        spec = fold_scales_(model, spec)  # checks every shape before writing
     with torch.no_grad():
         for step in plan:
             step.apply()

@@ -50,7 +50,7 @@ FIT_TARGETS: tuple[str, ...] = get_args(FitTarget)
 Solver = Literal["exact", "lsmr"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 Tokens = Literal["all", "first"]
-Fit = Literal["scales", "columns"]
+Fit = Literal["scales", "columns", "bias", "columns_bias"]
 FITS: tuple[str, ...] = get_args(Fit)
 TOKENS: tuple[str, ...] = get_args(Tokens)
 FIT_OPTIONS = ("damping", "max_scale", "target", "solver", "skip_first_attention", "last_ffn_tokens", "fit",
@@ -87,9 +87,13 @@ class TuningConfig:
     """Tokens the last feed-forward block is fitted on: all real tokens, or the first one (their rule for
     classifiers that read the [CLS] token; the project's multi-task heads pool the mean of all tokens)."""
     fit: Fit = "scales"
-    """What is fitted per sub-layer: ``scales`` (Kwon et al.: one real scale per kept unit, folded into the weights)
-    or ``columns`` (K-prune's weight tuning: every weight of the kept units' input columns of the output / down
-    projection, ridge least squares to the same target; bias untouched; kept in the spec beside its JSON)."""
+    """What is fitted per sub-layer: ``scales`` (Kwon et al.: one real scale per kept unit, folded into the weights),
+    ``columns`` (K-prune's weight tuning: every weight of the kept units' input columns of the output / down
+    projection, ridge least squares to the same target; bias untouched; kept in the spec beside its JSON), ``bias``
+    (FLAP's bias compensation: the projection's output bias alone, the least-squares intercept at the dense columns,
+    i.e. the mean over tokens of target minus output; with the output target and nothing pruned upstream it is the
+    removed units' mean output; a projection without a bias gets one) or ``columns_bias`` (both in one solve, the ridge
+    on the columns only)."""
     ridge: float = 0.1
     """``fit="columns"``: the ridge, relative to the mean diagonal of the inputs' Gram matrix, pulling the refitted
     columns towards the dense ones."""
@@ -113,11 +117,13 @@ class TuningConfig:
             raise ValueError(f"{changed} configure mask tuning, which is off (tune='none'); set tune='schedule' or "
                              "'dense', or leave them at their defaults")
         defaults = self.__dataclass_fields__
-        if self.fit == "columns" and any(getattr(self, k) != defaults[k].default for k in SCALE_OPTIONS):
+        if self.fit != "scales" and any(getattr(self, k) != defaults[k].default for k in SCALE_OPTIONS):
             raise ValueError(f"{ {k: getattr(self, k) for k in SCALE_OPTIONS} } configure the scales' solve, which "
-                             "fit='columns' does not use (a ridge solve: set ridge); leave them at their defaults")
-        if self.fit == "scales" and self.ridge != defaults["ridge"].default:
-            raise ValueError(f"ridge={self.ridge!r} configures fit='columns'; with fit='scales' set damping instead")
+                             f"fit={self.fit!r} does not use (a ridge solve: set ridge); leave them at their defaults")
+        if self.fit in ("scales", "bias") and self.ridge != defaults["ridge"].default:
+            raise ValueError(f"ridge={self.ridge!r} configures fit='columns' or 'columns_bias'; "
+                             + ("with fit='scales' set damping instead" if self.fit == "scales" else
+                                "fit='bias' fits no columns (the intercept has no ridge)"))
 
     @property
     def active(self) -> bool:
@@ -235,6 +241,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     columns ``W_K`` instead of one scale per unit: ``W_K' = (X_Kᵀ X_K + ridge·m·I)⁻¹ (X_Kᵀ (Y - b) + ridge·m·W_K)``
     (``m`` the mean diagonal of ``X_Kᵀ X_K``); later sub-layers see the refitted ones (written into the model for the
     duration, restored before returning). Returns the spec with ``columns``; a non-finite solve stops there.
+    ``fit="bias"`` fits the output bias alone, ``b' = b + mean_tokens(Y - b - X_K W_K)``, and ``"columns_bias"`` the
+    columns and that intercept in one solve (the ridge on the columns only); the spec then also has ``biases``.
     """
     if damping < 0 or max_scale <= 0:
         raise ValueError(f"damping={damping!r} must be >= 0 and max_scale={max_scale!r} > 0")
@@ -244,7 +252,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     base, _ = find_base(model)
     scales: dict[str, dict[str, list[float]]] = {}
     columns: dict[str, dict[str, Tensor]] = {}
-    originals: list[tuple[Tensor, Tensor, Tensor]] = []  # (weight view, column indices, dense values) to restore
+    biases: dict[str, dict[str, Tensor]] = {}
+    originals: list[Callable[[], None]] = []  # each puts back one dense weight slice or bias
     tuned = replace(spec, scales={})
     with Gates(model) as gates, _restored(originals):
         order = _forward_order(model, gates, batches[0], forward)
@@ -270,8 +279,9 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
             xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
             xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
-            xs, ys, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0.0, 0
-            dtype = torch.float32 if solver == "lsmr" or fit == "columns" else torch.float64  # lsmr: theirs
+            xs, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0
+            ysum = torch.zeros(w.shape[1], dtype=torch.float64)
+            dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
             for batch, y in zip(batches, targets[name]):
                 got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
                                (res, slot.block.residual[1]) if residual else None)
@@ -285,21 +295,26 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
                 xt += (x.t() @ y).double()
                 xs += x.sum(0).double()
-                ys += float(y.double().sum())
+                ysum += y.double().sum(0)
                 n_tok += x.shape[0]
-            if fit == "columns":
-                m = float(xx.diagonal().mean())
-                lhs = xx + ridge * m * torch.eye(len(cols), dtype=torch.float64)
-                new = torch.linalg.solve(lhs, xt + ridge * m * w) if m > 0 else w
-                if not torch.isfinite(new).all():
-                    log.warning("mask tuning stopped at %s: the refitted columns are not finite; later sub-layers "
-                                "keep their dense columns", name)
+            if fit != "scales":
+                new, beta = _refit(fit, xx, xt, xs, ysum, n_tok, w, ridge)
+                if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
+                    log.warning("mask tuning stopped at %s: the refit is not finite; later sub-layers keep their "
+                                "dense weights", name)
                     break
-                view = weight_in_out(proj)
-                index = torch.as_tensor(cols, device=view.device)
-                originals.append((view, index, view[index].detach().clone()))
-                view[index] = new.to(view.dtype).to(view.device)  # the student's later sub-layers see the refit
-                columns.setdefault(kind, {})[name] = new.float()
+                if fit != "bias":
+                    view = weight_in_out(proj)
+                    index = torch.as_tensor(cols, device=view.device)
+                    old = view[index].detach().clone()
+                    originals.append(lambda v=view, i=index, o=old: v.__setitem__(i, o))
+                    view[index] = new.to(view.dtype).to(view.device)  # the student's later sub-layers see the refit
+                    columns.setdefault(kind, {})[name] = new.float()
+                if beta is not None:
+                    new_bias = beta if bias is None else bias + beta
+                    originals.append(lambda m=proj, o=proj.bias: setattr(m, "bias", o))
+                    proj.bias = nn.Parameter(new_bias.to(proj.weight.dtype).to(proj.weight.device), requires_grad=False)
+                    biases.setdefault(kind, {})[name] = new_bias.float()
                 continue
             width = slot.block.unit_width
             a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
@@ -307,7 +322,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             if solver == "lsmr":
                 intercept = None
                 if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped after
-                    intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), ys, n_tok * w.shape[1])
+                    intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), float(ysum.sum()), n_tok * w.shape[1])
                 u, ok = _lsmr(a, b, damping, intercept)
                 if not ok:
                     log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: ill-conditioned, "
@@ -322,21 +337,41 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 break
             scales.setdefault(kind, {})[name] = s.tolist()
             tuned = replace(spec, scales=scales)
-    how = {"fit": fit, "ridge": ridge} if fit == "columns" else {"damping": damping, "solver": solver}
-    return replace(spec, scales=scales, columns=columns,
+    how = {"fit": fit, "ridge": ridge} if fit != "scales" else {"damping": damping, "solver": solver}
+    return replace(spec, scales=scales, columns=columns, biases=biases,
                    meta={**spec.meta, "tuned": {**how, "teacher": "dense" if teacher is None else
                                                 teacher.meta.get("name", "spec"), "target": target}})
 
 
 @contextmanager
-def _restored(originals: list):
-    """Put back the dense values of every weight column a ``fit="columns"`` tuning wrote (also on an error)."""
+def _restored(originals: list[Callable[[], None]]):
+    """Put back the dense weight columns and biases a refit wrote, last first (also on an error)."""
     try:
         yield
     finally:
         with torch.no_grad():
-            for view, index, values in reversed(originals):
-                view[index] = values
+            for undo in reversed(originals):
+                undo()
+
+
+def _refit(fit: Fit, xx: Tensor, xt: Tensor, xs: Tensor, ysum: Tensor, n_tok: int, w: Tensor,
+           ridge: float) -> tuple[Tensor, Tensor | None]:
+    """``(columns [Kc, d_out], bias change [d_out] or None)`` of a ``fit != "scales"`` refit from the sums over tokens
+    (``xx = XᵀX``, ``xt = Xᵀ(Y - b)``, ``xs = Σx``, ``ysum = Σ(Y - b)``) and the dense kept columns ``w``."""
+    if fit == "bias":
+        return w, (ysum - xs @ w) / max(n_tok, 1)
+    k = len(xs)
+    m = float(xx.diagonal().mean()) if k else 0.0
+    if m <= 0:
+        return w, ((ysum - xs @ w) / max(n_tok, 1) if fit == "columns_bias" else None)
+    lhs = xx + ridge * m * torch.eye(k, dtype=torch.float64)
+    rhs = xt + ridge * m * w
+    if fit == "columns":
+        return torch.linalg.solve(lhs, rhs), None
+    aug = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = lhs, xs, xs, float(n_tok)
+    sol = torch.linalg.solve(aug, torch.cat([rhs, ysum[None]]))
+    return sol[:k], sol[k]
 
 
 def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
@@ -496,33 +531,51 @@ def _forward_order(model, gates: Gates, batch: dict, forward) -> list:
 @torch.no_grad()
 def fold_scales_(model: nn.Module, spec: PruneSpec) -> PruneSpec:
     """Write a tuned spec into the weights, in place: multiply each kept unit's input columns of its output / down
-    projection by its scale, or replace them by the spec's refitted ``columns`` (``fit="columns"``).
+    projection by its scale, or replace them by the spec's refitted ``columns``, and set the refitted ``biases``
+    (a projection without a bias gets one; its name goes to the returned spec's ``meta["added_biases"]``, which
+    :func:`taskprune.export.load_pruned` reads).
 
     Apply to the dense model before :func:`~taskprune.surgery.shrink_` (or to a model already shrunk by ``spec``);
-    returns the spec without scales or columns. Folding then shrinking equals running the dense model masked with
-    scales (or with the refitted columns written).
+    returns the spec without scales, columns or biases. Folding then shrinking equals running the dense model masked
+    with scales (or with the refitted columns and biases written). Every shape is checked before any weight changes.
     """
     state = spec.validate(model)
     base, _ = find_base(model)
     arch = get_architecture(model)
+    writes = []
     for kind in UNIT_KINDS:
-        scales, columns = spec.scales.get(kind, {}), spec.columns.get(kind, {})
+        scales, columns, biases = spec.scales.get(kind, {}), spec.columns.get(kind, {}), spec.biases.get(kind, {})
         for block in arch.blocks(kind):
-            if block.name not in scales and block.name not in columns:
+            if block.name not in scales and block.name not in columns and block.name not in biases:
                 continue
             kept = spec.kept(kind, block.name)
             units = kept if state == "dense" else list(range(len(kept)))
             cols = unit_channels(units, block.unit_width)
-            proj = base.get_submodule(block.out if kind == "heads" else block.down)
+            path = block.out if kind == "heads" else block.down
+            proj = base.get_submodule(path)
             w = weight_in_out(proj)  # a view [in, out] of the weight
-            if block.name in columns:
-                new = columns[block.name]
-                if tuple(new.shape) != (len(cols), w.shape[1]):
-                    raise ValueError(f"columns[{kind!r}][{block.name!r}] has shape {list(new.shape)}, but the block's "
-                                     f"kept input columns are [{len(cols)}, {w.shape[1]}]; refit the spec for this model")
+            new, bias = columns.get(block.name), biases.get(block.name)
+            if new is not None and tuple(new.shape) != (len(cols), w.shape[1]):
+                raise ValueError(f"columns[{kind!r}][{block.name!r}] has shape {list(new.shape)}, but the block's "
+                                 f"kept input columns are [{len(cols)}, {w.shape[1]}]; refit the spec for this model")
+            if bias is not None and tuple(bias.shape) != (w.shape[1],):
+                raise ValueError(f"biases[{kind!r}][{block.name!r}] has shape {list(bias.shape)}, but the block's "
+                                 f"projection has {w.shape[1]} outputs; refit the spec for this model")
+            writes.append((path, proj, w, cols, new, bias, scales.get(block.name), block.unit_width))
+    added = list(spec.meta.get("added_biases", []))
+    with torch.no_grad():
+        for path, proj, w, cols, new, bias, scale, width in writes:
+            if new is not None:
                 w[cols] = new.to(w.dtype).to(w.device)
+            elif scale is not None:
+                s = torch.tensor(scale, dtype=torch.float64)
+                w[cols] *= s.repeat_interleave(width).to(w.dtype).to(w.device)[:, None]
+            if bias is None:
                 continue
-            s = torch.tensor(scales[block.name], dtype=torch.float64)
-            col_scale = s.repeat_interleave(block.unit_width).to(w.dtype).to(w.device)
-            w[cols] *= col_scale[:, None]
-    return replace(spec, scales={}, columns={}, meta={**spec.meta, "scales_folded": True})
+            if getattr(proj, "bias", None) is None:
+                proj.bias = nn.Parameter(bias.to(w.dtype).to(w.device), requires_grad=proj.weight.requires_grad)
+                added.append(path)
+            else:
+                proj.bias.copy_(bias.to(proj.bias.dtype))
+    meta = {**spec.meta, "scales_folded": True, **({"added_biases": sorted(set(added))} if added else {})}
+    return replace(spec, scales={}, columns={}, biases={}, meta=meta)

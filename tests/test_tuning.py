@@ -328,7 +328,9 @@ def test_callback_with_the_column_refit_writes_the_columns_beside_the_spec_and_t
     batch = {"input_ids": torch.randint(1000, 2000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     with torch.no_grad():
         expected = expected_model(**batch).logits
-        assert not torch.allclose(expected, shrink_(tiny_classifier(), spec)(**batch).logits)  # the refit matters
+        assert not torch.allclose(expected, shrink_(tiny_classifier(), replace(spec, columns={}))(**batch).logits)
+        # shrink_ of a tuned spec folds the tuning in (it once shrank silently without it)
+        torch.testing.assert_close(shrink_(tiny_classifier(), spec)(**batch).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(module.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     fresh = AttributionModule(tiny_classifier(), task="sst2", compare_dense=False)
     run(TaskPruning(output_dir=str(tmp_path), apply="shrink"), fresh, "test")
@@ -559,7 +561,114 @@ def test_column_fit_options_are_refused_where_they_do_nothing():
         TuningConfig(tune="dense", fit="columns", solver="lsmr")
     with pytest.raises(ValueError, match=r"ridge=0.5 configures fit='columns'"):
         TuningConfig(tune="dense", ridge=0.5)
-    with pytest.raises(ValueError, match=r"fit='weights' is not allowed; use one of \['scales', 'columns'\]"):
+    with pytest.raises(ValueError, match=r"fit='weights' is not allowed; use one of \['scales', 'columns', 'bias', 'columns_bias'\]"):
         TuningConfig(tune="dense", fit="weights")
     with pytest.raises(ValueError, match=r"ridge=-1 must be a finite number >= 0"):
         TuningConfig(tune="dense", fit="columns", ridge=-1)
+    with pytest.raises(ValueError, match=r"ridge=0.5 configures .* fit='bias' fits no columns"):
+        TuningConfig(tune="dense", fit="bias", ridge=0.5)
+    with pytest.raises(ValueError, match=r"which fit='columns_bias' does not use"):
+        TuningConfig(tune="dense", fit="columns_bias", damping=0.0)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bert"])
+def test_bias_fit_is_flaps_compensation_of_the_removed_units_mean_output(name):
+    """fit='bias', output target, the dense teacher, only the first feed-forward block pruned: its new bias is the old
+    one plus the removed neurons' mean output over real tokens, W[:, removed] · mean(x[removed]) (FLAP); LLaMA's down
+    projection, which has no bias, gets one; the model's weights and biases are put back."""
+    model = wide_model(name).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = labelled(name, 2)
+    block = get_architecture(model).ffn[0]
+    n = get_architecture(model).fingerprint()["neurons"][block.name]
+    spec = PruneSpec(keep={"neurons": {block.name: list(range(0, n, 2))}}, fingerprint=get_architecture(model).fingerprint())
+    tuned = tune_masks(model, spec, calib, forward=_fwd, fit="bias")
+    assert set(model.state_dict()) == set(before) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert list(tuned.biases["neurons"]) == [block.name] and not tuned.columns
+    base, _ = find_base(model)
+    proj = base.get_submodule(block.down)
+    assert (proj.bias is None) == (name == "llama_gqa")
+    xs = []
+    with torch.no_grad():
+        for b in calib:
+            got = []
+            h = proj.register_forward_hook(lambda m, a, o: got.append(a[0].detach()))
+            try:
+                _fwd(model, b)
+            finally:
+                h.remove()
+            xs.append(got[0][b["attention_mask"].bool()])
+    x = torch.cat(xs).double()
+    removed = [i for i in range(n) if i % 2]
+    w = weight_in_out(proj).detach().double()
+    flap = x[:, removed].mean(0) @ w[removed] + (0 if proj.bias is None else proj.bias.detach().double())
+    torch.testing.assert_close(tuned.biases["neurons"][block.name].double(), flap, rtol=1e-4, atol=1e-5)
+
+
+def test_columns_and_bias_leave_the_pre_norm_error_stationary_in_the_bias_too():
+    """fit='columns_bias', ridge 0: after the refit of the first feed-forward block the summed pre-norm error over
+    real tokens, Σ (sum_S - sum_T), is ~0 (the intercept's normal equation) and smaller than with the columns alone."""
+    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
+
+    model = wide_model("llama_gqa").eval()
+    calib = labelled("llama_gqa", 3)
+    arch = get_architecture(model)
+    block = arch.ffn[0]
+    n = arch.fingerprint()["neurons"][block.name]
+    spec = PruneSpec(keep={"neurons": {block.name: list(range(0, n, 3))}}, fingerprint=arch.fingerprint())
+    with Gates(model) as gates:
+        order = _forward_order(model, gates, calib[0], _fwd)
+        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
+    errors = {}
+    for fit in ("columns", "columns_bias"):
+        tuned = tune_masks(model, spec, calib, forward=_fwd, target="residual", fit=fit, ridge=0.0)
+        written = copy.deepcopy(model)
+        fold_scales_(written, tuned)
+        base, _ = find_base(written)
+        proj, res = base.get_submodule(block.down), base.get_submodule(block.residual[0])
+        total = 0
+        with Gates(written) as gates:
+            for batch, y_t in zip(calib, teacher):
+                out, _ = _capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "output",
+                                  (res, block.residual[1]))
+                _, stream = _capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
+                                     (res, block.residual[1]))
+                pick = _tokens(batch, out, False)
+                total = total + (out.double()[pick] + stream.double()[pick] - y_t.double()).sum(0)
+        errors[fit] = total.abs().max()
+    assert errors["columns_bias"] <= 1e-4 * max(errors["columns"], 1e-3)
+
+
+@pytest.mark.parametrize("fit", ["bias", "columns_bias"])
+def test_refitted_biases_fold_shrink_export_and_reload(fit, tmp_path):
+    """A LLaMA spec with refitted biases: shrink_ of the dense model folds them (a bias added where the projection had
+    none), equal to the dense model with them written and masked; save_pruned of the dense model and load_pruned give
+    the same logits; the biases travel beside the spec's JSON; a bank refuses them."""
+    from taskprune.bank import MaskBank
+    from taskprune.export import load_pruned, save_pruned
+    from taskprune.surgery import apply_mask
+
+    model = wide_model("llama_gqa").eval()
+    spec = select_units(random_scores(model, seed=2), sparsity=0.4)
+    tuned = tune_masks(model, spec, labelled("llama_gqa", 2), forward=_fwd, target="residual", fit=fit)
+    assert tuned.biases.get("neurons") and tuned.biases.get("heads")
+    batch = tiny_batch("llama_gqa", seed=4)
+    written = copy.deepcopy(model)
+    folded = fold_scales_(written, tuned)
+    assert folded.meta["added_biases"] and not folded.biases
+    apply_mask(written, spec)
+    shrunk = shrink_(copy.deepcopy(model), tuned)  # folds first
+    with torch.no_grad():
+        want = written(**batch).logits
+        torch.testing.assert_close(shrunk(**batch).logits, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(shrink_(copy.deepcopy(model), replace(tuned, biases={}, columns={}))(**batch).logits,
+                                  want, atol=1e-3)
+    save_pruned(model, tuned, tmp_path / "out")  # the dense model: a copy is folded and shrunk
+    back = load_pruned(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, want, rtol=1e-4, atol=1e-4)
+    tuned.save(tmp_path / "spec.json")
+    again = PruneSpec.load(tmp_path / "spec.json")
+    assert all(torch.equal(again.biases[k][n], t) for k, d in tuned.biases.items() for n, t in d.items())
+    with pytest.raises(ValueError, match=r"holds refitted weight columns or biases"):
+        MaskBank(model).add("t", tuned)

@@ -570,7 +570,7 @@ class TaskPruning(L.Callback):
         if hasattr(pl_module, "keep_dense_copy"):
             pl_module.keep_dense_copy()
         spec = self.spec
-        if spec.scales or spec.columns:  # tuning goes into the kept units' weights: no scale hook needed
+        if spec.scales or spec.columns or spec.biases:  # tuning goes into the weights: no scale hook needed
             spec = fold_scales_(model, spec)
         if self.apply == "shrink":
             shrink_(model, spec)
@@ -610,9 +610,9 @@ class TaskPruning(L.Callback):
                            + (f"; tuning {self.tuning.to_dict()}" if self.tuning.active else ""))
             made_for = {**self._identity, "data": self._data_fingerprint(trainer)}
             spec.meta.update({k: v for k, v in made_for.items() if v is not None})  # what it was made for
-        spec_dict, columns = trainer.strategy.broadcast((spec.to_dict(), spec.columns) if spec is not None
-                                                        else (None, None), src=0)
-        self.spec = replace(PruneSpec.from_dict(spec_dict), columns=columns or {})  # refitted columns: tensors
+        spec_dict, columns, biases = trainer.strategy.broadcast(
+            (spec.to_dict(), spec.columns, spec.biases) if spec is not None else (None, None, None), src=0)
+        self.spec = replace(PruneSpec.from_dict(spec_dict), columns=columns or {}, biases=biases or {})  # tensors
         self._calibrated = True
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
