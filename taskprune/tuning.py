@@ -284,12 +284,11 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
             for batch, y in zip(batches, targets[name]):
                 got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
-                               (res, slot.block.residual[1]) if residual else None)
+                               (res, slot.block.residual[1]) if residual else None, first=name in first)
                 x, x_res = got if residual else (got, None)
-                keep_tok = _tokens(batch, x, name in first)
-                x, y = x.to(dtype)[keep_tok][:, cols], y.to(dtype)
+                x, y = x.to(dtype)[:, cols], y.to(dtype)
                 if residual:
-                    y = y - x_res.to(dtype)[keep_tok]
+                    y = y - x_res.to(dtype)
                 if bias is not None:
                     y = y - bias.to(dtype)
                 xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
@@ -439,9 +438,10 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
     residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
     (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned). Only
-    the first call of each projection in a forward is the batch's: later ones (a prompted LM's content-free rows) are
-    not fitted."""
+    the first :func:`_passes` calls of each projection in a forward are the batch's (a prompted LM: its prefix, then
+    its rows); later ones (its content-free rows) are not fitted."""
     base, _ = find_base(model)
+    n_pass = _passes(model)
     out: dict[str, list] = {s.block.name: [] for s in order}
     current: dict = {}
     streams: dict = {}
@@ -449,15 +449,17 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     for s in order:
         proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
 
-        def hook(module, args, result, name=s.block.name):  # the first pass of a forward: the batch's rows (a
-            current.setdefault(name, result.detach())  # prompted LM's content-free rows run after them)
+        def hook(module, args, result, name=s.block.name):
+            calls = current.setdefault(name, [])
+            if len(calls) < n_pass:
+                calls.append((result.detach(), streams.get(name, [None])[-1]))
 
         handles.append(proj.register_forward_hook(hook))
         if residual:
             module, index = s.block.residual
 
             def pre_hook(m, args, name=s.block.name, index=index):
-                streams.setdefault(name, args[index].detach())
+                streams.setdefault(name, []).append(args[index].detach())
 
             handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
     gates.set(values)
@@ -466,10 +468,9 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
             current.clear()
             streams.clear()
             forward(model, batch)
-            for name, y in current.items():
-                if residual:
-                    y = y + streams[name]
-                out[name].append(y[_tokens(batch, y, name in first)].float())
+            for name, calls in current.items():
+                ys = [y + stream if residual else y for y, stream in calls]
+                out[name].append(torch.cat([y[_tokens(batch, y, name in first)].float() for y in ys]))
     finally:
         for h in handles:
             h.remove()
@@ -477,16 +478,30 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     return out
 
 
+def _passes(model) -> int:
+    """Calls of each projection per forward that carry the batch (``model.fit_passes``, else 1)."""
+    return int(getattr(model, "fit_passes", 1))
+
+
 def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward, what: str,
-             residual: tuple[nn.Module, int] | None = None):
-    """Run ``model`` with ``values`` as gates up to ``proj`` and return its (gated) input or its output; with
-    ``residual = (module, arg)`` also the residual stream (that module's input ``arg``): ``(x, stream)``."""
+             residual: tuple[nn.Module, int] | None = None, first: bool = False):
+    """Run ``model`` with ``values`` as gates up to ``proj`` and return its (gated) input or its output over the
+    tokens a sub-layer is fitted on (``[n_tokens, width]``: :func:`_tokens`, over the first :func:`_passes` calls of
+    ``proj``); with ``residual = (module, arg)`` also the residual stream (that module's input ``arg``): ``(x, stream)``."""
+    n_pass = _passes(model)
     out: list[Tensor] = []
     stream: list[Tensor] = []
+    paired: list[Tensor] = []
 
     def hook(module, args, result):
         out.append((args[0] if what == "input" else result).detach())
-        raise _Stop
+        if residual is not None:
+            if not stream:
+                raise RuntimeError(f"the residual stream's module {type(residual[0]).__name__} did not run before "
+                                   f"{type(proj).__name__}; check the adapter's residual paths")
+            paired.append(stream[-1])
+        if len(out) >= n_pass:
+            raise _Stop
 
     h = proj.register_forward_hook(hook)
     hr = residual[0].register_forward_pre_hook(lambda m, args: stream.append(args[residual[1]].detach())) \
@@ -503,12 +518,10 @@ def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward,
         gates.set(None)
     if not out:
         raise RuntimeError(f"the forward pass never reached {type(proj).__name__}; is the block used by the model?")
+    x = torch.cat([o[_tokens(batch, o, first)] for o in out])
     if residual is None:
-        return out[0]
-    if not stream:
-        raise RuntimeError(f"the residual stream's module {type(residual[0]).__name__} did not run before "
-                           f"{type(proj).__name__}; check the adapter's residual paths")
-    return out[0], stream[-1]
+        return x
+    return x, torch.cat([r[_tokens(batch, o, first)] for o, r in zip(out, paired)])
 
 
 def _forward_order(model, gates: Gates, batch: dict, forward) -> list:

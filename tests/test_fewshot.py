@@ -292,3 +292,28 @@ def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
     assert "| 4 | fisher_search_refit | 1 |" in out.read_text()
     with pytest.raises(SystemExit):  # several row counts make a curve of the selection, not an evaluation
         bench.parse_args(argv[: argv.index("--select")])
+
+
+def test_tuning_fits_the_prefix_once_and_the_rows_real_tokens_and_a_masked_forward_is_unchanged():
+    """Without gradients a hooked prompted LM runs its prefix once (batch 1) and its rows on that cache: what tuning
+    captures is the prefix's tokens once plus the rows' positions (not the content-free rows; the rows' padding too:
+    the batch's mask is the text's, not the templated rows'), and the masked model's scores equal those of
+    recomputing the prefix for every row."""
+    from taskprune.arch import find_base, get_architecture
+    from taskprune.attribution import default_forward
+    from taskprune.gates import Gates
+    from taskprune.tuning import _capture
+
+    m, per_row = prompted(), prompted(prefix_cache=False)
+    b = batch(m)
+    block = get_architecture(m).ffn[1]
+    proj = find_base(m)[0].get_submodule(block.down)
+    with Gates(m) as gates, torch.no_grad():
+        x = _capture(m, gates, None, proj, b, default_forward, "input")
+    rows, _ = m._rows(b["input_ids"], b["attention_mask"])
+    assert x.shape[0] == len(m.prefix_ids) + rows.numel()
+    spec = select_units(score_units(m, [b], method="random"), sparsity=0.4)
+    apply_mask(m, spec)
+    apply_mask(per_row, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(m(**b), per_row(**batch(per_row)), atol=1e-5, rtol=1e-5)

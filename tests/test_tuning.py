@@ -194,8 +194,7 @@ def _block_errors(model, spec, batches):
                 for b in batches:
                     y = _capture(model, gates, None, proj, b, _fwd, "output")
                     x = _capture(model, gates, gates.values_of(sp), proj, b, _fwd, "output")
-                    m = b["attention_mask"].bool()
-                    e += float((x - y)[m].double().pow(2).sum())
+                    e += float((x - y).double().pow(2).sum())  # over real tokens
                 err[label] = e
             out[(s.kind, s.block.name)] = err
     return out

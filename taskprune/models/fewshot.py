@@ -278,10 +278,30 @@ class PromptedLM(nn.Module):
             out_mask[i, width - len(r):] = 1
         return out.to(input_ids.device), out_mask.to(input_ids.device)
 
+    def _prefix_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """The prefix's keys and values per layer ``[1, ...]``: one pass of the prefix alone, under whatever hooks
+        (gates, masks) the LM carries now."""
+        device = next(self.lm.parameters()).device
+        ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=device)
+        out = self.lm.base_model(input_ids=ids, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @property
+    def fit_passes(self) -> int:
+        """Calls of each projection per forward without gradients that carry the batch: the prefix (computed once,
+        batch 1), then the rows; later calls (contextual calibration's content-free rows) do not. What
+        :func:`taskprune.tuning.tune_masks` fits on."""
+        return 2 if self.prefix_ids and self.prefix_cache else 1
+
     def _hidden(self, ids: Tensor, mask: Tensor, kv: list[tuple[Tensor, Tensor]] | None) -> Tensor:
-        """Last-position hidden states ``[B, d]`` of ``prefix + rows``, the prefix from ``kv`` or recomputed."""
+        """Last-position hidden states ``[B, d]`` of ``prefix + rows``, the prefix from ``kv`` or recomputed: once,
+        batch 1, without gradients (the same values, a fraction of the cost); under gradients once per row, so that
+        per-sample gates see every row's prefix."""
         n, p = ids.shape[0], len(self.prefix_ids)
         base = self.lm.base_model
+        if kv is None and p and self.prefix_cache and not torch.is_grad_enabled():
+            kv = self._prefix_kv()
         full_mask = torch.cat([mask.new_ones(n, p), mask], dim=1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
         if kv is None:
@@ -332,13 +352,7 @@ class PromptedLM(nn.Module):
         if self._hooked():
             raise ValueError("PromptedLM.refresh needs an LM without gate / mask hooks; remove them first "
                              "(taskprune.surgery.remove_mask) or call refresh before attaching them")
-        kv = None
-        if self.prefix_cache and self.prefix_ids:
-            device = next(self.lm.parameters()).device
-            ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=device)
-            out = self.lm.base_model(input_ids=ids, use_cache=True)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = self._prefix_kv() if self.prefix_cache and self.prefix_ids else None
         bias = self._content_free(kv if self.prefix_ids else None) if self.calibrate else None
         self._state = (self._key(), kv, bias)
         return self._state
