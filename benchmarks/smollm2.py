@@ -270,8 +270,8 @@ def balanced(rows: list[dict], n: int, n_classes: int) -> list[dict]:
 
 class TaskRows:
     """One task's prompt and rows. From the pool (never the evaluation rows): the demonstrations, then a seeded
-    permutation of the rest: calibration seed ``c`` with ``n`` rows takes its rows ``c·n … (c+1)·n`` from the front,
-    the class-balanced selection rows come from its back (the same for every row count and seed). Unseen-domain rows
+    permutation of the rest: the class-balanced selection rows come from its back, calibration seed ``c`` with ``n``
+    rows takes rows ``c·n … (c+1)·n`` of the others from the front (the same for every row count and seed). Unseen-domain rows
     (:data:`OOD`) are seeded subsets of their test samples."""
 
     def __init__(self, task: str, args, lm, tok) -> None:
@@ -298,13 +298,18 @@ class TaskRows:
         return batches(self.collate, rows, self.args.eval_batch)
 
     def calibration(self, n: int, seed: int) -> list[dict]:
-        """Calibration batches of ``n`` rows for calibration seed ``seed`` (disjoint from the selection rows)."""
-        rows = self.rest[seed * n : (seed + 1) * n]
+        """Calibration batches of :meth:`calibration_rows`."""
+        return batches(self.collate, self.calibration_rows(n, seed), self.args.calib_batch)
+
+    def calibration_rows(self, n: int, seed: int) -> list[dict]:
+        """``n`` rows for calibration seed ``seed``: rows ``seed·n … (seed+1)·n`` of the pool without the selection
+        rows' texts (SMS spam repeats messages: no text is both calibrated and selected on)."""
         selected = {r["sentence"] for r in self.select}
-        if len(rows) < n or any(r["sentence"] in selected for r in rows):
+        rows = [r for r in self.rest if r["sentence"] not in selected][seed * n : (seed + 1) * n]
+        if len(rows) < n:
             raise ValueError(f"{self.task}: {len(self.rest)} pool rows cannot give calibration seed {seed} {n} rows "
                              f"apart from {len(self.select)} selection rows; lower --n-calib or the seed")
-        return batches(self.collate, rows, self.args.calib_batch)
+        return rows
 
     def scorer(self, n: int, seed: int) -> Scorer:
         return Scorer(self.model, self.calibration(n, seed), self.args.steps, self.args.alpha_batch)

@@ -264,8 +264,9 @@ def test_smollm2_benchmark_resumes_and_checks_the_targets(tmp_path, monkeypatch)
     assert "sst2 → yelp" in text and "≥ 95% of dense at a 40% cut" in text and "calibration ≤ 10 min" in text
 
     t = bench.TaskRows("sst2", bench.parse_args(argv), *bench.load_smollm2())
-    first, second = ({r["sentence"] for r in t.rest[s * 4 : (s + 1) * 4]} for s in (0, 1))
-    assert not first & second and not (first | second) & {r["sentence"] for r in t.select}
+    picked = [[r["sentence"] for r in t.calibration_rows(4, s)] for s in (0, 1)]
+    assert len(set(picked[0] + picked[1])) == 8  # disjoint seeds
+    assert not set(picked[0] + picked[1]) & {r["sentence"] for r in t.select}  # no text calibrated and selected on
 
     def fail(*a, **k):
         raise AssertionError("a row already done was recomputed")
