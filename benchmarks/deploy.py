@@ -164,7 +164,6 @@ def build_artifacts(tm, tokenizer_path: str, calib: list[dict], cuts: list[float
     from taskprune.pipeline import Pipeline
     from taskprune.spec import PruneSpec
     from taskprune.surgery import shrink_
-    from taskprune.tuning import fold_scales_
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
     example = {k: v for k, v in calib[0].items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -200,7 +199,7 @@ def build_artifacts(tm, tokenizer_path: str, calib: list[dict], cuts: list[float
         t0 = time.perf_counter()
         spec = Pipeline().at(cut).prune(tm, calib, scores=scores)
         pruned = copy.deepcopy(tm)
-        shrink_(pruned, fold_scales_(pruned, spec) if spec.scales or spec.columns else spec)
+        shrink_(pruned, spec)  # its tuning folded in
         extra = {"macs_kept": count_macs(fingerprint, SEQ, spec) / dense_macs, "heads_kept": spec.n_kept("heads"),
                  "neurons_kept": spec.n_kept("neurons"), "score_s": score_s,
                  "allocate_s": time.perf_counter() - t0, "spec_budget": spec.budget}

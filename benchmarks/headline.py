@@ -52,7 +52,6 @@ from taskprune.pipeline import PRESETS, Pipeline
 from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
 from taskprune.tasks import get_task
-from taskprune.tuning import fold_scales_
 from taskprune.zoo import ensure_multitask, resolve_model_dir, selection_rows
 
 log = logging.getLogger("headline")
@@ -137,7 +136,7 @@ def widths_of(spec) -> dict:
 
 def pruned_copy(model, task: str, spec):
     tm = copy.deepcopy(model).for_task(task).eval()
-    shrink_(tm, fold_scales_(tm, spec) if spec.scales or spec.columns else spec)
+    shrink_(tm, spec)  # its tuning folded in
     return tm
 
 

@@ -34,7 +34,6 @@ from taskprune.lightning.data import load_tokenizer
 from taskprune.models.multitask import read_build_info
 from taskprune.pipeline import Pipeline
 from taskprune.surgery import shrink_
-from taskprune.tuning import fold_scales_
 from taskprune.zoo import ensure_multitask, resolve_model_dir
 
 log = logging.getLogger("benchmarks.kwon_blocks")
@@ -49,7 +48,7 @@ def sublayers(model) -> list[tuple[str, str]]:
 
 def pruned(tm, spec):
     small = copy.deepcopy(tm)
-    return shrink_(small, fold_scales_(small, spec) if spec.scales else spec).eval()
+    return shrink_(small, spec).eval()  # its scales folded in
 
 
 @torch.inference_mode()

@@ -58,7 +58,7 @@ from taskprune.models.gguf import load_smollm2
 from taskprune.pipeline import DEFAULT_TUNING, Pipeline
 from taskprune.selection import Budget
 from taskprune.surgery import shrink_
-from taskprune.tuning import TuningConfig, fold_scales_
+from taskprune.tuning import TuningConfig
 
 log = logging.getLogger("benchmarks.smollm2")
 
@@ -173,10 +173,7 @@ def prune(scorer: Scorer, pipeline: str, cut: float, seq_len: int) -> tuple[Prom
     p, scores = scorer(pipeline, seq_len)
     t = time.perf_counter()
     spec = p.at(cut).prune(scorer.model, scorer.calib, scores=scores)
-    pruned = copy.deepcopy(scorer.model)
-    if spec.scales or spec.columns:
-        spec = fold_scales_(pruned, spec)
-    return shrink_(pruned, spec), spec, time.perf_counter() - t
+    return shrink_(copy.deepcopy(scorer.model), spec), spec, time.perf_counter() - t  # its tuning folded in
 
 
 def achieved_cut(model: PromptedLM, pruned: PromptedLM, seq_len: int) -> float:

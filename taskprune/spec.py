@@ -111,35 +111,28 @@ class PruneSpec:
         self.biases = {kind: self._check_biases(kind, blocks) for kind, blocks in self.biases.items()}
 
     def _check_biases(self, kind: str, blocks) -> dict[str, torch.Tensor]:
-        _check_kind_name(kind)
-        if not isinstance(blocks, dict):
-            raise TypeError(f"biases[{kind!r}] must be a dict {{block: tensor}}, got {type(blocks).__name__}")
-        out = {}
-        for name, t in blocks.items():
-            where = f"biases[{kind!r}][{name!r}]"
-            self._check_block(kind, name)
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
-                raise TypeError(f"{where} must be a 1-D float tensor [d_out], got {_short(t)}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{where} holds non-finite values; refit the spec")
-            out[name] = t.detach().float().cpu()
-        return out
+        return self._check_tensors("biases", kind, blocks, 1, "[d_out]")
 
     def _check_columns(self, kind: str, blocks) -> dict[str, torch.Tensor]:
+        return self._check_tensors("columns", kind, blocks, 2, "[kept units x unit width, d_out]")
+
+    def _check_tensors(self, field_name: str, kind: str, blocks, dim: int, shape: str) -> dict[str, torch.Tensor]:
+        """A ``{block: tensor}`` of refitted weights (``columns``, one row per input channel of each kept unit) or
+        biases: finite float tensors of ``dim`` dimensions, on the CPU in float32."""
         _check_kind_name(kind)
         if not isinstance(blocks, dict):
-            raise TypeError(f"columns[{kind!r}] must be a dict {{block: tensor}}, got {type(blocks).__name__}")
+            raise TypeError(f"{field_name}[{kind!r}] must be a dict {{block: tensor}}, got {type(blocks).__name__}")
         out = {}
         for name, t in blocks.items():
-            where = f"columns[{kind!r}][{name!r}]"
+            where = f"{field_name}[{kind!r}][{name!r}]"
             self._check_block(kind, name)
-            n_kept = len(self.kept(kind, name))
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-                raise TypeError(f"{where} must be a 2-D float tensor [kept units x unit width, d_out], got "
-                                f"{_short(t)}")
-            if n_kept == 0 or t.shape[0] % n_kept:
-                raise ValueError(f"{where} has {t.shape[0]} rows for {n_kept} kept unit(s); expected a multiple of "
-                                 "the kept units (one row per input channel of each kept unit)")
+            if not isinstance(t, torch.Tensor) or t.dim() != dim or not t.is_floating_point():
+                raise TypeError(f"{where} must be a {dim}-D float tensor {shape}, got {_short(t)}")
+            if field_name == "columns":
+                n_kept = len(self.kept(kind, name))
+                if n_kept == 0 or t.shape[0] % n_kept:
+                    raise ValueError(f"{where} has {t.shape[0]} rows for {n_kept} kept unit(s); expected a multiple "
+                                     "of the kept units (one row per input channel of each kept unit)")
             if not torch.isfinite(t).all():
                 raise ValueError(f"{where} holds non-finite values; refit the spec")
             out[name] = t.detach().float().cpu()
