@@ -15,7 +15,9 @@ every stage here takes a spec and returns a spec, so any score can go through an
   (``fit="columns"``, K-prune's weight tuning, a ridge solve). The target is the teacher's output
   (``target="output"``) or, as in their code, the pre-LayerNorm sum (``"residual"``: the teacher's output plus the
   residual drift x_T - x_S, from the architecture adapter's residual place). The teacher is the dense model or, as in
-  Kwon et al.'s code, a less-pruned spec (:func:`teacher_keep`: the square root of the kept MAC fraction).
+  Kwon et al.'s code, a less-pruned spec (:func:`teacher_keep`: the square root of the kept MAC fraction). The
+  calibration batches go through the student once, in lockstep (:class:`_Lockstep`: each forward pauses at every
+  fitted projection until the fit is written), so L sub-layers cost one pass, not L partial ones.
 * :func:`fold_scales_` — writes the scales (or the refitted columns) into the kept units' weights, so the spec
   needs neither any more and :func:`taskprune.surgery.shrink_` gives the tuned model with no mask at all.
 
@@ -26,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
@@ -255,7 +258,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     biases: dict[str, dict[str, Tensor]] = {}
     originals: list[Callable[[], None]] = []  # each puts back one dense weight slice or bias
     tuned = replace(spec, scales={})
-    with Gates(model) as gates, _restored(originals):
+    with Gates(model) as gates, _restored(originals), _single_pass(model):
         order = _forward_order(model, gates, batches[0], forward)
         residual = target == "residual"
         if residual and any(s.block.residual is None for s in order):
@@ -265,77 +268,79 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
         first_attention = next((s.block.name for s in order if s.kind == "heads"), None)
         first = {last_ffn} if last_ffn_tokens == "first" else set()
         targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward, residual, first)
-        for slot in order:
-            kind, name = slot.kind, slot.block.name
-            kept = spec.kept(kind, name)
-            if not kept or len(kept) == slot.n_units and teacher is None and not residual:
-                continue  # nothing to fit (a full block against the dense teacher is already exact)
-            if skip_first_attention and name == first_attention:
-                continue
-            proj = base.get_submodule(slot.block.out if kind == "heads" else slot.block.down)
-            res = base.get_submodule(slot.block.residual[0]) if residual else None
-            cols = unit_channels(kept, slot.block.unit_width)
-            w = weight_in_out(proj).detach().double()[cols]  # [Kc, d_out]
-            bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
-            xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
-            xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
-            xs, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0
-            ysum = torch.zeros(w.shape[1], dtype=torch.float64)
-            dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
-            for batch, y in zip(batches, targets[name]):
-                got = _capture(model, gates, gates.values_of(tuned, scaled=True), proj, batch, forward, "input",
-                               (res, slot.block.residual[1]) if residual else None, first=name in first)
-                x, x_res = got if residual else (got, None)
-                x, y = x.to(dtype)[:, cols], y.to(dtype)
-                if residual:
-                    y = y - x_res.to(dtype)
-                if bias is not None:
-                    y = y - bias.to(dtype)
-                xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
-                xt += (x.t() @ y).double()
-                xs += x.sum(0).double()
-                ysum += y.double().sum(0)
-                n_tok += x.shape[0]
-            if fit != "scales":
-                new, beta = _refit(fit, xx, xt, xs, ysum, n_tok, w, ridge)
-                if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
-                    log.warning("mask tuning stopped at %s: the refit is not finite; later sub-layers keep their "
-                                "dense weights", name)
+        plan = [slot for slot in order if _fitted(slot, spec, teacher, residual)
+                and not (skip_first_attention and slot.block.name == first_attention)]
+        projs = [base.get_submodule(s.block.out if s.kind == "heads" else s.block.down) for s in plan]
+        places = sorted({s.block.residual for s in plan}) if residual else []
+        gates.set(gates.values_of(tuned, scaled=True))
+        with _Lockstep(model, batches, forward, projs, [(base.get_submodule(m), i) for m, i in places]) as run:
+            for point, (slot, proj) in enumerate(zip(plan, projs)):
+                kind, name = slot.kind, slot.block.name
+                kept = spec.kept(kind, name)
+                place = places.index(slot.block.residual) if residual else None
+                cols = unit_channels(kept, slot.block.unit_width)
+                w = weight_in_out(proj).detach().double()[cols]  # [Kc, d_out]
+                bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
+                xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
+                xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
+                xs, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0
+                ysum = torch.zeros(w.shape[1], dtype=torch.float64)
+                dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
+                for batch, y, (x, streams) in zip(batches, targets[name], run.reach(point)):
+                    pick = _tokens(batch, x, name in first)
+                    x, y = x[pick].to(dtype)[:, cols], y.to(dtype)
+                    if residual:
+                        y = y - streams[place][pick].to(dtype)
+                    if bias is not None:
+                        y = y - bias.to(dtype)
+                    xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
+                    xt += (x.t() @ y).double()
+                    xs += x.sum(0).double()
+                    ysum += y.double().sum(0)
+                    n_tok += x.shape[0]
+                if fit != "scales":
+                    new, beta = _refit(fit, xx, xt, xs, ysum, n_tok, w, ridge)
+                    if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
+                        log.warning("mask tuning stopped at %s: the refit is not finite; later sub-layers keep their "
+                                    "dense weights", name)
+                        break
+                    if fit != "bias":
+                        view = weight_in_out(proj)
+                        index = torch.as_tensor(cols, device=view.device)
+                        old = view[index].detach().clone()
+                        originals.append(lambda v=view, i=index, o=old: v.__setitem__(i, o))
+                        view[index] = new.to(view.dtype).to(view.device)  # the later sub-layers see the refit
+                        columns.setdefault(kind, {})[name] = new.float()
+                    if beta is not None:
+                        new_bias = beta if bias is None else bias + beta
+                        originals.append(lambda m=proj, o=proj.bias: setattr(m, "bias", o))
+                        proj.bias = nn.Parameter(new_bias.to(proj.weight.dtype).to(proj.weight.device),
+                                                 requires_grad=False)
+                        biases.setdefault(kind, {})[name] = new_bias.float()
+                    continue
+                width = slot.block.unit_width
+                a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
+                b = (w * xt).sum(1).view(len(kept), width).sum(1)  # [K]
+                if solver == "lsmr":
+                    intercept = None
+                    if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped
+                        intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), float(ysum.sum()),
+                                     n_tok * w.shape[1])
+                    u, ok = _lsmr(a, b, damping, intercept)
+                    if not ok:
+                        log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: "
+                                    "ill-conditioned, condition number above 1e8); later sub-layers keep scale 1", name)
+                        break
+                else:
+                    u = _damped_lstsq(a, b - a.sum(1), damping)
+                s = 1.0 + u
+                if not torch.isfinite(s).all() or s.abs().max() > max_scale:
+                    log.warning("mask tuning stopped at %s: scales out of range (max |s| = %.3g > %g); later blocks "
+                                "keep scale 1", name, float(s.abs().max()), max_scale)
                     break
-                if fit != "bias":
-                    view = weight_in_out(proj)
-                    index = torch.as_tensor(cols, device=view.device)
-                    old = view[index].detach().clone()
-                    originals.append(lambda v=view, i=index, o=old: v.__setitem__(i, o))
-                    view[index] = new.to(view.dtype).to(view.device)  # the student's later sub-layers see the refit
-                    columns.setdefault(kind, {})[name] = new.float()
-                if beta is not None:
-                    new_bias = beta if bias is None else bias + beta
-                    originals.append(lambda m=proj, o=proj.bias: setattr(m, "bias", o))
-                    proj.bias = nn.Parameter(new_bias.to(proj.weight.dtype).to(proj.weight.device), requires_grad=False)
-                    biases.setdefault(kind, {})[name] = new_bias.float()
-                continue
-            width = slot.block.unit_width
-            a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
-            b = (w * xt).sum(1).view(len(kept), width).sum(1)  # [K]
-            if solver == "lsmr":
-                intercept = None
-                if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped after
-                    intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), float(ysum.sum()), n_tok * w.shape[1])
-                u, ok = _lsmr(a, b, damping, intercept)
-                if not ok:
-                    log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: ill-conditioned, "
-                                "condition number above 1e8); later sub-layers keep scale 1", name)
-                    break
-            else:
-                u = _damped_lstsq(a, b - a.sum(1), damping)
-            s = 1.0 + u
-            if not torch.isfinite(s).all() or s.abs().max() > max_scale:
-                log.warning("mask tuning stopped at %s: scales out of range (max |s| = %.3g > %g); later blocks keep "
-                            "scale 1", name, float(s.abs().max()), max_scale)
-                break
-            scales.setdefault(kind, {})[name] = s.tolist()
-            tuned = replace(spec, scales=scales)
+                scales.setdefault(kind, {})[name] = s.tolist()
+                tuned = replace(spec, scales=scales)
+                gates.set(gates.values_of(tuned, scaled=True))  # the batches go on through the scaled sub-layer
     how = {"fit": fit, "ridge": ridge} if fit != "scales" else {"damping": damping, "solver": solver}
     return replace(spec, scales=scales, columns=columns, biases=biases,
                    meta={**spec.meta, "tuned": {**how, "teacher": "dense" if teacher is None else
@@ -351,6 +356,143 @@ def _restored(originals: list[Callable[[], None]]):
         with torch.no_grad():
             for undo in reversed(originals):
                 undo()
+
+
+@contextmanager
+def _autocast(modes: list) -> Iterator[None]:
+    """The caller's autocast modes in another thread (they are thread-local)."""
+    with ExitStack() as stack:
+        for device, enabled, dtype in modes:
+            if enabled:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
+
+
+def _fitted(slot, spec: PruneSpec, teacher: PruneSpec | None, residual: bool) -> bool:
+    """Whether a sub-layer has anything to fit (a full block against the dense teacher's output is already exact)."""
+    kept = spec.kept(slot.kind, slot.block.name)
+    return bool(kept) and not (len(kept) == slot.n_units and teacher is None and not residual)
+
+
+def _single_pass(model):
+    """The model's context in which each forward calls every projection once with the batch's tokens
+    (``model.single_pass()``: a prompted LM packs its prefix with its rows), else nothing to do."""
+    ctx = getattr(model, "single_pass", None)
+    return ctx() if callable(ctx) else nullcontext()
+
+
+class _Lockstep:
+    """The calibration forwards in lockstep, so that each is run once for all the sub-layers fitted (O(L) sub-layers
+    of work for L fits, instead of re-running the model up to each one: O(L²)).
+
+    One thread per batch, run one at a time (torch's own threads do the arithmetic), each pausing at the input of
+    ``points[0]``, ``points[1]``, ... in turn: :meth:`reach` ``(j)`` runs every batch to point ``j`` and returns what
+    each brought there, ``(input, {k: residual stream at streams[k]})``; whatever the caller changes before the next
+    :meth:`reach` (gates, weights, biases) is what the paused batches then run through. The calls of a point after
+    the first in one forward (a prompted LM's content-free rows) do not pause. Leaving the context stops them all."""
+
+    def __init__(self, model: nn.Module, batches: list[dict], forward, points: list[nn.Module],
+                 streams: list[tuple[nn.Module, int]]) -> None:
+        self.model, self.batches, self.forward, self.points = model, batches, forward, points
+        n = len(batches)
+        self.cv = threading.Condition()
+        self.turn: int | None = None  # the batch whose thread may run; None: the caller's
+        self.running = 0
+        self.abort = False
+        self.next = [0] * n  # the point each batch pauses at next
+        self.got: list = [None] * n
+        self.seen: list[dict[int, Tensor]] = [{} for _ in range(n)]  # the residual streams met so far
+        self.done = [False] * n
+        self.error: list[BaseException | None] = [None] * n
+        self.handles = [p.register_forward_pre_hook(self._pause(j), prepend=True) for j, p in enumerate(points)]
+        self.handles += [m.register_forward_pre_hook(self._stream(k, i)) for k, (m, i) in enumerate(streams)]
+        grad, modes = torch.is_grad_enabled(), [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                                                 for d in ("cpu", "cuda")]
+        self.threads = [threading.Thread(target=self._body, args=(b, grad, modes), daemon=True) for b in range(n)]
+        for t in self.threads:
+            t.start()
+
+    # ---- in the batches' threads
+    def _body(self, b: int, grad: bool, modes: list) -> None:
+        try:
+            with torch.set_grad_enabled(grad), _autocast(modes):
+                self._wait(b)
+                self.forward(self.model, self.batches[b])
+        except _Stop:
+            pass
+        except BaseException as e:  # handed to the caller by reach
+            self.error[b] = e
+        finally:
+            with self.cv:
+                self.done[b] = True
+                self.turn = None
+                self.cv.notify_all()
+
+    def _wait(self, b: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == b)
+        if self.abort:
+            raise _Stop
+
+    def _pause(self, j: int):
+        def pre_hook(module, args):
+            b = self.running
+            if j < self.next[b]:
+                return None  # a later call in the same forward
+            if j > self.next[b]:
+                raise RuntimeError(f"the forward pass reached the fitted {type(module).__name__} number {j} before "
+                                   f"number {self.next[b]}; the sub-layers are not run in the order found first")
+            self.got[b] = (args[0].detach(), dict(self.seen[b]))
+            self.next[b] = j + 1
+            with self.cv:
+                self.turn = None
+                self.cv.notify_all()
+            self._wait(b)
+            return None
+
+        return pre_hook
+
+    def _stream(self, k: int, index: int):
+        def pre_hook(module, args):
+            self.seen[self.running][k] = args[index].detach()
+
+        return pre_hook
+
+    # ---- in the caller's thread
+    def _run(self, b: int) -> None:
+        with self.cv:
+            self.running, self.turn = b, b
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn is None)
+
+    def reach(self, j: int) -> list[tuple[Tensor, dict[int, Tensor]]]:
+        out = []
+        for b in range(len(self.batches)):
+            if not self.done[b] and self.next[b] <= j:
+                self._run(b)
+            if self.error[b] is not None:
+                raise self.error[b]
+            if self.next[b] != j + 1 or self.got[b] is None:
+                raise RuntimeError(f"the forward pass never reached {type(self.points[j]).__name__}; is the block "
+                                   "used by the model?")
+            out.append(self.got[b])
+            self.got[b] = None
+        return out
+
+    def __enter__(self) -> _Lockstep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort = True
+        try:
+            for b in range(len(self.batches)):
+                if not self.done[b]:
+                    self._run(b)
+            for t in self.threads:
+                t.join()
+        finally:
+            for h in self.handles:
+                h.remove()
 
 
 def _refit(fit: Fit, xx: Tensor, xt: Tensor, xs: Tensor, ysum: Tensor, n_tok: int, w: Tensor,
@@ -438,10 +580,8 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
     """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
     residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
     (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned). Only
-    the first :func:`_passes` calls of each projection in a forward are the batch's (a prompted LM: its prefix, then
-    its rows); later ones (its content-free rows) are not fitted."""
+    the first call of each projection in a forward is the batch's (a prompted LM's content-free rows come later)."""
     base, _ = find_base(model)
-    n_pass = _passes(model)
     out: dict[str, list] = {s.block.name: [] for s in order}
     current: dict = {}
     streams: dict = {}
@@ -450,16 +590,15 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
         proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
 
         def hook(module, args, result, name=s.block.name):
-            calls = current.setdefault(name, [])
-            if len(calls) < n_pass:
-                calls.append((result.detach(), streams.get(name, [None])[-1]))
+            if name not in current:
+                current[name] = (result.detach(), streams.get(name))
 
         handles.append(proj.register_forward_hook(hook))
         if residual:
             module, index = s.block.residual
 
             def pre_hook(m, args, name=s.block.name, index=index):
-                streams.setdefault(name, []).append(args[index].detach())
+                streams[name] = args[index].detach()
 
             handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
     gates.set(values)
@@ -468,60 +607,14 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
             current.clear()
             streams.clear()
             forward(model, batch)
-            for name, calls in current.items():
-                ys = [y + stream if residual else y for y, stream in calls]
-                out[name].append(torch.cat([y[_tokens(batch, y, name in first)].float() for y in ys]))
+            for name, (y, stream) in current.items():
+                y = y + stream if residual else y
+                out[name].append(y[_tokens(batch, y, name in first)].float())
     finally:
         for h in handles:
             h.remove()
         gates.set(None)
     return out
-
-
-def _passes(model) -> int:
-    """Calls of each projection per forward that carry the batch (``model.fit_passes``, else 1)."""
-    return int(getattr(model, "fit_passes", 1))
-
-
-def _capture(model, gates: Gates, values, proj: nn.Module, batch: dict, forward, what: str,
-             residual: tuple[nn.Module, int] | None = None, first: bool = False):
-    """Run ``model`` with ``values`` as gates up to ``proj`` and return its (gated) input or its output over the
-    tokens a sub-layer is fitted on (``[n_tokens, width]``: :func:`_tokens`, over the first :func:`_passes` calls of
-    ``proj``); with ``residual = (module, arg)`` also the residual stream (that module's input ``arg``): ``(x, stream)``."""
-    n_pass = _passes(model)
-    out: list[Tensor] = []
-    stream: list[Tensor] = []
-    paired: list[Tensor] = []
-
-    def hook(module, args, result):
-        out.append((args[0] if what == "input" else result).detach())
-        if residual is not None:
-            if not stream:
-                raise RuntimeError(f"the residual stream's module {type(residual[0]).__name__} did not run before "
-                                   f"{type(proj).__name__}; check the adapter's residual paths")
-            paired.append(stream[-1])
-        if len(out) >= n_pass:
-            raise _Stop
-
-    h = proj.register_forward_hook(hook)
-    hr = residual[0].register_forward_pre_hook(lambda m, args: stream.append(args[residual[1]].detach())) \
-        if residual is not None else None
-    gates.set(values)
-    try:
-        forward(model, batch)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-        if hr is not None:
-            hr.remove()
-        gates.set(None)
-    if not out:
-        raise RuntimeError(f"the forward pass never reached {type(proj).__name__}; is the block used by the model?")
-    x = torch.cat([o[_tokens(batch, o, first)] for o in out])
-    if residual is None:
-        return x
-    return x, torch.cat([r[_tokens(batch, o, first)] for o, r in zip(out, paired)])
 
 
 def _forward_order(model, gates: Gates, batch: dict, forward) -> list:

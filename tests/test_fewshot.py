@@ -296,23 +296,30 @@ def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
 
 
 def test_tuning_fits_the_prefix_once_and_the_rows_real_tokens_and_a_masked_forward_is_unchanged():
-    """Without gradients a hooked prompted LM runs its prefix once (batch 1) and its rows on that cache: what tuning
-    captures is the prefix's tokens once plus the rows' positions (not the content-free rows; the rows' padding too:
-    the batch's mask is the text's, not the templated rows'), and the masked model's scores equal those of
-    recomputing the prefix for every row."""
+    """In its single pass (what tuning runs) a prompted LM packs its prefix once with its rows' real tokens, no padding:
+    each projection is called once with exactly those tokens, the scores are those of the other paths, and the
+    masked model's scores equal those of recomputing the prefix for every row."""
+    from test_tuning import capture
+
     from taskprune.arch import find_base, get_architecture
     from taskprune.attribution import default_forward
     from taskprune.gates import Gates
-    from taskprune.tuning import _capture
 
     m, per_row = prompted(), prompted(prefix_cache=False)
     b = batch(m)
     block = get_architecture(m).ffn[1]
     proj = find_base(m)[0].get_submodule(block.down)
-    with Gates(m) as gates, torch.no_grad():
-        x = _capture(m, gates, None, proj, b, default_forward, "input")
-    rows, _ = m._rows(b["input_ids"], b["attention_mask"])
-    assert x.shape[0] == len(m.prefix_ids) + rows.numel()
+    calls = []
+    hook = proj.register_forward_hook(lambda mod, a, r: calls.append(a[0].shape))
+    with Gates(m) as gates, torch.no_grad(), m.single_pass():
+        packed = m(**b)
+        hook.remove()
+        x = capture(m, gates, None, proj, b, default_forward, "input")
+    _, row_mask = m._rows(b["input_ids"], b["attention_mask"])
+    assert len(calls) == 2  # the batch, then the content-free rows of contextual calibration
+    assert x.shape[0] == len(m.prefix_ids) + int(row_mask.sum()) < len(m.prefix_ids) + row_mask.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(packed, m(**b), atol=1e-5, rtol=1e-5)
     spec = select_units(score_units(m, [b], method="random"), sparsity=0.4)
     apply_mask(m, spec)
     apply_mask(per_row, spec)

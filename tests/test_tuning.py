@@ -22,8 +22,31 @@ from taskprune.search import head_counts, search_by_loss, search_macs
 from taskprune.selection import select_units
 from taskprune.spec import PruneSpec
 from taskprune.surgery import shrink_
-from taskprune.tuning import _capture, batch_gradients, fold_scales_, rearrange, scaled_mask, tune_masks
+from taskprune.tuning import _tokens, batch_gradients, fold_scales_, rearrange, scaled_mask, tune_masks
 from taskprune.unitscores import UnitScores
+
+
+def capture(model, gates, values, proj, batch, forward, what, residual=None, first=False):
+    """The oracle for what tuning fits on: one whole forward with ``values`` as gates, and ``proj``'s (gated) input or
+    its output at its first call over the fitted tokens; with ``residual = (module, arg)`` also the residual stream
+    entering that module last before it: ``(x, stream)``."""
+    got, stream = [], []
+    h = proj.register_forward_hook(lambda m, a, r: got.append(((a[0] if what == "input" else r).detach(),
+                                                                stream[-1] if stream else None)) if not got else None)
+    hr = residual[0].register_forward_pre_hook(lambda m, a: stream.append(a[residual[1]].detach())) \
+        if residual is not None else None
+    gates.set(values)
+    try:
+        with torch.no_grad():
+            forward(model, batch)
+    finally:
+        h.remove()
+        if hr is not None:
+            hr.remove()
+        gates.set(None)
+    x, s = got[0]
+    pick = _tokens(batch, x, first)
+    return x[pick] if residual is None else (x[pick], s[pick])
 
 
 def wide_model(name: str) -> nn.Module:
@@ -192,8 +215,8 @@ def _block_errors(model, spec, batches):
             for label, sp in (("tuned", spec), ("ones", ones)):
                 e = 0.0
                 for b in batches:
-                    y = _capture(model, gates, None, proj, b, _fwd, "output")
-                    x = _capture(model, gates, gates.values_of(sp), proj, b, _fwd, "output")
+                    y = capture(model, gates, None, proj, b, _fwd, "output")
+                    x = capture(model, gates, gates.values_of(sp), proj, b, _fwd, "output")
                     e += float((x - y).double().pow(2).sum())  # over real tokens
                 err[label] = e
             out[(s.kind, s.block.name)] = err
@@ -408,7 +431,7 @@ def test_residual_target_leaves_the_pre_norm_error_stationary_in_every_kept_scal
                          ("ones", torch.ones(len(kept), dtype=torch.float64))):
             g = torch.zeros(len(kept), dtype=torch.float64)
             for batch, y_t in zip(calib, teacher):
-                x, stream = _capture(model, gates, gates.values_of(upstream), proj, batch, _fwd, "input",
+                x, stream = capture(model, gates, gates.values_of(upstream), proj, batch, _fwd, "input",
                                      (res, block.residual[1]))
                 pick = _tokens(batch, x, False)
                 xk = x.double()[pick][:, kept]
@@ -501,7 +524,7 @@ def test_column_refit_leaves_the_pre_norm_error_stationary_in_every_kept_weight(
         for label, w in (("refit", new.double()), ("dense", weight_in_out(proj).detach().double()[kept])):
             g = torch.zeros_like(w)
             for batch, y_t in zip(calib, teacher):
-                x, stream = _capture(upstream, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
+                x, stream = capture(upstream, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
                                      (res, block.residual[1]))
                 pick = _tokens(batch, x, False)
                 xk = x.double()[pick][:, kept]
@@ -628,9 +651,9 @@ def test_columns_and_bias_leave_the_pre_norm_error_stationary_in_the_bias_too():
         total = 0
         with Gates(written) as gates:
             for batch, y_t in zip(calib, teacher):
-                out, _ = _capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "output",
+                out, _ = capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "output",
                                   (res, block.residual[1]))
-                _, stream = _capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
+                _, stream = capture(written, gates, gates.values_of(spec, scaled=False), proj, batch, _fwd, "input",
                                      (res, block.residual[1]))
                 pick = _tokens(batch, out, False)
                 total = total + (out.double()[pick] + stream.double()[pick] - y_t.double()).sum(0)
@@ -671,3 +694,34 @@ def test_refitted_biases_fold_shrink_export_and_reload(fit, tmp_path):
     assert all(torch.equal(again.biases[k][n], t) for k, d in tuned.biases.items() for n, t in d.items())
     with pytest.raises(ValueError, match=r"holds refitted weight columns or biases"):
         MaskBank(model).add("t", tuned)
+
+
+def test_tuning_runs_each_calibration_batch_through_the_model_once_and_stops_its_threads():
+    """The sub-layers are fitted in lockstep: every calibration forward runs once for all the fits (plus one forward
+    to find their order and one teacher pass per batch), not once per sub-layer; no thread outlives the call, also
+    when a forward raises, and the error reaches the caller."""
+    import threading
+
+    model = wide_model("llama_gqa")
+    batches = labelled("llama_gqa", 3)
+    spec = select_units(random_scores(model), sparsity=0.5)
+    calls = []
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda *a: calls.append(1))
+    before = threading.active_count()
+    tuned = tune_masks(model, spec, batches, forward=_fwd, target="residual", fit="columns")
+    hook.remove()
+    assert len(tuned.columns["neurons"]) + len(tuned.columns["heads"]) == 2 * model.config.num_hidden_layers
+    assert len(calls) == 1 + 2 * len(batches)
+    assert threading.active_count() == before
+
+    def failing(m, batch):
+        if batch is batches[1]:
+            raise KeyError("bad batch")
+        return _fwd(m, batch)
+
+    with pytest.raises(KeyError, match="bad batch"):
+        tune_masks(model, spec, batches, forward=failing, target="residual", fit="columns")
+    assert threading.active_count() == before
+    torch.testing.assert_close(tune_masks(model, spec, batches, forward=_fwd, target="residual", fit="columns").columns,
+                               tuned.columns)  # the failed call left the model as it was

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -216,6 +217,7 @@ class PromptedLM(nn.Module):
         self.prefix_ids, self.pre_ids, self.post_ids, lead = self._segments()
         self.label_ids = self._label_ids(lead)  # [n_classes, n_variants], -1 = unused
         self._state: tuple | None = None  # (parameter key, prefix keys/values, calibration bias)
+        self._packed = False  # see single_pass
         if not self._hooked():
             self.refresh()  # now, so that attribution under gates finds the bias of the model it starts from
         log.info("PromptedLM: %s style, %d demonstrations, prefix of %d tokens", style, len(self.demos),
@@ -287,12 +289,37 @@ class PromptedLM(nn.Module):
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    @property
-    def fit_passes(self) -> int:
-        """Calls of each projection per forward without gradients that carry the batch: the prefix (computed once,
-        batch 1), then the rows; later calls (contextual calibration's content-free rows) do not. What
-        :func:`taskprune.tuning.tune_masks` fits on."""
-        return 2 if self.prefix_ids and self.prefix_cache else 1
+    @contextmanager
+    def single_pass(self):
+        """Within it, a forward without gradients under hooks runs the prefix and the rows as **one packed sequence**
+        (the prefix once, then each row's real tokens, a row attending to the prefix and itself): every projection is
+        called once per forward with the batch's tokens and no padding. What :func:`taskprune.tuning.tune_masks` fits
+        on; the scores are those of the other paths (tested)."""
+        previous, self._packed = self._packed, True
+        try:
+            yield self
+        finally:
+            self._packed = previous
+
+    def _packed_hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Last-position hidden states ``[B, d]`` of ``prefix + row`` for every row, from one sequence ``[1, T]``: the
+        prefix, then the rows' real tokens, with a block mask (causal; a row sees the prefix and its own earlier
+        tokens) and each row's positions continuing the prefix's."""
+        p, device = len(self.prefix_ids), ids.device
+        rows = [r[m.bool()] for r, m in zip(ids, mask)]
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        seq = torch.cat([torch.tensor(self.prefix_ids, dtype=torch.long, device=device), *rows])[None]
+        segment = torch.repeat_interleave(torch.arange(len(rows) + 1, device=device),
+                                          torch.cat([lengths.new_tensor([p]), lengths]))
+        first = torch.cat([lengths.new_zeros(1), p + lengths.cumsum(0) - lengths])  # each segment's first index
+        positions = torch.arange(seq.shape[1], device=device) - first[segment] + (segment > 0).long() * p
+        seen = torch.tril(torch.ones(seq.shape[1], seq.shape[1], dtype=torch.bool, device=device))
+        seen &= (segment[:, None] == segment[None, :]) | (segment[None, :] == 0)
+        dtype = next(self.lm.parameters()).dtype
+        blocked = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)
+        out = self.lm.base_model(input_ids=seq, attention_mask=blocked[None, None], position_ids=positions[None],
+                                 use_cache=False)
+        return out.last_hidden_state[0, p + lengths.cumsum(0) - 1]
 
     def _hidden(self, ids: Tensor, mask: Tensor, kv: list[tuple[Tensor, Tensor]] | None) -> Tensor:
         """Last-position hidden states ``[B, d]`` of ``prefix + rows``, the prefix from ``kv`` or recomputed: once,
@@ -300,6 +327,8 @@ class PromptedLM(nn.Module):
         per-sample gates see every row's prefix."""
         n, p = ids.shape[0], len(self.prefix_ids)
         base = self.lm.base_model
+        if kv is None and self._packed and not torch.is_grad_enabled():
+            return self._packed_hidden(ids, mask)
         if kv is None and p and self.prefix_cache and not torch.is_grad_enabled():
             kv = self._prefix_kv()
         full_mask = torch.cat([mask.new_ones(n, p), mask], dim=1)
