@@ -31,7 +31,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
@@ -374,11 +374,15 @@ def _fitted(slot, spec: PruneSpec, teacher: PruneSpec | None, residual: bool) ->
     return bool(kept) and not (len(kept) == slot.n_units and teacher is None and not residual)
 
 
-def _single_pass(model):
-    """The model's context in which each forward calls every projection once with the batch's tokens
-    (``model.single_pass()``: a prompted LM packs its prefix with its rows), else nothing to do."""
-    ctx = getattr(model, "single_pass", None)
-    return ctx() if callable(ctx) else nullcontext()
+@contextmanager
+def _single_pass(model: nn.Module) -> Iterator[None]:
+    """The context in which each forward calls every projection once with the batch's tokens: ``single_pass()`` of
+    every submodule that has one (a prompted LM packs its prefix with its rows; also inside a user's wrapper)."""
+    with ExitStack() as stack:
+        for m in model.modules():
+            if callable(getattr(m, "single_pass", None)):
+                stack.enter_context(m.single_pass())
+        yield
 
 
 class _Lockstep:

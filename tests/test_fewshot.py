@@ -325,3 +325,28 @@ def test_tuning_fits_the_prefix_once_and_the_rows_real_tokens_and_a_masked_forwa
     apply_mask(per_row, spec)
     with torch.no_grad():
         torch.testing.assert_close(m(**b), per_row(**batch(per_row)), atol=1e-5, rtol=1e-5)
+
+
+def test_tuning_a_prompted_lm_inside_a_users_module_fits_the_same_packed_pass():
+    """The single pass is entered for a prompted LM anywhere inside the tuned module: wrapped, it is fitted exactly as
+    bare (without it, the prefix's pass would be the first call of each projection and the rows would not be fitted)."""
+    from torch import nn
+
+    from taskprune.tuning import tune_masks
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    m = prompted()
+    b = batch(m)
+    spec = select_units(score_units(m, [b], method="random"), sparsity=0.4)
+    bare = tune_masks(m, spec, [b], target="residual", fit="columns")
+    wrapped = tune_masks(Wrapped(m), spec, [b], target="residual", fit="columns")
+    for kind, blocks in bare.columns.items():
+        for name, cols in blocks.items():
+            torch.testing.assert_close(wrapped.columns[kind][name], cols)
