@@ -208,7 +208,7 @@ def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatc
                                                    ("fisher_search_refit_iter", 0.4), ("fisher_search_refit_bias", 0.4)])
 def test_benchmark_pipelines_run_through_the_prompted_lm(pipeline, cut):
     """benchmarks/smollm2.py's pipelines on the tiny LLaMA: scores with gates on the prefix, allocation, mask tuning
-    (it fits each projection's first pass of a forward, the batch's rows: the content-free rows of contextual
+    (it fits the single packed pass of the prefix and the batch's rows: the content-free rows of contextual
     calibration pass after them and are not fitted; the refit fails on mismatched token counts otherwise) and shrinking."""
     from benchmarks.smollm2 import PIPELINES, Scorer, achieved_cut, prune
 
