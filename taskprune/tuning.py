@@ -410,15 +410,19 @@ class _Lockstep:
         self.error: list[BaseException | None] = [None] * n
         self.handles = [p.register_forward_pre_hook(self._pause(j), prepend=True) for j, p in enumerate(points)]
         self.handles += [m.register_forward_pre_hook(self._stream(k, i)) for k, (m, i) in enumerate(streams)]
-        grad, modes = torch.is_grad_enabled(), [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
-                                                 for d in ("cpu", "cuda")]
-        self.threads = [threading.Thread(target=self._body, args=(b, grad, modes), daemon=True) for b in range(n)]
+        modes = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+        self.threads = [threading.Thread(target=self._body, args=(b, torch.is_grad_enabled(), modes, cuda),
+                                         daemon=True) for b in range(n)]
         for t in self.threads:
             t.start()
 
     # ---- in the batches' threads
-    def _body(self, b: int, grad: bool, modes: list) -> None:
+    def _body(self, b: int, grad: bool, modes: list, cuda: int | None) -> None:
+        """Batch ``b``'s forward with the caller's grad mode, autocast and CUDA device (all thread-local)."""
         try:
+            if cuda is not None:
+                torch.cuda.set_device(cuda)
             with torch.set_grad_enabled(grad), _autocast(modes):
                 self._wait(b)
                 self.forward(self.model, self.batches[b])
@@ -490,7 +494,7 @@ class _Lockstep:
         self.abort = True
         try:
             for b in range(len(self.batches)):
-                if not self.done[b]:
+                while not self.done[b]:  # twice for one interrupted mid-way: it pauses first, then stops
                     self._run(b)
             for t in self.threads:
                 t.join()
