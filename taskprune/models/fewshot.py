@@ -20,6 +20,8 @@ calibration bias are keyed on the identity, version and shape of every LM parame
 recomputes them. With hooks (gates, soft masks) the whole prompt is recomputed per batch, so gates act on the prefix
 too; attribution can instead read the prefix from the ungated model's cache (``attribute_prefix=False``: the rows alone
 are gated, at a fraction of the cost). Attribution uses the calibration bias of the ungated model (a constant).
+Tuning runs in :meth:`PromptedLM.single_pass`: the prefix and the rows' real tokens packed into one sequence with a
+block mask, so that each projection is called once per forward with exactly those tokens.
 
 Layout: the prefix, then left padding, then the row; position ids come from the attention mask, so padding changes
 nothing and the cached and recomputed paths give the same scores (tested).
