@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,3 +60,13 @@ def header(name: str, argv: list[str] | None = None) -> str:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def wait_while_paused(results: Path, poll: float = 5.0) -> None:
+    """Called between rows: while ``<results>.pause`` exists (``touch`` it), wait, so that other work can use the CPU
+    without a timed row running beside it; the run goes on when the file is removed."""
+    flag = Path(results).with_suffix(".pause")
+    if flag.exists():
+        print(f"paused: {flag} exists; remove it to go on", file=sys.stderr, flush=True)
+        while flag.exists():
+            time.sleep(poll)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import code_hash, cpu_name, git_commit, write_text
+from benchmarks.common import code_hash, cpu_name, git_commit, wait_while_paused, write_text
 from taskprune.lightning.data import Collator, load_split, load_tokenizer, random_subset
 from taskprune.arch import get_architecture
 from taskprune.flops import count_macs
@@ -179,6 +179,7 @@ def run(args, path: Path) -> dict:
             held_out = None
             scores: dict = {}  # one scoring per (seed, attribution), reused by every cut
             for name, cut in todo:
+                wait_while_paused(path)
                 key = f"{name}|{seed}|{cut}"
                 pipeline = Pipeline.preset(name)
                 pipeline = pipeline.at(cut, **({} if pipeline.budget.seq_len == "mean" else {"seq_len": SEQ}))

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import code_hash, cpu_name, git_commit, header, write_text
+from benchmarks.common import code_hash, cpu_name, git_commit, header, wait_while_paused, write_text
 from taskprune.attribution import AttributionConfig
 from taskprune.export import load_pruned, save_pruned
 from taskprune.models.fewshot import TEMPLATES, PromptedLM, TextCollator, draw_demos
@@ -656,12 +656,14 @@ def main(argv=None) -> None:
                     log.info("%s selection rows: dense %.3f on %d rows", task, dense, len(t.select))
                 scorer = t.scorer(n, 0)
                 for name in todo:
+                    wait_while_paused(out)
                     add(select_row(t, name, n, scorer, dense))
             continue
         if not have(kind="dense", task=task):
             add(dense_row(t))
         for i, seed in enumerate(args.calib_seeds):
             if not have(kind="seed", task=task, seed=seed, n_calib=args.n_calib):
+                wait_while_paused(out)
                 add(seed_row(t, seed, timed=i == 0))
     save(partial=False)
 

@@ -34,3 +34,20 @@ def test_targets_say_met_or_missed_by_how_much_and_what_is_not_final():
     assert "| default ≥ 99.3 % of dense on the mean, 40% | 98.75 % (1 / 6 tasks, seeds [0, 1]: not final) | " \
            "**missed by 0.55 points** |" in targets
     assert "| default ≥ faithful Kwon on the mean, 40% (paired) | +5.00 points (1 / 6 tasks) | met |" in targets
+
+
+def test_a_benchmark_waits_between_rows_while_its_pause_file_exists(tmp_path):
+    """``touch <results>.pause``: the run waits before its next row and goes on once the file is removed."""
+    import threading
+    import time
+
+    from benchmarks.common import wait_while_paused
+
+    results = tmp_path / "headline.md"
+    wait_while_paused(results, poll=0.01)  # no file: no wait
+    flag = tmp_path / "headline.pause"
+    flag.touch()
+    threading.Timer(0.3, flag.unlink).start()
+    t0 = time.perf_counter()
+    wait_while_paused(results, poll=0.01)
+    assert time.perf_counter() - t0 >= 0.25 and not flag.exists()
