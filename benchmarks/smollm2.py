@@ -125,6 +125,7 @@ PIPELINES = {
     # the refit with that intercept
     "fisher_search_bias": Recipe("fisher", "search", tune="bias"),
     "fisher_search_refit_bias": Recipe("fisher", "search", tune="refit_bias"),
+    "fisher_search_refit_bias_iter": Recipe("fisher", "search", tune="refit_bias", steps=4),
 }
 #: the tuning field of a Recipe -> TuningConfig
 TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING,

@@ -205,7 +205,8 @@ def test_smollm2_config_runs_fit_and_test_with_a_tiny_llama(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(("pipeline", "cut"), [("ig_rows", 0.4), ("igsq_search", 0.4), ("fisher_search_tune", 0.4),
                                                    ("igsq_neurons", 0.2), ("fisher_search_refit", 0.4),
-                                                   ("fisher_search_refit_iter", 0.4), ("fisher_search_refit_bias", 0.4)])
+                                                   ("fisher_search_refit_iter", 0.4), ("fisher_search_refit_bias", 0.4),
+                                                   ("fisher_search_refit_bias_iter", 0.4)])
 def test_benchmark_pipelines_run_through_the_prompted_lm(pipeline, cut):
     """benchmarks/smollm2.py's pipelines on the tiny LLaMA: scores with gates on the prefix, allocation, mask tuning
     (it fits the single packed pass of the prefix and the batch's rows: the content-free rows of contextual
