@@ -47,8 +47,8 @@ def word_tokenizer(chat: bool = False) -> tf.PreTrainedTokenizerFast:
     return tok
 
 
-def prompted(style: str = "plain", **kw) -> PromptedLM:
-    return PromptedLM(tiny_model("llama_gqa"), template=TEMPLATE, demos=draw_demos(TRAIN, 2, 2, seed=0),
+def prompted(style: str = "plain", arch: str = "llama_gqa", **kw) -> PromptedLM:
+    return PromptedLM(tiny_model(arch), template=TEMPLATE, demos=draw_demos(TRAIN, 2, 2, seed=0),
                       tokenizer=word_tokenizer(chat=style == "chat"), style=style, **kw)
 
 
@@ -351,3 +351,25 @@ def test_tuning_a_prompted_lm_inside_a_users_module_fits_the_same_packed_pass():
     for kind, blocks in bare.columns.items():
         for name, cols in blocks.items():
             torch.testing.assert_close(wrapped.columns[kind][name], cols)
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2"])
+def test_the_single_packed_pass_gives_the_scores_of_the_cached_prefix(arch):
+    """The packed pass (prefix + rows in one sequence, a block mask, positions continuing the prefix's) is the same
+    function as the prefix cache for each decoder family's attention and position code, gated or not."""
+    from taskprune.gates import Gates
+
+    m = prompted(arch=arch)
+    b = batch(m)
+    with torch.no_grad():
+        cached = m(**b)
+        with Gates(m) as gates:
+            values = torch.rand(gates.n_units, generator=torch.Generator().manual_seed(0))
+            gates.set(values)
+            gated = m(**b)
+            with m.single_pass():
+                torch.testing.assert_close(m(**b), gated, atol=1e-5, rtol=1e-5)
+            gates.set(None)
+            with m.single_pass():
+                torch.testing.assert_close(m(**b), cached, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(gated, cached, atol=1e-3)  # the gates did something
