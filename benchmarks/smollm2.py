@@ -615,7 +615,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    key, code = config_key(args, ROW_PICKERS), code_hash()
+    key, code = config_key(args, ROW_PICKERS + (("pipeline",) if args.select else ())), code_hash()  # --select names its own
     data = {"runs": [], "rows": []}
     if out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
