@@ -277,63 +277,30 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
             for point, (slot, proj) in enumerate(zip(plan, projs)):
                 kind, name = slot.kind, slot.block.name
                 kept = spec.kept(kind, name)
-                place = places.index(slot.block.residual) if residual else None
                 cols = unit_channels(kept, slot.block.unit_width)
                 w = weight_in_out(proj).detach().double()[cols]  # [Kc, d_out]
                 bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
-                xx = torch.zeros(len(cols), len(cols), dtype=torch.float64)
-                xt = torch.zeros(len(cols), w.shape[1], dtype=torch.float64)
-                xs, n_tok = torch.zeros(len(cols), dtype=torch.float64), 0
-                ysum = torch.zeros(w.shape[1], dtype=torch.float64)
                 dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
-                for batch, y, (x, streams) in zip(batches, targets[name], run.reach(point)):
-                    pick = _tokens(batch, x, name in first)
-                    x, y = x[pick].to(dtype)[:, cols], y.to(dtype)
-                    if residual:
-                        y = y - streams[place][pick].to(dtype)
-                    if bias is not None:
-                        y = y - bias.to(dtype)
-                    xx += (x.t() @ x).double()  # per-batch products in the solver's precision, summed in float64
-                    xt += (x.t() @ y).double()
-                    xs += x.sum(0).double()
-                    ysum += y.double().sum(0)
-                    n_tok += x.shape[0]
+                place = places.index(slot.block.residual) if residual else None
+                sums = _sums(batches, targets[name], run.reach(point), cols, w.shape[1], bias, name in first, place,
+                             dtype)
                 if fit != "scales":
-                    new, beta = _refit(fit, xx, xt, xs, ysum, n_tok, w, ridge)
+                    new, beta = _refit(fit, sums, w, ridge)
                     if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
                         log.warning("mask tuning stopped at %s: the refit is not finite; later sub-layers keep their "
                                     "dense weights", name)
                         break
-                    if fit != "bias":
-                        view = weight_in_out(proj)
-                        index = torch.as_tensor(cols, device=view.device)
-                        old = view[index].detach().clone()
-                        originals.append(lambda v=view, i=index, o=old: v.__setitem__(i, o))
-                        view[index] = new.to(view.dtype).to(view.device)  # the later sub-layers see the refit
-                        columns.setdefault(kind, {})[name] = new.float()
-                    if beta is not None:
-                        new_bias = beta if bias is None else bias + beta
-                        originals.append(lambda m=proj, o=proj.bias: setattr(m, "bias", o))
-                        proj.bias = nn.Parameter(new_bias.to(proj.weight.dtype).to(proj.weight.device),
-                                                 requires_grad=False)
-                        biases.setdefault(kind, {})[name] = new_bias.float()
+                    new_cols, new_bias = _write_refit(proj, cols, new, beta, fit, originals)
+                    if new_cols is not None:
+                        columns.setdefault(kind, {})[name] = new_cols
+                    if new_bias is not None:
+                        biases.setdefault(kind, {})[name] = new_bias
                     continue
-                width = slot.block.unit_width
-                a = _block_sum((w @ w.t()) * xx, width)  # [K, K]
-                b = (w * xt).sum(1).view(len(kept), width).sum(1)  # [K]
-                if solver == "lsmr":
-                    intercept = None
-                    if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped
-                        intercept = ((w.sum(1) * xs).view(len(kept), width).sum(1), float(ysum.sum()),
-                                     n_tok * w.shape[1])
-                    u, ok = _lsmr(a, b, damping, intercept)
-                    if not ok:
-                        log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: "
-                                    "ill-conditioned, condition number above 1e8); later sub-layers keep scale 1", name)
-                        break
-                else:
-                    u = _damped_lstsq(a, b - a.sum(1), damping)
-                s = 1.0 + u
+                s = _scales(sums, w, len(kept), slot.block.unit_width, kind, solver, damping)
+                if s is None:
+                    log.warning("mask tuning stopped at %s: LSMR did not converge (stop code >= 3: ill-conditioned, "
+                                "condition number above 1e8); later sub-layers keep scale 1", name)
+                    break
                 if not torch.isfinite(s).all() or s.abs().max() > max_scale:
                     log.warning("mask tuning stopped at %s: scales out of range (max |s| = %.3g > %g); later blocks "
                                 "keep scale 1", name, float(s.abs().max()), max_scale)
@@ -503,24 +470,94 @@ class _Lockstep:
                 h.remove()
 
 
-def _refit(fit: Fit, xx: Tensor, xt: Tensor, xs: Tensor, ysum: Tensor, n_tok: int, w: Tensor,
-           ridge: float) -> tuple[Tensor, Tensor | None]:
-    """``(columns [Kc, d_out], bias change [d_out] or None)`` of a ``fit != "scales"`` refit from the sums over tokens
-    (``xx = XᵀX``, ``xt = Xᵀ(Y - b)``, ``xs = Σx``, ``ysum = Σ(Y - b)``) and the dense kept columns ``w``."""
+@dataclass
+class _Sums:
+    """One sub-layer's sums over its fitted tokens, in float64: ``xx = XᵀX``, ``xt = Xᵀ(Y - b)``, ``xs = ΣX``,
+    ``ysum = Σ(Y - b)`` and the token count (``X``: the kept columns' inputs, ``Y``: the target, ``b``: the dense
+    bias)."""
+
+    xx: Tensor
+    xt: Tensor
+    xs: Tensor
+    ysum: Tensor
+    n_tok: int
+
+
+def _sums(batches: list[dict], targets: list[Tensor], reached, cols: list[int], d_out: int, bias: Tensor | None,
+          first: bool, place: int | None, dtype: torch.dtype) -> _Sums:
+    """:class:`_Sums` of one sub-layer over the batches: ``reached`` gives each batch's input to the output projection
+    and the residual streams, ``targets`` the teacher's outputs (minus the student's stream at ``place`` with the
+    residual target). Per-batch products are taken in ``dtype`` (the solver's precision) and summed in float64."""
+    k = len(cols)
+    sums = _Sums(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d_out, dtype=torch.float64),
+                 torch.zeros(k, dtype=torch.float64), torch.zeros(d_out, dtype=torch.float64), 0)
+    for batch, y, (x, streams) in zip(batches, targets, reached):
+        pick = _tokens(batch, x, first)
+        x, y = x[pick].to(dtype)[:, cols], y.to(dtype)
+        if place is not None:
+            y = y - streams[place][pick].to(dtype)
+        if bias is not None:
+            y = y - bias.to(dtype)
+        sums.xx += (x.t() @ x).double()
+        sums.xt += (x.t() @ y).double()
+        sums.xs += x.sum(0).double()
+        sums.ysum += y.double().sum(0)
+        sums.n_tok += x.shape[0]
+    return sums
+
+
+def _refit(fit: Fit, sums: _Sums, w: Tensor, ridge: float) -> tuple[Tensor, Tensor | None]:
+    """``(columns [Kc, d_out], bias change [d_out] or None)`` of a ``fit != "scales"`` refit from a sub-layer's
+    :class:`_Sums` and the dense kept columns ``w``."""
     if fit == "bias":
-        return w, (ysum - xs @ w) / max(n_tok, 1)
-    k = len(xs)
-    m = float(xx.diagonal().mean()) if k else 0.0
+        return w, (sums.ysum - sums.xs @ w) / max(sums.n_tok, 1)
+    k = len(sums.xs)
+    m = float(sums.xx.diagonal().mean()) if k else 0.0
     if m <= 0:
-        return w, ((ysum - xs @ w) / max(n_tok, 1) if fit == "columns_bias" else None)
-    lhs = xx + ridge * m * torch.eye(k, dtype=torch.float64)
-    rhs = xt + ridge * m * w
+        return w, ((sums.ysum - sums.xs @ w) / max(sums.n_tok, 1) if fit == "columns_bias" else None)
+    lhs = sums.xx + ridge * m * torch.eye(k, dtype=torch.float64)
+    rhs = sums.xt + ridge * m * w
     if fit == "columns":
         return torch.linalg.solve(lhs, rhs), None
     aug = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-    aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = lhs, xs, xs, float(n_tok)
-    sol = torch.linalg.solve(aug, torch.cat([rhs, ysum[None]]))
+    aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = lhs, sums.xs, sums.xs, float(sums.n_tok)
+    sol = torch.linalg.solve(aug, torch.cat([rhs, sums.ysum[None]]))
     return sol[:k], sol[k]
+
+
+def _write_refit(proj: nn.Module, cols: list[int], new: Tensor, beta: Tensor | None, fit: Fit,
+                 originals: list[Callable[[], None]]) -> tuple[Tensor | None, Tensor | None]:
+    """Write a refit into ``proj`` for the later sub-layers to see (each dense value's restore appended to
+    ``originals``); returns ``(columns, new bias)`` in float32 for the spec, ``None`` where not fitted."""
+    new_cols = new_bias = None
+    if fit != "bias":
+        view = weight_in_out(proj)
+        index = torch.as_tensor(cols, device=view.device)
+        old = view[index].detach().clone()
+        originals.append(lambda v=view, i=index, o=old: v.__setitem__(i, o))
+        view[index] = new.to(view.dtype).to(view.device)
+        new_cols = new.float()
+    if beta is not None:
+        full = beta if proj.bias is None else proj.bias.detach().double() + beta
+        originals.append(lambda m=proj, o=proj.bias: setattr(m, "bias", o))
+        proj.bias = nn.Parameter(full.to(proj.weight.dtype).to(proj.weight.device), requires_grad=False)
+        new_bias = full.float()
+    return new_cols, new_bias
+
+
+def _scales(sums: _Sums, w: Tensor, n_kept: int, width: int, kind: str, solver: Solver,
+            damping: float) -> Tensor | None:
+    """One scale per kept unit from a sub-layer's :class:`_Sums` (unit contributions ``c_i = W[:, cols_i] x``):
+    ``A = Σ c cᵀ``, ``b = Σ c (y - b)``, solved for ``u = s - 1``; ``None`` where LSMR stops with code >= 3."""
+    a = _block_sum((w @ w.t()) * sums.xx, width)  # [K, K]
+    b = (w * sums.xt).sum(1).view(n_kept, width).sum(1)  # [K]
+    if solver != "lsmr":
+        return 1.0 + _damped_lstsq(a, b - a.sum(1), damping)
+    intercept = None
+    if kind == "heads":  # their attention fit has an all-ones column (a constant offset), dropped
+        intercept = ((w.sum(1) * sums.xs).view(n_kept, width).sum(1), float(sums.ysum.sum()), sums.n_tok * w.shape[1])
+    u, ok = _lsmr(a, b, damping, intercept)
+    return 1.0 + u if ok else None
 
 
 def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
