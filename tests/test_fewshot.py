@@ -296,6 +296,28 @@ def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
         bench.parse_args(argv[: argv.index("--select")])
 
 
+def test_smollm2_tune_batch_rebatches_the_calibration_rows_for_one_step_tuning(tmp_path, monkeypatch):
+    """--tune-batch: tuning reads the same calibration rows in batches of that size (scoring keeps --calib-batch); an
+    iterative pipeline, which re-scores, keeps the calibration batches; 0 is refused before any work."""
+    from taskprune.pipeline import Pipeline
+
+    bench, d = _smollm2_benchmark(tmp_path, monkeypatch)
+    argv = ["--data-dir", str(d), "--tasks", "sst2", "--n-calib", "4", "--n-select", "4", "--calib-batch", "2",
+            "--tune-batch", "4"]
+    t = bench.TaskRows("sst2", bench.parse_args(argv), *bench.load_smollm2())
+    scorer = t.scorer(4, 0)
+    assert [len(b["labels"]) for b in scorer.calib] == [2, 2] and [len(b["labels"]) for b in scorer.tune] == [4]
+    assert sorted(torch.cat([b["labels"] for b in scorer.tune]).tolist()) == \
+        sorted(torch.cat([b["labels"] for b in scorer.calib]).tolist())
+    seen, real = [], Pipeline.prune
+    monkeypatch.setattr(Pipeline, "prune", lambda self, m, bs, *a, **k: seen.append(len(bs)) or real(self, m, bs, *a, **k))
+    bench.prune(scorer, "fisher_search_refit_bias", 0.4, t.seq_len)
+    bench.prune(scorer, "fisher_search_refit_bias_iter", 0.4, t.seq_len)
+    assert seen == [1, 2]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv[:-1], "0"])
+
+
 def test_tuning_fits_the_prefix_once_and_the_rows_real_tokens_and_a_masked_forward_is_unchanged():
     """In its single pass (what tuning runs) a prompted LM packs its prefix once with its rows' real tokens, no padding:
     each projection is called once with exactly those tokens, the scores are those of the other paths, and the
