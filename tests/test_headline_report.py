@@ -28,6 +28,15 @@ def test_cells_are_percent_of_dense_over_seeds_and_pairs_are_per_seed():
     assert _paired(r, "sst2", 0.4) == [5.0]  # an unpaired seed is left out, never compared across seeds
 
 
+def test_the_runs_table_lists_the_runs_whose_rows_are_shown_and_mixed_code_is_said():
+    r = raw()
+    r["_runs"].insert(0, {**r["_runs"][0], "commit": "0ld", "code": "old"})  # a run whose rows were all re-run
+    assert "`0ld`" not in render(r, ["sst2"], ["taskprune", "kwon"])
+    r["sst2"]["kwon|1|0.4"]["code"] = "old"  # not re-run yet
+    md = render(r, ["sst2"], ["taskprune", "kwon"])
+    assert "`0ld`" in md and "Rows by library tree: `abc` 3, `old` 1" in md
+
+
 def test_targets_say_met_or_missed_by_how_much_and_what_is_not_final():
     md = render(raw(), ["sst2"], ["taskprune", "kwon"])
     targets = md.split("### targets")[1]
