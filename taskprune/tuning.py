@@ -519,9 +519,7 @@ def _refit(fit: Fit, sums: _Sums, w: Tensor, ridge: float) -> tuple[Tensor, Tens
     rhs = sums.xt + ridge * m * w
     if fit == "columns":
         return torch.linalg.solve(lhs, rhs), None
-    aug = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-    aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = lhs, sums.xs, sums.xs, float(sums.n_tok)
-    sol = torch.linalg.solve(aug, torch.cat([rhs, sums.ysum[None]]))
+    sol = torch.linalg.solve(_with_intercept(lhs, sums.xs, sums.n_tok), torch.cat([rhs, sums.ysum[None]]))
     return sol[:k], sol[k]
 
 
@@ -560,6 +558,14 @@ def _scales(sums: _Sums, w: Tensor, n_kept: int, width: int, kind: str, solver: 
     return 1.0 + u if ok else None
 
 
+def _with_intercept(a: Tensor, c: Tensor, n: int) -> Tensor:
+    """The normal matrix ``a [k, k]`` bordered by an all-ones column: ``[[a, c], [cᵀ, n]]`` (``c`` the column sums)."""
+    k = a.shape[0]
+    aug = torch.zeros(k + 1, k + 1, dtype=a.dtype)
+    aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = a, c, c, float(n)
+    return aug
+
+
 def _damped_lstsq(a: Tensor, r: Tensor, damping: float) -> Tensor:
     """``argmin |A u - r|² + damping² |u|²`` through the stacked system (exact, well-conditioned for damping > 0)."""
     k = a.shape[0]
@@ -581,10 +587,7 @@ def _lsmr(a: Tensor, b: Tensor, damping: float, intercept=None) -> tuple[Tensor,
         raise ImportError("solver='lsmr' needs scipy (pip install scipy), or use solver='exact'") from e
     if intercept is not None:
         c, ysum, n = intercept
-        k = a.shape[0]
-        aug = torch.zeros(k + 1, k + 1, dtype=a.dtype)
-        aug[:k, :k], aug[:k, k], aug[k, :k], aug[k, k] = a, c, c, float(n)
-        a, b = aug, torch.cat([b, torch.tensor([ysum], dtype=b.dtype)])
+        a, b = _with_intercept(a, c, n), torch.cat([b, torch.tensor([ysum], dtype=b.dtype)])
     r = b - a.sum(1)
     if a.shape[0] == 1:
         u, ok = r / a[0, 0], True
