@@ -126,11 +126,16 @@ PIPELINES = {
     "fisher_search_bias": Recipe("fisher", "search", tune="bias"),
     "fisher_search_refit_bias": Recipe("fisher", "search", tune="refit_bias"),
     "fisher_search_refit_bias_iter": Recipe("fisher", "search", tune="refit_bias", steps=4),
+    # the same refit with the prompt's shared prefix fitted once in all (TuningConfig(shared_prefix="once")), not once
+    # per calibration batch
+    "fisher_search_refit_bias_once": Recipe("fisher", "search", tune="refit_bias_once"),
+    "fisher_search_refit_bias_once_iter": Recipe("fisher", "search", tune="refit_bias_once", steps=4),
 }
 #: the tuning field of a Recipe -> TuningConfig
 TUNINGS = {"none": TuningConfig(), "schedule": TuningConfig(tune="schedule"), "refit": DEFAULT_TUNING,
            "bias": replace(DEFAULT_TUNING, fit="bias", ridge=TuningConfig.ridge),
-           "refit_bias": replace(DEFAULT_TUNING, fit="columns_bias")}
+           "refit_bias": replace(DEFAULT_TUNING, fit="columns_bias"),
+           "refit_bias_once": replace(DEFAULT_TUNING, fit="columns_bias", shared_prefix="once")}
 #: the leader on selection rows (smollm2_selection_compensation.md: 94.4 % of dense at 40 %, one seed); also
 #: configs/smollm2_sst2.yaml's pipeline
 DEFAULT_PIPELINE = "fisher_search_refit_bias"
@@ -152,10 +157,8 @@ def pipeline_of(name: str, steps: int, alpha_batch: int, seq_len: int) -> Pipeli
 class Scorer:
     """Scores per (pipeline scores, kinds) on one task's calibration batches, computed once; ``seconds`` per name."""
 
-    def __init__(self, model: PromptedLM, calib: list[dict], steps: int, alpha_batch: int,
-                 tune: list[dict] | None = None):
+    def __init__(self, model: PromptedLM, calib: list[dict], steps: int, alpha_batch: int):
         self.model, self.calib, self.steps, self.alpha_batch = model, calib, steps, alpha_batch
-        self.tune = calib if tune is None else tune  # the same rows, batched for tuning (see --tune-batch)
         self.cache, self.seconds = {}, {}
 
     def __call__(self, pipeline: str, seq_len: int = 128):
@@ -177,8 +180,7 @@ def prune(scorer: Scorer, pipeline: str, cut: float, seq_len: int) -> tuple[Prom
     """``(shrunk copy, spec, seconds of allocation + tuning)`` of ``pipeline`` at a MAC cut."""
     p, scores = scorer(pipeline, seq_len)
     t = time.perf_counter()
-    batches = scorer.tune if PIPELINES[pipeline].steps == 1 else scorer.calib  # iterative: re-scored on them too
-    spec = p.at(cut).prune(scorer.model, batches, scores=scores)
+    spec = p.at(cut).prune(scorer.model, scorer.calib, scores=scores)
     return shrink_(copy.deepcopy(scorer.model), spec), spec, time.perf_counter() - t  # its tuning folded in
 
 
@@ -315,10 +317,7 @@ class TaskRows:
         return rows
 
     def scorer(self, n: int, seed: int) -> Scorer:
-        tune = None
-        if self.args.tune_batch and self.args.tune_batch != self.args.calib_batch:
-            tune = batches(self.collate, self.calibration_rows(n, seed), self.args.tune_batch)
-        return Scorer(self.model, self.calibration(n, seed), self.args.steps, self.args.alpha_batch, tune)
+        return Scorer(self.model, self.calibration(n, seed), self.args.steps, self.args.alpha_batch)
 
 
 def config_key(args, ignore: tuple[str, ...]) -> str:
@@ -592,9 +591,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loaded", default="", help="a note that the machine was loaded (speed ratios indicative only)")
     p.add_argument("--steps", type=int, default=2, help="IG quadrature nodes")
     p.add_argument("--calib-batch", type=int, default=8)
-    p.add_argument("--tune-batch", type=int, default=None,
-                   help="rows per tuning batch (default: --calib-batch): a packed tuning pass fits the prompt's prefix "
-                        "once per batch, so larger batches weigh the rows' own tokens more; one-step pipelines only")
     p.add_argument("--alpha-batch", type=int, default=1)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--max-text", type=int, default=128, help="text tokens per row")
@@ -608,8 +604,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.select and len(args.n_calib) > 1:
         p.error(f"--n-calib {' '.join(map(str, args.n_calib))}: several row counts only with --select; give one")
-    if args.tune_batch is not None and args.tune_batch < 1:
-        p.error(f"--tune-batch {args.tune_batch}: give a number of rows >= 1, or leave it out (--calib-batch)")
     if not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir!r} is not a folder; give the folder with the ../shared/data layout")
     if args.select:

@@ -214,7 +214,7 @@ class Pipeline:
                 teacher = self.allocate(model, scores, held_out, forward, amount=amount)
             t = self.tuning
             spec = tune_masks(model, spec, batches, teacher, t.damping, t.max_scale, forward, t.target, t.solver,
-                              t.skip_first_attention, t.last_ffn_tokens, t.fit, t.ridge)
+                              t.skip_first_attention, t.last_ffn_tokens, t.fit, t.ridge, t.shared_prefix)
         log.info("pipeline %s: %s", self.name, spec.summary())
         return replace(spec, meta={**spec.meta, **meta})
 

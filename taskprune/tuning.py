@@ -56,8 +56,10 @@ Tokens = Literal["all", "first"]
 Fit = Literal["scales", "columns", "bias", "columns_bias"]
 FITS: tuple[str, ...] = get_args(Fit)
 TOKENS: tuple[str, ...] = get_args(Tokens)
+SharedPrefix = Literal["per_batch", "once"]
+SHARED_PREFIXES: tuple[str, ...] = get_args(SharedPrefix)
 FIT_OPTIONS = ("damping", "max_scale", "target", "solver", "skip_first_attention", "last_ffn_tokens", "fit",
-               "ridge")  # of tune only
+               "ridge", "shared_prefix")  # of tune only
 SCALE_OPTIONS = ("damping", "max_scale", "solver")  # of fit="scales" only
 
 
@@ -100,13 +102,19 @@ class TuningConfig:
     ridge: float = 0.1
     """``fit="columns"``: the ridge, relative to the mean diagonal of the inputs' Gram matrix, pulling the refitted
     columns towards the dense ones."""
+    shared_prefix: SharedPrefix = "per_batch"
+    """A model whose tuning forward packs a prefix shared by all rows before the batch's rows (a prompted LM's
+    few-shot prompt, see :meth:`taskprune.models.fewshot.PromptedLM.single_pass`): ``per_batch`` fits the prefix's
+    tokens in every batch (their weight grows with the number of batches), ``once`` in the first batch only (the
+    prefix weighs as one sequence whatever the batch size; the rows' own tokens carry the rest). No effect on models
+    without a shared prefix."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rearrange, bool):
             raise ValueError(f"rearrange must be true or false, got {self.rearrange!r}")
         for name, value, allowed in (("tune", self.tune, TUNES), ("target", self.target, FIT_TARGETS),
                                      ("solver", self.solver, SOLVERS), ("last_ffn_tokens", self.last_ffn_tokens, TOKENS),
-                                     ("fit", self.fit, FITS)):
+                                     ("fit", self.fit, FITS), ("shared_prefix", self.shared_prefix, SHARED_PREFIXES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not allowed; use one of {list(allowed)}")
         if not isinstance(self.skip_first_attention, bool):
@@ -224,7 +232,8 @@ class _Stop(Exception):
 def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: PruneSpec | None = None,
                damping: float = 1.0, max_scale: float = 10.0, forward: Callable = default_forward,
                target: FitTarget = "output", solver: Solver = "exact", skip_first_attention: bool = False,
-               last_ffn_tokens: Tokens = "all", fit: Fit = "scales", ridge: float = 0.1) -> PruneSpec:
+               last_ffn_tokens: Tokens = "all", fit: Fit = "scales", ridge: float = 0.1,
+               shared_prefix: SharedPrefix = "per_batch") -> PruneSpec:
     """Fit real-valued scales of ``spec``'s kept units, sub-layer by sub-layer in forward order, to a teacher.
 
     ``model`` must be the dense model (masks are applied with gates; no weight changes). ``teacher`` is a spec
@@ -236,8 +245,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     output-projection output; ``"residual"`` (theirs): the teacher's output plus the residual stream entering the
     teacher's residual add minus the student's (``y_T + x_T - x_S``), so the student's sum before the LayerNorm (post-norm)
     or after the residual add (pre-norm) is fitted to the teacher's. ``solver``, ``skip_first_attention``,
-    ``last_ffn_tokens``: see :class:`TuningConfig`. Returns the spec with ``scales``; the tuning stops at the first
-    failed solve (non-finite, a scale beyond ±``max_scale``, or LSMR's stop code >= 3), later sub-layers keep scale
+    ``last_ffn_tokens``, ``shared_prefix``: see :class:`TuningConfig`. Returns the spec with ``scales``; the tuning
+    stops at the first failed solve (non-finite, a scale beyond ±``max_scale``, or LSMR's stop code >= 3), later sub-layers keep scale
     1, as their code stops there.
 
     ``fit="columns"`` (K-prune's weight tuning) fits, with the same inputs and targets, every weight of the kept
@@ -258,7 +267,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     biases: dict[str, dict[str, Tensor]] = {}
     originals: list[Callable[[], None]] = []  # each puts back one dense weight slice or bias
     tuned = replace(spec, scales={})
-    with Gates(model) as gates, _restored(originals), _single_pass(model):
+    with Gates(model) as gates, _restored(originals), _single_pass(model) as prefix:
+        lead = [0] + [prefix if shared_prefix == "once" else 0] * (len(batches) - 1)  # leading tokens not fitted
         order = _forward_order(model, gates, batches[0], forward)
         residual = target == "residual"
         if residual and any(s.block.residual is None for s in order):
@@ -267,7 +277,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
         last_ffn = next((s.block.name for s in reversed(order) if s.kind == "neurons"), None)
         first_attention = next((s.block.name for s in order if s.kind == "heads"), None)
         first = {last_ffn} if last_ffn_tokens == "first" else set()
-        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward, residual, first)
+        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward, residual, first,
+                                   lead)
         plan = [slot for slot in order if _fitted(slot, spec, teacher, residual)
                 and not (skip_first_attention and slot.block.name == first_attention)]
         projs = [base.get_submodule(s.block.out if s.kind == "heads" else s.block.down) for s in plan]
@@ -283,7 +294,7 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
                 place = places.index(slot.block.residual) if residual else None
                 sums = _sums(batches, targets[name], run.reach(point), cols, w.shape[1], bias, name in first, place,
-                             dtype)
+                             dtype, lead)
                 if fit != "scales":
                     new, beta = _refit(fit, sums, w, ridge)
                     if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
@@ -309,6 +320,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 tuned = replace(spec, scales=scales)
                 gates.set(gates.values_of(tuned, scaled=True))  # the batches go on through the scaled sub-layer
     how = {"fit": fit, "ridge": ridge} if fit != "scales" else {"damping": damping, "solver": solver}
+    if prefix:
+        how["shared_prefix"] = shared_prefix
     return replace(spec, scales=scales, columns=columns, biases=biases,
                    meta={**spec.meta, "tuned": {**how, "teacher": "dense" if teacher is None else
                                                 teacher.meta.get("name", "spec"), "target": target}})
@@ -342,14 +355,18 @@ def _fitted(slot, spec: PruneSpec, teacher: PruneSpec | None, residual: bool) ->
 
 
 @contextmanager
-def _single_pass(model: nn.Module) -> Iterator[None]:
+def _single_pass(model: nn.Module) -> Iterator[int]:
     """The context in which each forward calls every projection once with the batch's tokens: ``single_pass()`` of
-    every submodule that has one (a prompted LM packs its prefix with its rows; also inside a user's wrapper)."""
+    every submodule that has one (a prompted LM packs its prefix with its rows; also inside a user's wrapper). Yields
+    the number of leading tokens of every forward that all rows share (``shared_prefix_tokens`` of those submodules;
+    0 without)."""
     with ExitStack() as stack:
+        shared = 0
         for m in model.modules():
             if callable(getattr(m, "single_pass", None)):
                 stack.enter_context(m.single_pass())
-        yield
+                shared = max(shared, int(getattr(m, "shared_prefix_tokens", 0)))
+        yield shared
 
 
 class _Lockstep:
@@ -484,15 +501,16 @@ class _Sums:
 
 
 def _sums(batches: list[dict], targets: list[Tensor], reached, cols: list[int], d_out: int, bias: Tensor | None,
-          first: bool, place: int | None, dtype: torch.dtype) -> _Sums:
+          first: bool, place: int | None, dtype: torch.dtype, lead: list[int]) -> _Sums:
     """:class:`_Sums` of one sub-layer over the batches: ``reached`` gives each batch's input to the output projection
     and the residual streams, ``targets`` the teacher's outputs (minus the student's stream at ``place`` with the
-    residual target). Per-batch products are taken in ``dtype`` (the solver's precision) and summed in float64."""
+    residual target), ``lead`` each batch's leading tokens left out. Per-batch products are taken in ``dtype`` (the
+    solver's precision) and summed in float64."""
     k = len(cols)
     sums = _Sums(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d_out, dtype=torch.float64),
                  torch.zeros(k, dtype=torch.float64), torch.zeros(d_out, dtype=torch.float64), 0)
-    for batch, y, (x, streams) in zip(batches, targets, reached):
-        pick = _tokens(batch, x, first)
+    for batch, y, (x, streams), skip in zip(batches, targets, reached, lead):
+        pick = _tokens(batch, x, first, skip)
         x, y = x[pick].to(dtype)[:, cols], y.to(dtype)
         if place is not None:
             y = y - streams[place][pick].to(dtype)
@@ -614,21 +632,26 @@ def _real_tokens(batch: dict, x: Tensor) -> Tensor:
     return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
-def _tokens(batch: dict, x: Tensor, first: bool) -> Tensor:
-    """The token positions a sub-layer is fitted on: every real token, or the first token of each row."""
+def _tokens(batch: dict, x: Tensor, first: bool, skip: int = 0) -> Tensor:
+    """The token positions a sub-layer is fitted on: every real token, or the first token of each row; the first
+    ``skip`` positions of each sequence left out (a shared prefix already fitted)."""
     if not first:
-        return _real_tokens(batch, x)
-    pick = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    pick[:, 0] = True
+        pick = _real_tokens(batch, x)
+    else:
+        pick = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        pick[:, 0] = True
+    if skip:
+        pick[..., :skip] = False
     return pick
 
 
 def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dict], forward, residual: bool = False,
-                     first: set[str] = frozenset()) -> dict[str, list]:
+                     first: set[str] = frozenset(), lead: list[int] | None = None) -> dict[str, list]:
     """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
     residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
     (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned). Only
-    the first call of each projection in a forward is the batch's (a prompted LM's content-free rows come later)."""
+    the first call of each projection in a forward is the batch's (a prompted LM's content-free rows come later);
+    ``lead``: each batch's leading tokens left out."""
     base, _ = find_base(model)
     out: dict[str, list] = {s.block.name: [] for s in order}
     current: dict = {}
@@ -651,13 +674,13 @@ def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dic
             handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
     gates.set(values)
     try:
-        for batch in batches:
+        for batch, skip in zip(batches, lead or [0] * len(batches)):
             current.clear()
             streams.clear()
             forward(model, batch)
             for name, (y, stream) in current.items():
                 y = y + stream if residual else y
-                out[name].append(y[_tokens(batch, y, name in first)].float())
+                out[name].append(y[_tokens(batch, y, name in first, skip)].float())
     finally:
         for h in handles:
             h.remove()

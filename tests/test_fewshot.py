@@ -296,26 +296,43 @@ def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
         bench.parse_args(argv[: argv.index("--select")])
 
 
-def test_smollm2_tune_batch_rebatches_the_calibration_rows_for_one_step_tuning(tmp_path, monkeypatch):
-    """--tune-batch: tuning reads the same calibration rows in batches of that size (scoring keeps --calib-batch); an
-    iterative pipeline, which re-scores, keeps the calibration batches; 0 is refused before any work."""
-    from taskprune.pipeline import Pipeline
+@pytest.mark.parametrize("fit", ["columns_bias", "scales"])
+def test_shared_prefix_once_fits_the_prefix_in_the_first_batch_only(fit):
+    """shared_prefix="once": tuning on the rows in two batches gives the fit of one batch of all of them (the prefix's
+    tokens counted once either way); per_batch counts the prefix twice and gives another fit."""
+    from taskprune.tuning import tune_masks
 
-    bench, d = _smollm2_benchmark(tmp_path, monkeypatch)
-    argv = ["--data-dir", str(d), "--tasks", "sst2", "--n-calib", "4", "--n-select", "4", "--calib-batch", "2",
-            "--tune-batch", "4"]
-    t = bench.TaskRows("sst2", bench.parse_args(argv), *bench.load_smollm2())
-    scorer = t.scorer(4, 0)
-    assert [len(b["labels"]) for b in scorer.calib] == [2, 2] and [len(b["labels"]) for b in scorer.tune] == [4]
-    assert sorted(torch.cat([b["labels"] for b in scorer.tune]).tolist()) == \
-        sorted(torch.cat([b["labels"] for b in scorer.calib]).tolist())
-    seen, real = [], Pipeline.prune
-    monkeypatch.setattr(Pipeline, "prune", lambda self, m, bs, *a, **k: seen.append(len(bs)) or real(self, m, bs, *a, **k))
-    bench.prune(scorer, "fisher_search_refit_bias", 0.4, t.seq_len)
-    bench.prune(scorer, "fisher_search_refit_bias_iter", 0.4, t.seq_len)
-    assert seen == [1, 2]
-    with pytest.raises(SystemExit):
-        bench.parse_args([*argv[:-1], "0"])
+    m = prompted()
+    whole, halves = batch(m), [batch(m, ROWS[:2]), batch(m, ROWS[2:])]
+    spec = select_units(score_units(m, [whole], method="random"), sparsity=0.4)
+    kw = dict(target="residual", fit=fit, damping=0.0)
+    one = tune_masks(m, spec, [whole], **kw)
+    once = tune_masks(m, spec, halves, shared_prefix="once", **kw)
+    twice = tune_masks(m, spec, halves, **kw)
+    assert once.meta["tuned"]["shared_prefix"] == "once"
+    from test_tuning import labelled, random_scores
+
+    plain, bs = tiny_model("llama_gqa"), labelled("llama_gqa", 2)  # no shared prefix: "once" changes nothing
+    s2 = select_units(random_scores(plain), sparsity=0.4)
+    assert fitted_equal(tune_masks(plain, s2, bs, shared_prefix="once", **kw), tune_masks(plain, s2, bs, **kw))
+    fitted = (lambda s: s.columns) if fit != "scales" else (lambda s: {k: {n: torch.tensor(v) for n, v in b.items()}
+                                                                       for k, b in s.scales.items()})
+    a, b, c = fitted(one), fitted(once), fitted(twice)
+    assert a and a.keys() == b.keys()
+    differs = False
+    for kind in a:
+        for name in a[kind]:
+            torch.testing.assert_close(b[kind][name], a[kind][name], atol=2e-4, rtol=2e-4)
+            differs |= not torch.allclose(c[kind][name], a[kind][name], atol=2e-3, rtol=2e-3)
+    assert differs
+
+
+def fitted_equal(a, b) -> bool:
+    """Whether two tuned specs hold the same scales, columns and biases."""
+    same = lambda x, y: x.keys() == y.keys() and all(
+        x[k].keys() == y[k].keys() and all(torch.equal(torch.as_tensor(x[k][n]), torch.as_tensor(y[k][n])) for n in x[k])
+        for k in x)
+    return same(a.scales, b.scales) and same(a.columns, b.columns) and same(a.biases, b.biases)
 
 
 def test_tuning_fits_the_prefix_once_and_the_rows_real_tokens_and_a_masked_forward_is_unchanged():

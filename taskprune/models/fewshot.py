@@ -303,6 +303,12 @@ class PromptedLM(nn.Module):
         finally:
             self._packed = previous
 
+    @property
+    def shared_prefix_tokens(self) -> int:
+        """Leading tokens every forward shares within :meth:`single_pass` (the prefix; 0 outside it): what
+        :class:`taskprune.tuning.TuningConfig` ``shared_prefix="once"`` fits in the first batch only."""
+        return len(self.prefix_ids) if self._packed else 0
+
     def _packed_hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Last-position hidden states ``[B, d]`` of ``prefix + row`` for every row, from one sequence ``[1, T]``: the
         prefix, then the rows' real tokens, with a block mask (causal; a row sees the prefix and its own earlier
