@@ -328,6 +328,7 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
                     lines.append(f"| {p} | {cut:.0%} | " + " | ".join(c or "–" for c in cells) + " |")
         lines.append("")
     paired_on = "dev" if "dev" in split_names else (split_names or ["dev"])[0]
+    lines += _glance(raw, pipelines, paired_on)
     for a, b in PAIRS:
         if a not in pipelines or b not in pipelines:
             continue
@@ -460,6 +461,31 @@ def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | 
         return None
     sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
     return f"{statistics.mean(vals):.1f}{sd} ({len(vals)})"
+
+
+#: the README's table: the default and Kwon et al., each with and without its tuning, and Yang et al.'s IG
+GLANCE = ("taskprune", "taskprune_notune", "kwon", "kwon_notune", "ig_paper")
+
+
+def _glance(raw: dict, pipelines: list[str], split: str) -> list[str]:
+    """The README's table: per headline task the 40 / 60 % cells (mean ± std over seeds), and their mean."""
+    shown = [p for p in GLANCE if p in pipelines and all(_cell(raw, t, p, c, split) for t in HEADLINE if t in raw
+                                                         for c in (0.4, 0.6))]
+    if not shown or not all(t in raw for t in HEADLINE):
+        return []
+    dense = " | ".join(f"{t} ({100 * raw[t]['dense'][split][main_key(t)]:.1f})" for t in HEADLINE)
+    lines = [f"### at a glance: 40 / 60 % ({split}; the README's table)", "", f"| pipeline | {dense} | mean |",
+             "|---|" + "---|" * (len(HEADLINE) + 1)]
+    for p in shown:
+        cells = []
+        for t in HEADLINE:
+            vals = [[v for k, r in raw[t].items() if "|" in k and r["pipeline"] == p and r["cut"] == c
+                     for v in [_retained(raw, t, r, split)] if v is not None] for c in (0.4, 0.6)]
+            cells.append(" / ".join(f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+                                    for v in vals))
+        means = [_task_mean(raw, p, c, split).strip("*") for c in (0.4, 0.6)]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | **{means[0]} / {means[1]}** |")
+    return lines + [""]
 
 
 #: pairs compared seed by seed: the default against the peer, the peer's tuning against none

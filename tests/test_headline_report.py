@@ -60,3 +60,23 @@ def test_a_benchmark_waits_between_rows_while_its_pause_file_exists(tmp_path):
     t0 = time.perf_counter()
     wait_while_paused(results, poll=0.01)
     assert time.perf_counter() - t0 >= 0.25 and not flag.exists()
+
+
+def test_the_glance_table_needs_every_headline_task_and_both_cuts():
+    """The README's table shows 40 / 60 % cells over the six headline tasks, and nothing while any is missing."""
+    r = raw()
+    assert "at a glance" not in render(r, ["sst2"], ["taskprune", "kwon"])  # five tasks missing
+    tasks = ("sst2", "mrpc", "qnli", "mnli", "qqp", "stsb")
+
+    def every_metric(rec_):  # each task's main metric (accuracy, F1, Pearson) at the same value
+        return {**rec_, "metrics": {k: {m: v["accuracy"] for m in ("accuracy", "f1", "pearson")}
+                                    for k, v in rec_["metrics"].items()}}
+
+    recs = {**r["sst2"], **{f"{p}|{s}|0.6": rec(p, s, 0.6, dev, 0.7) for p, s, dev in
+                            (("taskprune", 0, 0.72), ("taskprune", 1, 0.72), ("kwon", 0, 0.64))}}
+    for t in tasks:
+        r[t] = {k: every_metric(v) if "|" in k else every_metric({"metrics": v})["metrics"] for k, v in recs.items()}
+    md = render(r, list(tasks), ["taskprune", "kwon"])
+    glance = md.split("### at a glance")[1].split("###")[0]
+    assert "| taskprune | " + " | ".join(["98.8 ± 1.8 / 90.0 ± 0.0"] * 6) + " | **98.8 / 90.0** |" in glance
+    assert "| kwon | " + " | ".join(["93.8 ± 1.8 / 80.0"] * 6) + " | **93.8 / 80.0** |" in glance
