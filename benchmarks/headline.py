@@ -347,6 +347,7 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
         for cut, ms in sorted(per_task.items()):
             lines.append(f"| **mean of {len(ms)} tasks** | {cut:.0%} | | **{statistics.mean(ms):+.2f}** | |")
         lines.append("")
+    lines += _cost_table(raw, tasks, pipelines)
     lines += _speed_table(raw, tasks, pipelines, cuts)
     lines += _targets(raw, paired_on)
     return "\n".join(lines) + "\n"
@@ -409,6 +410,27 @@ def _targets(raw: dict, split: str) -> list[str]:
         return []
     return [f"### targets (issue #21; {split}, % of dense)", "", "| target | measured | verdict |", "|---|---|---|",
             *rows, ""]
+
+
+def _cost_table(raw: dict, tasks: list[str], pipelines: list[str]) -> list[str]:
+    """Seconds per pipeline run (the row's process, ``threads`` of the runs table): scoring (once per seed, shared by
+    the cuts) and allocation + tuning per cut, medians over tasks and seeds; the calibration rows are the pipeline's."""
+    lines = []
+    for p in pipelines:
+        runs = [(t, r) for t in tasks for k, r in raw.get(t, {}).items() if "|" in k and r["pipeline"] == p]
+        recs = [r for _, r in runs]
+        if not recs or not all({"score", "allocate_tune"} <= r.get("seconds", {}).keys() for r in recs):
+            continue
+        score = statistics.median(r["seconds"]["score"] for r in recs)
+        rest = {c: statistics.median(r["seconds"]["allocate_tune"] for r in recs if r["cut"] == c)
+                for c in sorted({r["cut"] for r in recs})}
+        lines.append(f"| {p} | {score:.0f} | " + ", ".join(f"{c:.0%}: {v:.0f}" for c, v in rest.items()) +
+                     f" | {len({(t, r['seed']) for t, r in runs})} |")
+    if not lines:
+        return []
+    return ["### cost (seconds; medians over tasks and seeds)", "",
+            "| pipeline | scoring (once per seed) | allocation + tuning, per cut | task × seed runs |",
+            "|---|---|---|---|", *lines, ""]
 
 
 def _speed_table(raw: dict, tasks: list[str], pipelines: list[str], cuts: list[float]) -> list[str]:

@@ -4,8 +4,8 @@ from benchmarks.headline import _paired, render
 
 
 def rec(pipeline, seed, cut, dev, imdb):
-    return {"pipeline": pipeline, "seed": seed, "cut": cut, "code": "abc", "seconds": {"score": 1.0},
-            "macs_kept": 1 - cut, "metrics": {"dev": {"accuracy": dev}, "imdb": {"accuracy": imdb}}}
+    return {"pipeline": pipeline, "seed": seed, "cut": cut, "code": "abc",
+            "seconds": {"score": 1.0, "allocate_tune": 2.0 + seed}, "macs_kept": 1 - cut, "metrics": {"dev": {"accuracy": dev}, "imdb": {"accuracy": imdb}}}
 
 
 def raw():
@@ -24,6 +24,7 @@ def test_cells_are_percent_of_dense_over_seeds_and_pairs_are_per_seed():
     assert "| taskprune | 40% | 100.0 ± 0.0 (2) |" in md  # the unseen domain
     assert _paired(r, "sst2", 0.4) == [5.0, 5.0]
     assert "yes (taskprune ahead)" in md and "AMD EPYC" in md and "1.5 min" in md
+    assert "| kwon | 1 | 40%: 2 | 2 |" in md  # cost: scoring, allocation + tuning per cut (medians), task x seed runs
     del r["sst2"]["kwon|1|0.4"]
     assert _paired(r, "sst2", 0.4) == [5.0]  # an unpaired seed is left out, never compared across seeds
 
