@@ -101,7 +101,7 @@ def one(dense, task: str, seed: int, cut: float, rows: list[dict], dev: list[dic
 
 
 def render(data: dict) -> str:
-    lines = [header("kwon_blocks", data["runs"][-1]["argv"]).rstrip(), "",
+    lines = [header("kwon_blocks", data["runs"][-1]["argv"], data["runs"][-1]["commit"]).rstrip(), "",
              "| run | command | commit | library tree | CPU | threads | wall |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {i + 1} | `python -m benchmarks.kwon_blocks {' '.join(r['argv'])}` | `{r['commit']}` | `{r['code']}` | "
               f"{r['cpu']} | {r['threads']} | {r['seconds'] / 60:.0f} min |" for i, r in enumerate(data["runs"])]
