@@ -353,12 +353,17 @@ def render(raw: dict, tasks: list[str], pipelines: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _values(raw: dict, task: str, pipeline: str, cut: float, split: str) -> list[float]:
+    """% of dense retained on ``split``, one value per seed with a row of ``pipeline`` at ``cut``."""
+    return [v for k, r in raw.get(task, {}).items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
+            for v in [_retained(raw, task, r, split)] if v is not None]
+
+
 def _means(raw: dict, pipeline: str, cut: float, split: str) -> dict[str, float]:
     """Per headline task with rows: the mean over seeds of % retained."""
     out = {}
     for t in HEADLINE:
-        vals = [v for k, r in raw.get(t, {}).items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
-                for v in [_retained(raw, t, r, split)] if v is not None]
+        vals = _values(raw, t, pipeline, cut, split)
         if vals:
             out[t] = statistics.mean(vals)
     return out
@@ -468,21 +473,20 @@ def _task_mean(raw: dict, pipeline: str, cut: float, split: str) -> str:
     """Mean over the six headline tasks of the per-task mean over seeds ("–" unless every task has the cell)."""
     means = []
     for t in HEADLINE:
-        vals = [v for k, r in raw.get(t, {}).items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
-                for v in [_retained(raw, t, r, split)] if v is not None]
+        vals = _values(raw, t, pipeline, cut, split)
         if not vals:
             return "–"
         means.append(statistics.mean(vals))
     return f"**{statistics.mean(means):.1f}**"
 
 
+def _mean_sd(vals: list[float]) -> str:
+    return f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+
+
 def _cell(raw: dict, task: str, pipeline: str, cut: float, split: str) -> str | None:
-    vals = [v for k, r in raw[task].items() if "|" in k and r["pipeline"] == pipeline and r["cut"] == cut
-            for v in [_retained(raw, task, r, split)] if v is not None]
-    if not vals:
-        return None
-    sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-    return f"{statistics.mean(vals):.1f}{sd} ({len(vals)})"
+    vals = _values(raw, task, pipeline, cut, split)
+    return f"{_mean_sd(vals)} ({len(vals)})" if vals else None
 
 
 #: the README's table: the default and Kwon et al., each with and without its tuning, and Yang et al.'s IG
@@ -499,12 +503,7 @@ def _glance(raw: dict, pipelines: list[str], split: str) -> list[str]:
     lines = [f"### at a glance: 40 / 60 % ({split}; the README's table)", "", f"| pipeline | {dense} | mean |",
              "|---|" + "---|" * (len(HEADLINE) + 1)]
     for p in shown:
-        cells = []
-        for t in HEADLINE:
-            vals = [[v for k, r in raw[t].items() if "|" in k and r["pipeline"] == p and r["cut"] == c
-                     for v in [_retained(raw, t, r, split)] if v is not None] for c in (0.4, 0.6)]
-            cells.append(" / ".join(f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
-                                    for v in vals))
+        cells = [" / ".join(_mean_sd(_values(raw, t, p, c, split)) for c in (0.4, 0.6)) for t in HEADLINE]
         means = [_task_mean(raw, p, c, split).strip("*") for c in (0.4, 0.6)]
         lines.append(f"| {p} | " + " | ".join(cells) + f" | **{means[0]} / {means[1]}** |")
     return lines + [""]
