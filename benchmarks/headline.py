@@ -471,13 +471,8 @@ def _retained(raw: dict, task: str, rec: dict, split: str) -> float | None:
 
 def _task_mean(raw: dict, pipeline: str, cut: float, split: str) -> str:
     """Mean over the six headline tasks of the per-task mean over seeds ("–" unless every task has the cell)."""
-    means = []
-    for t in HEADLINE:
-        vals = _values(raw, t, pipeline, cut, split)
-        if not vals:
-            return "–"
-        means.append(statistics.mean(vals))
-    return f"**{statistics.mean(means):.1f}**"
+    means = _means(raw, pipeline, cut, split)
+    return f"**{statistics.mean(means.values()):.1f}**" if len(means) == len(HEADLINE) else "–"
 
 
 def _mean_sd(vals: list[float]) -> str:

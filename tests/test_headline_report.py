@@ -5,7 +5,8 @@ from benchmarks.headline import _paired, render
 
 def rec(pipeline, seed, cut, dev, imdb):
     return {"pipeline": pipeline, "seed": seed, "cut": cut, "code": "abc",
-            "seconds": {"score": 1.0, "allocate_tune": 2.0 + seed}, "macs_kept": 1 - cut, "metrics": {"dev": {"accuracy": dev}, "imdb": {"accuracy": imdb}}}
+            "seconds": {"score": 1.0, "allocate_tune": 2.0 + seed}, "macs_kept": 1 - cut,
+            "metrics": {"dev": {"accuracy": dev}, "imdb": {"accuracy": imdb}}}
 
 
 def raw():
