@@ -280,18 +280,30 @@ def test_smollm2_benchmark_resumes_and_checks_the_targets(tmp_path, monkeypatch)
         bench.main([*argv, "--max-text", "8"])  # another setting: the rows are not reused
 
 
-def test_smollm2_selection_rows_per_row_count(tmp_path, monkeypatch):
-    """--select with several row counts: one row per (row count, pipeline) on the same selection rows, resumable."""
+def test_smollm2_selection_rows_per_row_count_and_seed(tmp_path, monkeypatch):
+    """--select with several row counts and calibration seeds: one row per (row count, seed, pipeline) on the same
+    selection rows, resumable; a row of a file written before seeds counts as seed 0; the summary averages seeds."""
     bench, d = _smollm2_benchmark(tmp_path, monkeypatch)
     out = tmp_path / "s.md"
     argv = ["--data-dir", str(d), "--tasks", "sst2", "--cuts", "0.4", "--n-eval", "6", "--n-calib", "2", "4",
             "--n-select", "4", "--calib-batch", "2", "--select", "fisher_search", "fisher_search_refit", "--out", str(out)]
     bench.main(argv)
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [(r["n_calib"], r["pipeline"]) for r in rows] == [(2, "fisher_search"), (2, "fisher_search_refit"),
-                                                             (4, "fisher_search"), (4, "fisher_search_refit")]
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = res["rows"]
+    assert [(r["n_calib"], r["seed"], r["pipeline"]) for r in rows] == [
+        (2, 0, "fisher_search"), (2, 0, "fisher_search_refit"), (4, 0, "fisher_search"), (4, 0, "fisher_search_refit")]
     assert len({r["dense_accuracy"] for r in rows}) == 1
-    assert "| 4 | fisher_search_refit | 1 |" in out.read_text()
+    assert "| 4 | fisher_search_refit | 40% | 1 |" in out.read_text()
+    for r in res["rows"]:  # as written before --select took seeds
+        del r["seed"]
+    out.with_suffix(".json").write_text(json.dumps(res))
+    bench.main([*argv, "--calib-seeds", "0", "1"])  # seed 0 is not recomputed: four rows of seed 1 are added
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["seed"] for r in rows] == [0] * 4 + [1] * 4
+    assert [r["cuts"][0]["accuracy"] for r in rows[:4]] == [r["cuts"][0]["accuracy"] for r in res["rows"]]
+    two = [r["cuts"][0]["accuracy"] / r["dense_accuracy"] for r in rows
+           if (r["n_calib"], r["pipeline"]) == (4, "fisher_search")]
+    assert f"| 4 | fisher_search | 40% | 2 | {100 * sum(two) / 2:.1f} |" in out.read_text()
     with pytest.raises(SystemExit):  # several row counts make a curve of the selection, not an evaluation
         bench.parse_args(argv[: argv.index("--select")])
 
