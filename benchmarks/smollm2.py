@@ -343,7 +343,8 @@ def select_row(t: TaskRows, name: str, n_calib: int, seed: int, scorer: Scorer, 
         log.info("%s %s (%d calibration rows, seed %d) cut %.0f%%: selection acc %.3f (%d KV groups kept)", t.task,
                  name, n_calib, seed, 100 * cut, accs[-1]["accuracy"], accs[-1]["kv_groups"])
     return {"task": t.task, "kind": "select", "pipeline": name, "n_calib": n_calib, "seed": seed,
-            "rows": len(t.select), "dense_accuracy": dense, "cuts": accs, "score_seconds": scorer.seconds[PIPELINES[name].score]}
+            "rows": len(t.select), "dense_accuracy": dense, "cuts": accs,
+            "score_seconds": scorer.seconds[PIPELINES[name].score]}
 
 
 def dense_row(t: TaskRows) -> dict:
