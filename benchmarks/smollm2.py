@@ -3,9 +3,9 @@
 Per task: a few-shot prompt with contextual calibration (:class:`taskprune.models.fewshot.PromptedLM`, the prefix's KV
 cache reused across rows); dense accuracy on ``--n-eval`` evaluation rows, the chance level (majority-class share of
 those rows) and the unseen domains (:data:`OOD`); then, per calibration seed (disjoint calibration rows; demonstrations
-and evaluation rows stay), unit scores on labelled calibration rows (time, peak RSS), a MAC budget per cut counted at
-the real prompt length (prefix + mean row), allocated by one of :data:`PIPELINES`, physical removal, accuracy
-in-domain and unseen, parameters, MACs. For the first seed also CPU speed of the prompt's prefill (whole prompt,
+and evaluation rows stay), unit scores on labelled calibration rows (time; peak RSS, counted from the seed's start), a
+MAC budget per cut counted at the real prompt length (prefix + mean row), allocated by one of :data:`PIPELINES`,
+physical removal, accuracy in-domain and unseen, parameters, MACs. For the first seed also CPU speed of the prompt's prefill (whole prompt,
 batch 1) and of per-token decoding (KV cache, batch 1), dense and pruned measured interleaved, best of ``--reps``, and
 the pruned decoder saved, reloaded and compared by greedy ``generate()`` with the in-memory one. The rendered table
 checks issue #24's targets.
@@ -269,6 +269,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak-RSS count again from its present RSS (Linux: ``5`` into ``/proc/self/clear_refs``), so
+    a calibration seed's peak is its own, not an earlier task's; False where the system does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def balanced(rows: list[dict], n: int, n_classes: int) -> list[dict]:
     """The first ``n // n_classes`` rows of each class, in the given order (shorter classes give what they have)."""
     return [r for c in range(n_classes) for r in [r for r in rows if r["label"] == c][: n // n_classes]]
@@ -368,10 +378,11 @@ def seed_row(t: TaskRows, seed: int, timed: bool) -> dict:
     """The pipeline at every cut for one calibration seed: accuracy in-domain and on the unseen domains, size; with
     ``timed`` also the export check and CPU speed of dense and pruned (interleaved, best of ``--reps``)."""
     args = t.args
+    own_peak = reset_peak_rss()
     scorer = t.scorer(args.n_calib, seed)
     scorer(args.pipeline, t.seq_len)
     out = {"task": t.task, "kind": "seed", "seed": seed, "n_calib": args.n_calib, "pipeline": args.pipeline,
-           "calibration_seconds": scorer.seconds[PIPELINES[args.pipeline].score],
+           "calibration_seconds": scorer.seconds[PIPELINES[args.pipeline].score], "peak_rss_of_seed": own_peak,
            "peak_rss_gib_after_calibration": peak_rss_gib(), "cuts": []}
     log.info("%s seed %d: calibrated on %d rows in %.0fs, peak RSS %.2f GiB", t.task, seed, args.n_calib,
              out["calibration_seconds"], out["peak_rss_gib_after_calibration"])
@@ -464,11 +475,17 @@ def targets(summary: dict, args) -> list[tuple[str, str, str]]:
                 rows.append((f"{task} → {name} at {c['cut']:.0%}: within 3 points of in-domain retention",
                              f"{100 * float(np.mean(r)):.1f} % vs {100 * m:.1f} %",
                              "met" if gap <= 3 else f"**missed by {gap - 3:.1f} points**"))
-        cal = max(x["calibration_seconds"] for x in s["seeds"]) / 60
-        rows.append((f"{task}: calibration ≤ 10 min ({args.n_calib} rows, {args.threads} threads)", f"{cal:.1f} min",
-                     "met" if cal <= 10 else f"**missed by {cal - 10:.1f} min**"))
+        # what one pruning costs: scoring, then allocation + refit at the slowest cut (the worst seed)
+        worst = max(s["seeds"], key=lambda x: x["calibration_seconds"] + max(c["allocate_tune_seconds"] for c in x["cuts"]))
+        score, tune = worst["calibration_seconds"] / 60, max(c["allocate_tune_seconds"] for c in worst["cuts"]) / 60
+        rows.append((f"{task}: calibration ≤ 10 min ({args.n_calib} rows, {args.threads} threads; scoring + allocation "
+                     "and refit at one cut)", f"{score:.1f} + {tune:.1f} = {score + tune:.1f} min",
+                     "met" if score + tune <= 10 else f"**missed by {score + tune - 10:.1f} min**"))
         rss = max(x["peak_rss_gib_end"] for x in s["seeds"])
-        rows.append((f"{task}: peak memory ≤ 8 GiB", f"{rss:.2f} GiB", "met" if rss <= 8 else "**missed**"))
+        whose = ("each seed's own peak" if all(x.get("peak_rss_of_seed") for x in s["seeds"]) else
+                 "the process's peak, earlier tasks included")
+        rows.append((f"{task}: peak memory ≤ 8 GiB ({whose}; seed 0 holds the dense and every pruned model for timing)",
+                     f"{rss:.2f} GiB", "met" if rss <= 8 else f"**missed by {rss - 8:.2f} GiB**"))
     return rows
 
 

@@ -263,6 +263,7 @@ def test_smollm2_benchmark_resumes_and_checks_the_targets(tmp_path, monkeypatch)
     assert set(seeds[1]["cuts"][1]["ood"]) == {"imdb", "yelp"}
     text = out.read_text()
     assert "sst2 → yelp" in text and "≥ 95% of dense at a 40% cut" in text and "calibration ≤ 10 min" in text
+    assert all(s["peak_rss_of_seed"] for s in seeds) and "each seed's own peak" in text  # Linux: reset per seed
 
     t = bench.TaskRows("sst2", bench.parse_args(argv), *bench.load_smollm2())
     picked = [[r["sentence"] for r in t.calibration_rows(4, s)] for s in (0, 1)]
