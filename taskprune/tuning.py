@@ -17,7 +17,9 @@ every stage here takes a spec and returns a spec, so any score can go through an
   residual drift x_T - x_S, from the architecture adapter's residual place). The teacher is the dense model or, as in
   Kwon et al.'s code, a less-pruned spec (:func:`teacher_keep`: the square root of the kept MAC fraction). The
   calibration batches go through the student once, in lockstep (:class:`_Lockstep`: each forward pauses at every
-  fitted projection until the fit is written), so L sub-layers cost one pass, not L partial ones.
+  fitted projection until the fit is written), so L sub-layers cost one pass, not L partial ones; the teacher runs
+  beside it in the same lockstep on a copy that shares all weights but the fitted projections', so no target is
+  stored (memory: those projections and the paused forwards, not L x calibration tokens x width).
 * :func:`fold_scales_` — writes the scales (or the refitted columns) into the kept units' weights, so the spec
   needs neither any more and :func:`taskprune.surgery.shrink_` gives the tuned model with no mask at all.
 
@@ -26,6 +28,7 @@ Where the ``kwon`` preset still differs from their code is listed in ``docs/desi
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -262,12 +265,16 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
         raise ValueError("tune_masks needs calibration batches; pass a non-empty list")
     spec.validate(model)
     base, _ = find_base(model)
+    teacher_model = _teacher_copy(model)  # before any hook of ours: the copy must not carry the student's gates
+    tbase, _ = find_base(teacher_model)
     scales: dict[str, dict[str, list[float]]] = {}
     columns: dict[str, dict[str, Tensor]] = {}
     biases: dict[str, dict[str, Tensor]] = {}
     originals: list[Callable[[], None]] = []  # each puts back one dense weight slice or bias
     tuned = replace(spec, scales={})
-    with Gates(model) as gates, _restored(originals), _single_pass(model) as prefix:
+    with Gates(model) as gates, Gates(teacher_model) as teacher_gates, _restored(originals), \
+            _single_pass(model) as prefix, _single_pass(teacher_model):
+        teacher_gates.set(teacher_gates.values_of(teacher))
         lead = [0] + [prefix if shared_prefix == "once" else 0] * (len(batches) - 1)  # leading tokens not fitted
         order = _forward_order(model, gates, batches[0], forward)
         residual = target == "residual"
@@ -277,14 +284,15 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
         last_ffn = next((s.block.name for s in reversed(order) if s.kind == "neurons"), None)
         first_attention = next((s.block.name for s in order if s.kind == "heads"), None)
         first = {last_ffn} if last_ffn_tokens == "first" else set()
-        targets = _teacher_outputs(model, gates, gates.values_of(teacher), order, batches, forward, residual, first,
-                                   lead)
         plan = [slot for slot in order if _fitted(slot, spec, teacher, residual)
                 and not (skip_first_attention and slot.block.name == first_attention)]
-        projs = [base.get_submodule(s.block.out if s.kind == "heads" else s.block.down) for s in plan]
+        names = [s.block.out if s.kind == "heads" else s.block.down for s in plan]
+        projs, teacher_projs = [base.get_submodule(n) for n in names], [tbase.get_submodule(n) for n in names]
         places = sorted({s.block.residual for s in plan}) if residual else []
         gates.set(gates.values_of(tuned, scaled=True))
-        with _Lockstep(model, batches, forward, projs, [(base.get_submodule(m), i) for m, i in places]) as run:
+        with _Lockstep(model, batches, forward, projs, [(base.get_submodule(m), i) for m, i in places]) as run, \
+                _Lockstep(teacher_model, batches, forward, teacher_projs,
+                          [(tbase.get_submodule(m), i) for m, i in places]) as taught:
             for point, (slot, proj) in enumerate(zip(plan, projs)):
                 kind, name = slot.kind, slot.block.name
                 kept = spec.kept(kind, name)
@@ -293,8 +301,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
                 bias = proj.bias.detach().double() if getattr(proj, "bias", None) is not None else None
                 dtype = torch.float32 if solver == "lsmr" or fit != "scales" else torch.float64  # lsmr: theirs
                 place = places.index(slot.block.residual) if residual else None
-                sums = _sums(batches, targets[name], run.reach(point), cols, w.shape[1], bias, name in first, place,
-                             dtype, lead)
+                sums = _sums(batches, taught.reach(point), teacher_projs[point], run.reach(point), cols, w.shape[1],
+                             bias, name in first, place, dtype, lead)
                 if fit != "scales":
                     new, beta = _refit(fit, sums, w, ridge)
                     if not torch.isfinite(new).all() or (beta is not None and not torch.isfinite(beta).all()):
@@ -500,18 +508,21 @@ class _Sums:
     n_tok: int
 
 
-def _sums(batches: list[dict], targets: list[Tensor], reached, cols: list[int], d_out: int, bias: Tensor | None,
-          first: bool, place: int | None, dtype: torch.dtype, lead: list[int]) -> _Sums:
-    """:class:`_Sums` of one sub-layer over the batches: ``reached`` gives each batch's input to the output projection
-    and the residual streams, ``targets`` the teacher's outputs (minus the student's stream at ``place`` with the
-    residual target), ``lead`` each batch's leading tokens left out. Per-batch products are taken in ``dtype`` (the
-    solver's precision) and summed in float64."""
+def _sums(batches: list[dict], taught, teacher_proj: nn.Module, reached, cols: list[int], d_out: int,
+          bias: Tensor | None, first: bool, place: int | None, dtype: torch.dtype, lead: list[int]) -> _Sums:
+    """:class:`_Sums` of one sub-layer over the batches: ``reached`` gives each batch's input to the student's output
+    projection and its residual streams, ``taught`` the same in the teacher, whose target is ``teacher_proj``'s output
+    (plus its stream at ``place``, minus the student's, with the residual target); ``lead`` each batch's leading tokens
+    left out. Per-batch products are taken in ``dtype`` (the solver's precision) and summed in float64."""
     k = len(cols)
     sums = _Sums(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d_out, dtype=torch.float64),
                  torch.zeros(k, dtype=torch.float64), torch.zeros(d_out, dtype=torch.float64), 0)
-    for batch, y, (x, streams), skip in zip(batches, targets, reached, lead):
+    for batch, (x_t, teacher_streams), (x, streams), skip in zip(batches, taught, reached, lead):
         pick = _tokens(batch, x, first, skip)
-        x, y = x[pick].to(dtype)[:, cols], y.to(dtype)
+        y = teacher_proj(x_t)  # the call the teacher's forward makes next (its gates included)
+        if place is not None:
+            y = y + teacher_streams[place]
+        x, y = x[pick].to(dtype)[:, cols], y[pick].float().to(dtype)
         if place is not None:
             y = y - streams[place][pick].to(dtype)
         if bias is not None:
@@ -645,47 +656,15 @@ def _tokens(batch: dict, x: Tensor, first: bool, skip: int = 0) -> Tensor:
     return pick
 
 
-def _teacher_outputs(model, gates: Gates, values, order: list, batches: list[dict], forward, residual: bool = False,
-                     first: set[str] = frozenset(), lead: list[int] | None = None) -> dict[str, list]:
-    """Every sub-layer's output-projection output under the teacher's gates (plus the residual stream entering its
-    residual add, with ``residual``), over real tokens (the first token for blocks in ``first``), one pass per batch
-    (float32 ``[n_tokens, d_out]`` per block and batch: the teacher does not change while the student is tuned). Only
-    the first call of each projection in a forward is the batch's (a prompted LM's content-free rows come later);
-    ``lead``: each batch's leading tokens left out."""
+def _teacher_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for the teacher's forwards: every parameter and buffer shared with ``model`` except those of
+    the output / down projections that can be fitted (the student's refits are written into those)."""
     base, _ = find_base(model)
-    out: dict[str, list] = {s.block.name: [] for s in order}
-    current: dict = {}
-    streams: dict = {}
-    handles = []
-    for s in order:
-        proj = base.get_submodule(s.block.out if s.kind == "heads" else s.block.down)
-
-        def hook(module, args, result, name=s.block.name):
-            if name not in current:
-                current[name] = (result.detach(), streams.get(name))
-
-        handles.append(proj.register_forward_hook(hook))
-        if residual:
-            module, index = s.block.residual
-
-            def pre_hook(m, args, name=s.block.name, index=index):
-                streams[name] = args[index].detach()
-
-            handles.append(base.get_submodule(module).register_forward_pre_hook(pre_hook))
-    gates.set(values)
-    try:
-        for batch, skip in zip(batches, lead or [0] * len(batches)):
-            current.clear()
-            streams.clear()
-            forward(model, batch)
-            for name, (y, stream) in current.items():
-                y = y + stream if residual else y
-                out[name].append(y[_tokens(batch, y, name in first, skip)].float())
-    finally:
-        for h in handles:
-            h.remove()
-        gates.set(None)
-    return out
+    arch = get_architecture(model)
+    fitted = [base.get_submodule(b.out if kind == "heads" else b.down) for kind in UNIT_KINDS for b in arch.blocks(kind)]
+    own = {id(t) for m in fitted for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in own}
+    return copy.deepcopy(model, memo)
 
 
 def _forward_order(model, gates: Gates, batch: dict, forward) -> list:

@@ -49,6 +49,16 @@ def capture(model, gates, values, proj, batch, forward, what, residual=None, fir
     return x[pick] if residual is None else (x[pick], s[pick])
 
 
+def dense_targets(model, block, calib) -> list[torch.Tensor]:
+    """The residual target of ``block``'s output projection in the dense model, per batch: its output plus the
+    residual stream entering the block's residual add, over the fitted tokens (computed here, apart from the tuning)."""
+    base, _ = find_base(model)
+    proj = base.get_submodule(block.down if hasattr(block, "down") else block.out)
+    res = (base.get_submodule(block.residual[0]), block.residual[1])
+    with Gates(model) as gates:
+        return [sum(capture(model, gates, None, proj, batch, _fwd, "output", res)) for batch in calib]
+
+
 def wide_model(name: str) -> nn.Module:
     """A tiny model whose units matter (BERT's 0.02-std init makes every unit negligible)."""
     return widen_(tiny_model(name, seed=0))
@@ -407,7 +417,6 @@ def test_residual_target_leaves_the_pre_norm_error_stationary_in_every_kept_scal
     """Their least squares (damping 0, exact solve): after tuning a feed-forward block, the gradient of
     |sum_S - sum_T|² (sum = output + residual stream: before the LayerNorm, or after the residual add for pre-norm)
     w.r.t. each kept scale is ~0: |Σ_tok c_i · (sum_S - sum_T)| <= 1e-6 x its value at scale 1."""
-    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
 
     model = wide_model(name).eval()
     calib = labelled(name, 3)
@@ -423,9 +432,8 @@ def test_residual_target_leaves_the_pre_norm_error_stationary_in_every_kept_scal
     kept = spec.kept("neurons", block.name)
     w = weight_in_out(proj).detach().double()[kept]
     b = proj.bias.detach().double() if proj.bias is not None else 0.0
+    teacher = dense_targets(model, block, calib)
     with Gates(model) as gates:
-        order = _forward_order(model, gates, calib[0], _fwd)
-        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
         grads = {}
         for label, s in (("tuned", torch.tensor(tuned.scales["neurons"][block.name], dtype=torch.float64)),
                          ("ones", torch.ones(len(kept), dtype=torch.float64))):
@@ -498,7 +506,6 @@ def test_tuning_options_are_refused_when_tuning_is_off():
 def test_column_refit_leaves_the_pre_norm_error_stationary_in_every_kept_weight():
     """fit='columns', ridge 0: after the refit of a feed-forward block, the gradient of |sum_S - sum_T|² w.r.t. its
     kept input columns, X_Kᵀ (sum_S - sum_T), is ~0 next to its value at the dense columns (float32 products)."""
-    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
 
     model = wide_model("bert").eval()
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -516,9 +523,7 @@ def test_column_refit_leaves_the_pre_norm_error_stationary_in_every_kept_weight(
     proj, res = base.get_submodule(block.down), base.get_submodule(block.residual[0])
     kept = spec.kept("neurons", block.name)
     b = proj.bias.detach().double()
-    with Gates(model) as gates:
-        order = _forward_order(model, gates, calib[0], _fwd)
-        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
+    teacher = dense_targets(model, block, calib)
     grads = {}
     with Gates(upstream) as gates:
         for label, w in (("refit", new.double()), ("dense", weight_in_out(proj).detach().double()[kept])):
@@ -630,7 +635,6 @@ def test_bias_fit_is_flaps_compensation_of_the_removed_units_mean_output(name):
 def test_columns_and_bias_leave_the_pre_norm_error_stationary_in_the_bias_too():
     """fit='columns_bias', ridge 0: after the refit of the first feed-forward block the summed pre-norm error over
     real tokens, Σ (sum_S - sum_T), is ~0 (the intercept's normal equation) and smaller than with the columns alone."""
-    from taskprune.tuning import _forward_order, _teacher_outputs, _tokens
 
     model = wide_model("llama_gqa").eval()
     calib = labelled("llama_gqa", 3)
@@ -638,9 +642,7 @@ def test_columns_and_bias_leave_the_pre_norm_error_stationary_in_the_bias_too():
     block = arch.ffn[0]
     n = arch.fingerprint()["neurons"][block.name]
     spec = PruneSpec(keep={"neurons": {block.name: list(range(0, n, 3))}}, fingerprint=arch.fingerprint())
-    with Gates(model) as gates:
-        order = _forward_order(model, gates, calib[0], _fwd)
-        teacher = _teacher_outputs(model, gates, None, order, calib, _fwd, residual=True)[block.name]
+    teacher = dense_targets(model, block, calib)
     errors = {}
     for fit in ("columns", "columns_bias"):
         tuned = tune_masks(model, spec, calib, forward=_fwd, target="residual", fit=fit, ridge=0.0)
@@ -694,6 +696,30 @@ def test_refitted_biases_fold_shrink_export_and_reload(fit, tmp_path):
     assert all(torch.equal(again.biases[k][n], t) for k, d in tuned.biases.items() for n, t in d.items())
     with pytest.raises(ValueError, match=r"holds refitted weight columns or biases"):
         MaskBank(model).add("t", tuned)
+
+
+def test_the_teacher_runs_on_a_copy_sharing_all_weights_but_the_fitted_projections_and_its_spec_gates_it():
+    """No target is stored per token: the teacher's forwards run beside the student's on a copy of the model that
+    shares every weight but the output / down projections' (which the refit writes into). A teacher spec gates that
+    copy: a student tuned to its own selection keeps every scale at 1, and against the dense teacher it does not."""
+    from taskprune.tuning import _teacher_copy
+
+    model = wide_model("llama_gqa").eval()
+    teacher = _teacher_copy(model)
+    base, copied = find_base(model)[0], find_base(teacher)[0]
+    arch = get_architecture(model)
+    fitted = {b.out for b in arch.blocks("heads")} | {b.down for b in arch.blocks("neurons")}
+    for name, p in base.named_parameters():
+        q = copied.get_parameter(name)
+        assert (q is p) == (name.rsplit(".", 1)[0] not in fitted), name
+        assert torch.equal(q, p)
+    calib = labelled("llama_gqa", 2)
+    spec = select_units(random_scores(model, seed=1), sparsity=0.5)
+    for target, close in ((spec, True), (None, False)):
+        tuned = tune_masks(model, spec, calib, teacher=target, damping=0.0, forward=_fwd, target="residual")
+        s = torch.tensor([v for blocks in tuned.scales.values() for scales in blocks.values() for v in scales])
+        assert len(s) == sum(len(spec.kept(k, b.name)) for k in ("heads", "neurons") for b in arch.blocks(k))
+        assert ((s - 1).abs().max() < 1e-3) == close
 
 
 def test_tuning_runs_each_calibration_batch_through_the_model_once_and_stops_its_threads():
