@@ -289,10 +289,12 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
         names = [s.block.out if s.kind == "heads" else s.block.down for s in plan]
         projs, teacher_projs = [base.get_submodule(n) for n in names], [tbase.get_submodule(n) for n in names]
         places = sorted({s.block.residual for s in plan}) if residual else []
+        last = [max(j for j, s in enumerate(plan) if s.block.residual == place) for place in places]
         gates.set(gates.values_of(tuned, scaled=True))
-        with _Lockstep(model, batches, forward, projs, [(base.get_submodule(m), i) for m, i in places]) as run, \
+        with _Lockstep(model, batches, forward, projs,
+                       [(base.get_submodule(m), i, j) for (m, i), j in zip(places, last)]) as run, \
                 _Lockstep(teacher_model, batches, forward, teacher_projs,
-                          [(tbase.get_submodule(m), i) for m, i in places]) as taught:
+                          [(tbase.get_submodule(m), i, j) for (m, i), j in zip(places, last)]) as taught:
             for point, (slot, proj) in enumerate(zip(plan, projs)):
                 kind, name = slot.kind, slot.block.name
                 kept = spec.kept(kind, name)
@@ -383,12 +385,13 @@ class _Lockstep:
 
     One thread per batch, run one at a time (torch's own threads do the arithmetic), each pausing at the input of
     ``points[0]``, ``points[1]``, ... in turn: :meth:`reach` ``(j)`` runs every batch to point ``j`` and returns what
-    each brought there, ``(input, {k: residual stream at streams[k]})``; whatever the caller changes before the next
+    each brought there, ``(input, {k: residual stream at streams[k]})``, ``streams[k] = (module, argument, the last
+    point that reads it)``: a stream is kept until that point only (each is ``[tokens, width]`` per batch); whatever the caller changes before the next
     :meth:`reach` (gates, weights, biases) is what the paused batches then run through. The calls of a point after
     the first in one forward (a prompted LM's content-free rows) do not pause. Leaving the context stops them all."""
 
     def __init__(self, model: nn.Module, batches: list[dict], forward, points: list[nn.Module],
-                 streams: list[tuple[nn.Module, int]]) -> None:
+                 streams: list[tuple[nn.Module, int, int]]) -> None:
         self.model, self.batches, self.forward, self.points = model, batches, forward, points
         n = len(batches)
         self.cv = threading.Condition()
@@ -401,7 +404,8 @@ class _Lockstep:
         self.done = [False] * n
         self.error: list[BaseException | None] = [None] * n
         self.handles = [p.register_forward_pre_hook(self._pause(j), prepend=True) for j, p in enumerate(points)]
-        self.handles += [m.register_forward_pre_hook(self._stream(k, i)) for k, (m, i) in enumerate(streams)]
+        self.last = [last for _, _, last in streams]
+        self.handles += [m.register_forward_pre_hook(self._stream(k, i)) for k, (m, i, _) in enumerate(streams)]
         modes = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self.threads = [threading.Thread(target=self._body, args=(b, torch.is_grad_enabled(), modes, cuda),
@@ -443,6 +447,8 @@ class _Lockstep:
                 raise RuntimeError(f"the forward pass reached the fitted {type(module).__name__} number {j} before "
                                    f"number {self.next[b]}; the sub-layers are not run in the order found first")
             self.got[b] = (args[0].detach(), dict(self.seen[b]))
+            for k in [k for k in self.seen[b] if self.last[k] <= j]:  # no later point reads it
+                del self.seen[b][k]
             self.next[b] = j + 1
             with self.cv:
                 self.turn = None
