@@ -386,8 +386,9 @@ class _Lockstep:
     One thread per batch, run one at a time (torch's own threads do the arithmetic), each pausing at the input of
     ``points[0]``, ``points[1]``, ... in turn: :meth:`reach` ``(j)`` runs every batch to point ``j`` and returns what
     each brought there, ``(input, {k: residual stream at streams[k]})``, ``streams[k] = (module, argument, the last
-    point that reads it)``: a stream is kept until that point only (each is ``[tokens, width]`` per batch); whatever the caller changes before the next
-    :meth:`reach` (gates, weights, biases) is what the paused batches then run through. The calls of a point after
+    point that reads it)``: a stream is kept until that point only (each is ``[tokens, width]`` per batch); whatever
+    the caller changes before the next :meth:`reach` (gates, weights, biases) is what the paused batches then run
+    through. The calls of a point after
     the first in one forward (a prompted LM's content-free rows) do not pause. Leaving the context stops them all."""
 
     def __init__(self, model: nn.Module, batches: list[dict], forward, points: list[nn.Module],
@@ -667,7 +668,8 @@ def _teacher_copy(model: nn.Module) -> nn.Module:
     the output / down projections that can be fitted (the student's refits are written into those)."""
     base, _ = find_base(model)
     arch = get_architecture(model)
-    fitted = [base.get_submodule(b.out if kind == "heads" else b.down) for kind in UNIT_KINDS for b in arch.blocks(kind)]
+    fitted = [base.get_submodule(b.out if kind == "heads" else b.down)
+              for kind in UNIT_KINDS for b in arch.blocks(kind)]
     own = {id(t) for m in fitted for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in own}
     return copy.deepcopy(model, memo)
