@@ -272,8 +272,8 @@ def tune_masks(model: nn.Module, spec: PruneSpec, batches: list[dict], teacher: 
     biases: dict[str, dict[str, Tensor]] = {}
     originals: list[Callable[[], None]] = []  # each puts back one dense weight slice or bias
     tuned = replace(spec, scales={})
-    with Gates(model) as gates, Gates(teacher_model) as teacher_gates, _restored(originals), \
-            _single_pass(model) as prefix, _single_pass(teacher_model):
+    with frozen(model), frozen(teacher_model), Gates(model) as gates, Gates(teacher_model) as teacher_gates, \
+            _restored(originals), _single_pass(model) as prefix, _single_pass(teacher_model):  # eval: no dropout
         teacher_gates.set(teacher_gates.values_of(teacher))
         lead = [0] + [prefix if shared_prefix == "once" else 0] * (len(batches) - 1)  # leading tokens not fitted
         order = _forward_order(model, gates, batches[0], forward)

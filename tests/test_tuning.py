@@ -722,6 +722,19 @@ def test_the_teacher_runs_on_a_copy_sharing_all_weights_but_the_fitted_projectio
         assert ((s - 1).abs().max() < 1e-3) == close
 
 
+def test_tuning_runs_in_eval_mode_whatever_the_models_mode():
+    """Dropout never enters the fit (the Lightning callback tunes a model left in train mode): the same refit from a
+    model in train mode as in eval mode, and the model's mode is given back."""
+    model = wide_model("bert")
+    assert model.config.hidden_dropout_prob > 0
+    batches = labelled("bert", 2)
+    spec = select_units(random_scores(model), sparsity=0.5)
+    in_train = tune_masks(model.train(), spec, batches, forward=_fwd, target="residual", fit="columns")
+    assert model.training
+    in_eval = tune_masks(model.eval(), spec, batches, forward=_fwd, target="residual", fit="columns")
+    torch.testing.assert_close(in_train.columns, in_eval.columns, rtol=0, atol=0)
+
+
 def test_tuning_runs_each_calibration_batch_through_the_model_once_and_stops_its_threads():
     """The sub-layers are fitted in lockstep: every calibration forward runs once for all the fits (plus one forward
     to find their order and one teacher pass per batch), not once per sub-layer; no thread outlives the call, also
