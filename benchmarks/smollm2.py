@@ -5,10 +5,10 @@ cache reused across rows); dense accuracy on ``--n-eval`` evaluation rows, the c
 those rows) and the unseen domains (:data:`OOD`); then, per calibration seed (disjoint calibration rows; demonstrations
 and evaluation rows stay), unit scores on labelled calibration rows (time; peak RSS, counted from the seed's start), a
 MAC budget per cut counted at the real prompt length (prefix + mean row), allocated by one of :data:`PIPELINES`,
-physical removal, accuracy in-domain and unseen, parameters, MACs. For the first seed also CPU speed of the prompt's prefill (whole prompt,
-batch 1) and of per-token decoding (KV cache, batch 1), dense and pruned measured interleaved, best of ``--reps``, and
-the pruned decoder saved, reloaded and compared by greedy ``generate()`` with the in-memory one. The rendered table
-checks issue #24's targets.
+physical removal, accuracy in-domain and unseen, parameters, MACs. For the first seed also CPU speed of the prompt's
+prefill (whole prompt, batch 1) and of per-token decoding (KV cache, batch 1), dense and pruned measured interleaved,
+best of ``--reps``, and the pruned decoder saved, reloaded and compared by greedy ``generate()`` with the in-memory
+one. The rendered table checks issue #24's targets.
 
 ``--select P ...`` runs pipelines on *selection rows* instead (class-balanced train rows, disjoint from the
 demonstrations, every calibration row and the evaluation rows) for each ``--n-calib`` row count (the curve) and writes
@@ -476,15 +476,18 @@ def targets(summary: dict, args) -> list[tuple[str, str, str]]:
                              f"{100 * float(np.mean(r)):.1f} % vs {100 * m:.1f} %",
                              "met" if gap <= 3 else f"**missed by {gap - 3:.1f} points**"))
         # what one pruning costs: scoring, then allocation + refit at the slowest cut (the worst seed)
-        worst = max(s["seeds"], key=lambda x: x["calibration_seconds"] + max(c["allocate_tune_seconds"] for c in x["cuts"]))
-        score, tune = worst["calibration_seconds"] / 60, max(c["allocate_tune_seconds"] for c in worst["cuts"]) / 60
-        rows.append((f"{task}: calibration ≤ 10 min ({args.n_calib} rows, {args.threads} threads; scoring + allocation "
-                     "and refit at one cut)", f"{score:.1f} + {tune:.1f} = {score + tune:.1f} min",
+        def costs(x: dict) -> tuple[float, float]:
+            return x["calibration_seconds"] / 60, max(c["allocate_tune_seconds"] for c in x["cuts"]) / 60
+
+        score, tune = max((costs(x) for x in s["seeds"]), key=sum)
+        rows.append((f"{task}: calibration ≤ 10 min ({args.n_calib} rows, {args.threads} threads; scoring + "
+                     "allocation and refit at one cut)", f"{score:.1f} + {tune:.1f} = {score + tune:.1f} min",
                      "met" if score + tune <= 10 else f"**missed by {score + tune - 10:.1f} min**"))
         rss = max(x["peak_rss_gib_end"] for x in s["seeds"])
         whose = ("each seed's own peak" if all(x.get("peak_rss_of_seed") for x in s["seeds"]) else
                  "the process's peak, earlier tasks included")
-        rows.append((f"{task}: peak memory ≤ 8 GiB ({whose}; seed 0 holds the dense and every pruned model for timing)",
+        rows.append((f"{task}: peak memory ≤ 8 GiB ({whose}; seed 0 holds the dense and every pruned model for "
+                     "timing)",
                      f"{rss:.2f} GiB", "met" if rss <= 8 else f"**missed by {rss - 8:.2f} GiB**"))
     return rows
 
